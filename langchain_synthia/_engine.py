@@ -1,0 +1,451 @@
+"""Tokens in, token events out: the one generation path under every LangChain call.
+
+The engine knows nothing of LangChain. `Engine.submit` takes a `GenerationRequest` and returns
+a `TokenStream` at once; a worker thread decodes the request (alone, or padded together with the
+other requests of a batch) and pushes one `TokenEvent` per generated token into each request's
+stream, which a caller reads synchronously or with ``async for``.
+
+Per step the worker samples a token for every row on the device, detokenizes it incrementally,
+and cuts the row at the earliest stop string without ever emitting part of one.
+"""
+
+import asyncio
+import atexit
+import contextlib
+import contextvars
+import inspect
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from langchain_synthia._sampling import BatchSampler, SamplingParams
+from langchain_synthia._stops import StopMatcher
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete, with everything that decides how."""
+
+    prompt: str
+    max_new_tokens: int
+    sampling: SamplingParams
+    stops: tuple[str, ...] = ()
+    timeout: float | None = None
+    """Seconds the whole generation may take; ``None`` waits as long as it runs."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it makes final.
+
+    ``text`` may be empty: text that could still become a stop string, or an incomplete UTF-8
+    character, is held back and arrives with a later token. The last event of a stream carries
+    the ``finish_reason`` and the token counts.
+    """
+
+    text: str
+    token_id: int
+    finish_reason: FinishReason | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class GenerationTimeoutError(TimeoutError):
+    """A generation ran past its ``timeout``."""
+
+
+class TokenStream:
+    """The events of one request, readable once, synchronously or asynchronously.
+
+    Stopping early (``break``, closing the generator, cancelling the task) cancels the request:
+    the worker drops its row at the next step.
+    """
+
+    def __init__(self, request: GenerationRequest, input_tokens: int) -> None:
+        """Create the stream of `request`; `submit` does this."""
+        self.request = request
+        self.input_tokens = input_tokens
+        self.cancelled = threading.Event()
+        self._items: queue.SimpleQueue[TokenEvent | BaseException | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_items: asyncio.Queue[TokenEvent | BaseException | None] | None = None
+        self._lock = threading.Lock()
+        self._deadline = None if request.timeout is None else time.monotonic() + request.timeout
+
+    def cancel(self) -> None:
+        """Stop generating for this request."""
+        self.cancelled.set()
+
+    # called from the worker thread
+    def _put(self, item: TokenEvent | BaseException | None) -> None:
+        with self._lock:
+            if self._loop is None:
+                self._items.put(item)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._async_items.put_nowait, item)  # type: ignore[union-attr]
+            except RuntimeError:  # the consumer's event loop is gone
+                self.cancel()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        """Yield the events as the worker produces them."""
+        try:
+            while True:
+                item = self._items.get(timeout=self._remaining())
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        except queue.Empty:
+            raise self._timeout_error() from None
+        finally:
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        """Yield the events without blocking the event loop."""
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._async_items = asyncio.Queue()
+            while not self._items.empty():  # events that arrived before the first read
+                self._async_items.put_nowait(self._items.get_nowait())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self._async_items.get(), self._remaining())
+                except asyncio.TimeoutError:
+                    raise self._timeout_error() from None
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def _timeout_error(self) -> GenerationTimeoutError:
+        self.cancel()
+        msg = (
+            f"Generation took longer than timeout={self.request.timeout}s and was stopped. "
+            "Raise `timeout`, lower `max_tokens`, or pass timeout=None."
+        )
+        return GenerationTimeoutError(msg)
+
+
+class _Detokenizer:
+    """Turns token ids into text one token at a time (SentencePiece spaces and UTF-8 intact)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # decoding starts here, so the first token's space is handled alike
+        self._read = 0  # text up to here has been returned
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        done = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(done) :]
+        return ""
+
+    def flush(self) -> str:
+        done = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(done) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+class _Row:
+    """The decoding state of one request inside a batch."""
+
+    def __init__(self, stream: TokenStream, prompt_ids: list[int], budget: int, tokenizer: Any):
+        self.stream = stream
+        self.prompt_ids = prompt_ids
+        self.budget = budget
+        self.generated = 0
+        self.done = False
+        self.detokenizer = _Detokenizer(tokenizer)
+        self.stops = StopMatcher(stream.request.stops)
+
+    def advance(self, token_id: int, eos_id: int | None) -> None:
+        """Account for one new token and send its event."""
+        self.generated += 1
+        text = self.stops.feed(self.detokenizer.push(token_id))
+        finish: FinishReason | None = None
+        if self.stops.stopped or token_id == eos_id:
+            finish = "stop"
+        elif self.generated >= self.budget:
+            finish = "length"
+            text += self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
+        if finish is None:
+            self.stream._put(TokenEvent(text, token_id))
+            return
+        self.done = True
+        self.stream._put(
+            TokenEvent(text, token_id, finish, self.stream.input_tokens, self.generated)
+        )
+
+
+class Engine:
+    """A loaded model and tokenizer, and the decode loop that serves requests on them.
+
+    Thread-safe: requests may be submitted from any thread; model forwards are serialised.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, context_window: int, name: str) -> None:
+        """Wrap a loaded causal LM; `langchain_synthia._loading.get_engine` builds engines."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+        self.name = name
+        self.device = model.device
+        self._forward_lock = threading.Lock()
+        self._eos_id = tokenizer.eos_token_id
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # transformers renamed `past_key_values` to `cache` during 5.x; speak whichever it knows
+        forward = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt, with the one BOS token the model expects."""
+        return list(self.tokenizer(text, add_special_tokens=True).input_ids)
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> list[TokenStream]:
+        """Start generating for `requests` as one padded batch; return their streams at once.
+
+        Raises:
+            ValueError: If a prompt does not fit the context window (nothing is truncated).
+        """
+        rows = [self._row(request) for request in requests]
+        self._start(rows)
+        return [row.stream for row in rows]
+
+    def _start(self, rows: list["_Row"]) -> None:
+        worker = threading.Thread(target=self._run, args=(rows,), name="synthia-decode", daemon=True)
+        with _workers_lock:
+            _workers[worker] = rows
+        worker.start()
+
+    def _row(self, request: GenerationRequest) -> _Row:
+        ids = self.encode(request.prompt)
+        room = self.context_window - len(ids)
+        if room <= 0:
+            msg = (
+                f"The prompt is {len(ids)} tokens but Synthia's context window is "
+                f"{self.context_window} tokens. Shorten the prompt or the conversation history "
+                "(nothing is truncated for you)."
+            )
+            raise ValueError(msg)
+        return _Row(TokenStream(request, len(ids)), ids, min(request.max_new_tokens, room), self.tokenizer)
+
+    def _run(self, rows: list[_Row]) -> None:
+        try:
+            self._decode(rows)
+        except BaseException as error:  # noqa: BLE001 - every waiting caller must hear of it
+            for row in rows:
+                if not row.done:
+                    row.done = True
+                    row.stream._put(error)
+        finally:
+            for row in rows:
+                if not row.done:  # cancelled
+                    row.stream._put(None)
+            with _workers_lock:
+                _workers.pop(threading.current_thread(), None)
+
+    def _decode(self, rows: list[_Row]) -> None:
+        import torch
+
+        sampler = BatchSampler(
+            [row.stream.request.sampling for row in rows],
+            [row.prompt_ids for row in rows],
+            self.model.config.vocab_size,
+            self.device,
+        )
+        ids, mask = self._left_padded([row.prompt_ids for row in rows])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        while True:
+            live = [not (row.done or row.stream.cancelled.is_set()) for row in rows]
+            if not any(live):
+                return
+            with self._forward_lock, torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_arg: cache},
+                )
+                cache = out[self._cache_arg]
+                tokens = sampler.sample(out.logits[:, -1, :])
+            for row, token, alive in zip(rows, tokens.tolist(), live, strict=True):
+                if alive:
+                    row.advance(token, self._eos_id)
+            ids = tokens[:, None]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+
+    def _left_padded(self, prompts: list[list[int]]) -> "tuple[torch.Tensor, torch.Tensor]":
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+_workers: dict[threading.Thread, list[_Row]] = {}
+_workers_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """At exit, cancel what is still decoding and let it finish its step (no torch op is cut)."""
+    with _workers_lock:
+        running = list(_workers.items())
+    for _, rows in running:
+        for row in rows:
+            row.stream.cancel()
+    for worker, _ in running:
+        worker.join(timeout=30)
+
+
+class BatchGroup:
+    """Gathers the requests of one ``.batch()`` call into one padded engine batch.
+
+    LangChain runs a chat model's ``batch`` as concurrent ``invoke`` calls. While a group is
+    active (see `batch_group`), `submit_request` holds each request until the expected number
+    have arrived (or ``window`` seconds pass without a new one, e.g. when an input failed before
+    reaching the engine), then submits them together, one batch per engine.
+    """
+
+    def __init__(self, expected: int, window: float = 0.05) -> None:
+        """Expect `expected` requests at once (a batch's size, or its ``max_concurrency``)."""
+        self._expected = expected
+        self._window = window
+        self._pending: list[tuple[Engine, GenerationRequest, _Slot]] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def join(self, engine: Engine, request: GenerationRequest) -> "_Slot":
+        slot = _Slot()
+        with self._lock:
+            self._pending.append((engine, request, slot))
+            if self._timer is not None:
+                self._timer.cancel()
+            if len(self._pending) >= self._expected:
+                batch, self._pending, self._timer = self._pending, [], None
+            else:
+                batch = []
+                self._timer = threading.Timer(self._window, self._launch_pending)
+                self._timer.daemon = True
+                self._timer.start()
+        _launch(batch)
+        return slot
+
+    def _launch_pending(self) -> None:
+        with self._lock:
+            batch, self._pending, self._timer = self._pending, [], None
+        _launch(batch)
+
+
+class _Slot:
+    """Where a grouped request's stream (or its submission error) appears once launched."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._stream: TokenStream | None = None
+        self._error: BaseException | None = None
+
+    def _fill(self, stream: TokenStream | None, error: BaseException | None) -> None:
+        self._stream, self._error = stream, error
+        self._ready.set()
+
+    def wait(self) -> TokenStream:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._stream is not None  # noqa: S101
+        return self._stream
+
+    async def await_stream(self) -> TokenStream:
+        while not self._ready.is_set():
+            await asyncio.sleep(0.001)
+        return self.wait()
+
+
+def _launch(batch: list[tuple[Engine, GenerationRequest, _Slot]]) -> None:
+    """Start one padded batch per engine; a prompt that fails validation fails alone."""
+    by_engine: dict[int, list[tuple[Engine, GenerationRequest, _Slot]]] = {}
+    for entry in batch:
+        by_engine.setdefault(id(entry[0]), []).append(entry)
+    for entries in by_engine.values():
+        engine = entries[0][0]
+        rows, slots = [], []
+        for _, request, slot in entries:
+            try:
+                rows.append(engine._row(request))
+                slots.append(slot)
+            except ValueError as error:
+                slot._fill(None, error)
+        if rows:
+            engine._start(rows)
+        for row, slot in zip(rows, slots, strict=True):
+            slot._fill(row.stream, None)
+
+
+_ACTIVE_GROUP: contextvars.ContextVar[BatchGroup | None] = contextvars.ContextVar(
+    "synthia_batch_group", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_group(expected: int) -> Iterator[BatchGroup]:
+    """Make the requests opened in this context (and in its threads and tasks) one batch."""
+    group = BatchGroup(expected)
+    token = _ACTIVE_GROUP.set(group)
+    try:
+        yield group
+    finally:
+        _ACTIVE_GROUP.reset(token)
+
+
+def open_stream(engine: Engine, request: GenerationRequest) -> TokenStream:
+    """Start one request (through the active batch group, if any) and return its stream."""
+    group = _ACTIVE_GROUP.get()
+    if group is None:
+        return engine.submit([request])[0]
+    return group.join(engine, request).wait()
+
+
+async def aopen_stream(engine: Engine, request: GenerationRequest) -> TokenStream:
+    """`open_stream` for async callers: waiting for the batch never blocks the event loop."""
+    group = _ACTIVE_GROUP.get()
+    if group is None:
+        return engine.submit([request])[0]
+    return await group.join(engine, request).await_stream()

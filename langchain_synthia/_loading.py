@@ -1,0 +1,244 @@
+"""From a Hub repo id or a folder to a loaded `Engine`: the only module that imports the stack.
+
+The road is the one the model card describes, on the 2026 stack: the checkpoint comes through
+huggingface-hub (its cache, its progress bar, ``HF_HUB_OFFLINE``), and transformers loads the
+GPTQ weights through optimum and gptqmodel (auto-gptq no longer imports under transformers 5).
+The GPTQ kernel is chosen explicitly per device: gptqmodel's ``auto`` choice downloads CUTLASS
+on Hopper cards, and nothing may download at load time. Safetensors only; remote code never.
+"""
+
+import importlib.util
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_synthia._console import quiet_output
+from langchain_synthia._engine import Engine
+from langchain_synthia.variants import DEFAULT_BRANCH, check_revision
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+"""What is fetched from the Hub: configs, safetensors weights, the SentencePiece model."""
+
+KERNELS_BY_DEVICE: dict[str, dict[int, str]] = {
+    # gptqmodel's int4pack ATen kernel: fast on CPU, no compile step; 8-bit falls back to torch
+    "cpu": {4: "gptq_torch_aten", 8: "gptq_torch"},
+    # plain torch kernels: no JIT compile, no download; the fast CUDA path is a later engine
+    "cuda": {4: "gptq_torch", 8: "gptq_torch"},
+}
+"""The GPTQ kernel used by default for each device type and bit width (override: ``kernel=``)."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything that decides which model is loaded: instances with equal settings share it."""
+
+    model: str
+    revision: str = DEFAULT_BRANCH
+    device: str = "auto"
+    kernel: str | None = None
+    cache_dir: str | None = None
+    local_files_only: bool = False
+    context_window: int = 4096
+
+
+_engines: dict[ModelSettings, Engine] = {}
+_engine_locks: dict[ModelSettings, threading.Lock] = {}
+_registry_lock = threading.Lock()
+
+
+def get_engine(settings: ModelSettings) -> Engine:
+    """Return the process-wide engine for `settings`, loading it on first use (once)."""
+    with _registry_lock:
+        engine = _engines.get(settings)
+        if engine is not None:
+            return engine
+        lock = _engine_locks.setdefault(settings, threading.Lock())
+    with lock:
+        engine = _engines.get(settings)
+        if engine is None:
+            engine = _load(settings)
+            with _registry_lock:
+                _engines[settings] = engine
+        return engine
+
+
+def loaded_engines() -> list[ModelSettings]:
+    """The settings of every model loaded in this process."""
+    with _registry_lock:
+        return list(_engines)
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``"auto"`` into ``"cuda"`` or ``"cpu"``; refuse a CUDA device that is not there."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":", 1)[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        msg = (
+            f"device={device!r} was asked for, but CUDA is not available (torch {torch.__version__}, "
+            f"{build}). Install a CUDA build of PyTorch on a machine with an NVIDIA GPU, or pass "
+            "device='cpu' (slow for the 7B model) or device='auto'."
+        )
+        raise RuntimeError(msg)
+    if kind not in KERNELS_BY_DEVICE:
+        msg = f"Unsupported device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+        raise ValueError(msg)
+    return device
+
+
+def resolve_checkpoint(settings: ModelSettings) -> Path:
+    """Find the checkpoint folder: the given folder, or the Hub repo's branch in the HF cache.
+
+    Raises:
+        ValueError: For a bad branch name, a missing folder, or a folder that is not a GPTQ
+            checkpoint in safetensors.
+        FileNotFoundError: When the repo is not cached and downloading is off.
+    """
+    folder = Path(settings.model).expanduser()
+    if folder.is_dir():
+        if settings.revision != DEFAULT_BRANCH:
+            msg = (
+                f"revision={settings.revision!r} applies to Hub repos, but model={settings.model!r} "
+                "is a local folder. Point model= at the folder of that branch instead."
+            )
+            raise ValueError(msg)
+        validate_checkpoint(folder)
+        return folder
+    if settings.model.startswith((".", "/", "~")) or settings.model.count("/") != 1:
+        msg = (
+            f"model={settings.model!r} is neither an existing folder nor a Hub repo id "
+            "('owner/name', e.g. 'TheBloke/Synthia-7B-v1.3-GPTQ')."
+        )
+        raise ValueError(msg)
+    check_revision(settings.model, settings.revision)
+    folder = download(settings.model, settings.revision, settings.cache_dir, settings.local_files_only)
+    validate_checkpoint(folder)
+    return folder
+
+
+def download(
+    repo_id: str, revision: str, cache_dir: str | None = None, local_files_only: bool = False
+) -> Path:
+    """Fetch a branch's safetensors, configs and tokenizer into the Hugging Face cache.
+
+    Honours ``HF_HUB_OFFLINE``/``local_files_only`` (cache only), shows huggingface-hub's
+    progress bars, and resumes an interrupted download.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=_CHECKPOINT_FILES,
+        )
+    except LocalEntryNotFoundError as error:
+        msg = (
+            f"{repo_id} (revision {revision!r}) is not in the local Hugging Face cache and "
+            "downloading is off (HF_HUB_OFFLINE=1 or local_files_only=True). Download it once "
+            "with network access, or point model= at a local checkpoint folder."
+        )
+        raise FileNotFoundError(msg) from error
+    return Path(path)
+
+
+def validate_checkpoint(folder: Path) -> dict[str, Any]:
+    """Check that `folder` holds a GPTQ checkpoint in safetensors; return its GPTQ settings."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        msg = f"{folder} is not a model checkpoint: it has no config.json."
+        raise ValueError(msg)
+    quant = json.loads(config_file.read_text()).get("quantization_config")
+    legacy = folder / "quantize_config.json"
+    if quant is None and legacy.is_file():  # early TheBloke uploads keep it only here
+        quant = {"quant_method": "gptq", **json.loads(legacy.read_text())}
+    if not quant or quant.get("quant_method") != "gptq":
+        msg = (
+            f"{folder} is not a GPTQ checkpoint (config.json has no GPTQ quantization_config and "
+            "there is no quantize_config.json). langchain-synthia loads GPTQ branches of "
+            "TheBloke/Synthia-7B-v1.3-GPTQ or checkpoints in the same layout."
+        )
+        raise ValueError(msg)
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        reason = (
+            f"only pickle weights ({', '.join(pickles)}), which are refused because loading them "
+            "can run arbitrary code" if pickles else "no weights"
+        )
+        msg = f"{folder} has {reason}. langchain-synthia loads safetensors only."
+        raise ValueError(msg)
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+        msg = f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)."
+        raise ValueError(msg)
+    return quant
+
+
+def choose_kernel(device: str, bits: int, kernel: str | None = None) -> str:
+    """The gptqmodel backend for `device` and `bits`: `kernel` if given, else the table's."""
+    if kernel is not None:
+        if kernel == "auto":
+            msg = (
+                "kernel='auto' is refused: gptqmodel's automatic choice downloads CUTLASS on "
+                "Hopper cards at load time. Name a kernel (e.g. 'gptq_torch', 'gptq_triton', "
+                "'gptq_exllama_v2', 'gptq_marlin') or leave kernel unset."
+            )
+            raise ValueError(msg)
+        return kernel
+    kernels = KERNELS_BY_DEVICE[device.split(":", 1)[0]]
+    if bits not in kernels:
+        msg = f"No GPTQ kernel for {bits}-bit weights on {device}: Synthia's branches are 4 or 8-bit."
+        raise ValueError(msg)
+    return kernels[bits]
+
+
+def require_gptq_stack() -> None:
+    """Fail early, with the fix, when the GPTQ loading stack is not installed."""
+    missing = [name for name in ("gptqmodel", "optimum") if importlib.util.find_spec(name) is None]
+    if missing:
+        msg = (
+            f"Loading GPTQ weights needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed (transformers 5 loads GPTQ "
+            "through optimum + gptqmodel; auto-gptq no longer works). Install them with: "
+            "pip install 'gptqmodel>=7.6,<8' 'optimum>=2.3,<3'"
+        )
+        raise ImportError(msg)
+
+
+def _load(settings: ModelSettings) -> Engine:
+    folder = resolve_checkpoint(settings)
+    quant = validate_checkpoint(folder)
+    require_gptq_stack()
+    device = resolve_device(settings.device)
+    kernel = choose_kernel(device, int(quant.get("bits", 4)), settings.kernel)
+    logger.info("Loading %s on %s with the %s kernel", folder, device, kernel)
+
+    with quiet_output():  # gptqmodel's banner and bars; SYNTHIA_VERBOSE=1 shows them
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=GPTQConfig(bits=int(quant.get("bits", 4)), backend=kernel),
+            device_map=device,
+            dtype=torch.float16,
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
+    name = settings.model if not Path(settings.model).expanduser().is_dir() else folder.name
+    return Engine(model, tokenizer, context_window=settings.context_window, name=name)

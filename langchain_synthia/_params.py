@@ -1,0 +1,209 @@
+"""The fields that `ChatSynthia` and `SynthiaLLM` share, and how a call's options become a request.
+
+Defaults are the model card's generation settings (temperature 0.7, top_p 0.95, top_k 40,
+repetition_penalty 1.1, 512 new tokens).
+"""
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Annotated, Any
+
+from langchain_core.messages import UsageMetadata
+from pydantic import BaseModel, Field, TypeAdapter, field_validator, model_validator
+from typing_extensions import Self
+
+from langchain_synthia._engine import Engine, GenerationRequest, TokenEvent
+from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
+from langchain_synthia._sampling import SamplingParams
+from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, check_revision
+
+USER_TURN_STOPS = ("\nUSER:", "USER:")
+"""Stops that end generation when the model starts writing the user's next turn."""
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+_CALL_OPTIONS = (
+    "model",
+    "revision",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "max_tokens",
+    "seed",
+    "timeout",
+    "stop_at_user_turn",
+)
+"""Fields that a single call may override: ``llm.invoke(prompt, temperature=0)``."""
+
+
+class SynthiaParams(BaseModel):
+    """Loading and generation settings of Synthia (a base of both LangChain classes)."""
+
+    model: str = DEFAULT_REPO
+    """A Hub repo id (downloaded once into the Hugging Face cache) or a local checkpoint folder."""
+    revision: str = DEFAULT_BRANCH
+    """Branch of the Hub repo (see `langchain_synthia.VARIANTS`) or a commit hash (pin one)."""
+    device: str = "auto"
+    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    kernel: str | None = None
+    """gptqmodel kernel backend; ``None`` picks per device (``KERNELS_BY_DEVICE``)."""
+    cache_dir: str | None = None
+    """Hugging Face cache folder; ``None`` uses ``HF_HOME``/``HF_HUB_CACHE`` or the default."""
+    local_files_only: bool = False
+    """Never download (as ``HF_HUB_OFFLINE=1`` does)."""
+    context_window: int = Field(default=4096, ge=16)
+    """Tokens of prompt plus answer; a longer prompt is an error, never truncated."""
+
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    """Sampling temperature; 0 is greedy decoding."""
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the fewest tokens whose probability adds up to ``top_p``."""
+    top_k: int = Field(default=40, ge=0)
+    """Keep the ``top_k`` most likely tokens; 0 disables it."""
+    repetition_penalty: float = Field(default=1.1, gt=0.0, le=10.0)
+    """Penalty on tokens already in the prompt or answer; 1.0 disables it."""
+    max_tokens: int = Field(default=512, ge=1)
+    """Most new tokens per answer."""
+    seed: int | None = Field(default=None, ge=0)
+    """Seed of the sampler; equal seeds and inputs give equal outputs."""
+    stop: list[str] | None = None
+    """Extra stop sequences (any length); the stop text is not returned."""
+    stop_at_user_turn: bool = True
+    """Stop when the model starts a new ``USER:`` turn (no GPU time spent on it)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds a generation may take before `GenerationTimeoutError`; ``None`` for no limit."""
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            msg = f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+            raise ValueError(msg)
+        return device
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: list[str] | None) -> list[str] | None:
+        if stop is not None and not all(stop):
+            msg = "stop sequences must be non-empty strings."
+            raise ValueError(msg)
+        return stop
+
+    @model_validator(mode="after")
+    def _check_revision(self) -> Self:
+        check_revision(self.model, self.revision)
+        return self
+
+    def load(self) -> Self:
+        """Load the model now (it otherwise loads on the first call); returns ``self``."""
+        self._engine_for(self.model, self.revision)
+        return self
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Synthia's token ids of `text` (no BOS); loads the model if needed."""
+        return self._engine_for(self.model, self.revision).encode(text)[1:]
+
+    # -- turning a call into engine requests ------------------------------------------------
+
+    def _settings(self, model: str, revision: str) -> ModelSettings:
+        return ModelSettings(
+            model=model,
+            revision=revision,
+            device=self.device,
+            kernel=self.kernel,
+            cache_dir=self.cache_dir,
+            local_files_only=self.local_files_only,
+            context_window=self.context_window,
+        )
+
+    def _engine_for(self, model: str, revision: str) -> Engine:
+        return get_engine(self._settings(model, revision))
+
+    async def _aengine_for(self, model: str, revision: str) -> Engine:
+        settings = self._settings(model, revision)
+        if settings in loaded_engines():
+            return get_engine(settings)
+        return await asyncio.to_thread(get_engine, settings)  # loading takes seconds
+
+    def _call_options(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> dict:
+        """This instance's options with the call's overrides, validated like the fields."""
+        options = {name: getattr(self, name) for name in _CALL_OPTIONS}
+        for name, value in kwargs.items():
+            if name.startswith("ls_"):  # LangSmith tracing hints, not options
+                continue
+            if name not in _CALL_OPTIONS:
+                msg = (
+                    f"Unknown option {name!r} for {type(self).__name__}. Options a call may set: "
+                    f"{', '.join(_CALL_OPTIONS)}, stop."
+                )
+                raise TypeError(msg)
+            options[name] = _validator(type(self), name).validate_python(value)
+        check_revision(options["model"], options["revision"])
+        stops = list(self.stop or []) if stop is None else list(stop)
+        options["stop"] = _validator(type(self), "stop").validate_python(stops)
+        return options
+
+    def _request(self, prompt: str, options: dict) -> GenerationRequest:
+        stops = tuple(options["stop"]) + (USER_TURN_STOPS if options["stop_at_user_turn"] else ())
+        return GenerationRequest(
+            prompt=prompt,
+            max_new_tokens=options["max_tokens"],
+            sampling=SamplingParams(
+                temperature=options["temperature"],
+                top_p=options["top_p"],
+                top_k=options["top_k"],
+                repetition_penalty=options["repetition_penalty"],
+                seed=options["seed"],
+            ),
+            stops=stops,
+            timeout=options["timeout"],
+        )
+
+    def _ls_options(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> dict:
+        return {
+            "ls_provider": "synthia",
+            "ls_model_name": kwargs.get("model", self.model),
+            "ls_temperature": kwargs.get("temperature", self.temperature),
+            "ls_max_tokens": kwargs.get("max_tokens", self.max_tokens),
+            **({"ls_stop": list(stop)} if stop else {"ls_stop": self.stop} if self.stop else {}),
+        }
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "revision": self.revision,
+            "device": self.device,
+            "kernel": self.kernel,
+            **{name: getattr(self, name) for name in _CALL_OPTIONS[2:]},
+            "stop": self.stop,
+        }
+
+
+@cache
+def _validator(cls: type[BaseModel], name: str) -> TypeAdapter:
+    field = cls.model_fields[name]
+    if not field.metadata:
+        return TypeAdapter(field.annotation)
+    return TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+
+
+def usage_of(event: TokenEvent) -> UsageMetadata:
+    """Token usage of a finished generation, from its last event."""
+    return UsageMetadata(
+        input_tokens=event.input_tokens,
+        output_tokens=event.output_tokens,
+        total_tokens=event.input_tokens + event.output_tokens,
+    )
+
+
+def finish_info(event: TokenEvent, engine: Engine) -> dict[str, Any]:
+    """Response metadata of a finished generation: model name, finish reason, provider."""
+    return {
+        "model_name": engine.name,
+        "finish_reason": event.finish_reason,
+        "model_provider": "synthia",
+    }

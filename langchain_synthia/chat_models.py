@@ -1,0 +1,242 @@
+"""`ChatSynthia`: Synthia-7B-v1.3 (GPTQ) as a LangChain chat model."""
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import get_config_list
+from pydantic import ConfigDict
+
+from langchain_synthia._engine import Engine, TokenEvent, aopen_stream, batch_group, open_stream
+from langchain_synthia._params import SynthiaParams, finish_info, usage_of
+from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, render_messages
+
+
+class ChatSynthia(SynthiaParams, BaseChatModel):
+    r"""Synthia-7B-v1.3, GPTQ-quantised, as a LangChain chat model on your own GPU.
+
+    Messages are rendered in Synthia's ``SYSTEM:/USER:/ASSISTANT:`` format (see
+    `langchain_synthia.prompts`); the model loads on the first call, once per process, and is
+    shared by every instance with the same loading settings.
+
+    Setup:
+        ```bash
+        pip install langchain-synthia
+        ```
+
+        A CUDA GPU with about 6 GB free runs the default ``main`` branch (4.16 GB download,
+        fetched into the Hugging Face cache on first use). Without a GPU, ``device="auto"``
+        falls back to the CPU, which is slow for a 7B model.
+
+    Key init args — generation params:
+        temperature: float
+            Sampling temperature (card default 0.7; 0 is greedy).
+        top_p: float
+            Nucleus sampling (0.95).
+        top_k: int
+            Top-k sampling (40; 0 disables).
+        repetition_penalty: float
+            Penalty on repeated tokens (1.1).
+        max_tokens: int
+            Most new tokens (512).
+        seed: int | None
+            Sampler seed, for reproducible sampling.
+        stop: list[str] | None
+            Extra stop sequences, of any length. Generation also stops when the model starts a
+            new ``USER:`` turn (``stop_at_user_turn=False`` turns that off).
+        timeout: float | None
+            Seconds a generation may run before `GenerationTimeoutError`.
+
+    Key init args — loading params:
+        model: str
+            Hub repo id (default ``TheBloke/Synthia-7B-v1.3-GPTQ``) or a local folder.
+        revision: str
+            Branch (``main``, ``gptq-4bit-32g-actorder_True``, ... see ``VARIANTS``) or a
+            commit hash.
+        device: str
+            ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        kernel: str | None
+            gptqmodel kernel; chosen per device when unset.
+        system_message: str | None
+            Used when the conversation has no system message (the card's "You are Synthia..."
+            sentence by default; ``None`` leaves the ``SYSTEM:`` line out).
+
+    Instantiate:
+        ```python
+        from langchain_synthia import ChatSynthia
+
+        chat = ChatSynthia(temperature=0.7, max_tokens=256)
+        ```
+
+    Invoke:
+        ```python
+        messages = [
+            ("system", "You are a concise assistant."),
+            ("human", "What is the capital of France?"),
+        ]
+        chat.invoke(messages).content
+        ```
+
+        ```txt
+        'The capital of France is Paris.'
+        ```
+
+    Stream:
+        ```python
+        for chunk in chat.stream("Tell me a joke about rockets."):
+            print(chunk.content, end="", flush=True)
+        ```
+
+    Async:
+        ```python
+        await chat.ainvoke("Hello")
+        async for chunk in chat.astream("Hello"):
+            print(chunk.content, end="")
+        await chat.abatch(["Hello", "Bonjour"])  # decoded together as one padded batch
+        ```
+
+    Token usage:
+        ```python
+        chat.invoke("Hello").usage_metadata
+        ```
+
+        ```txt
+        {'input_tokens': 40, 'output_tokens': 12, 'total_tokens': 52}
+        ```
+
+    Response metadata:
+        ```python
+        chat.invoke("Hello").response_metadata
+        ```
+
+        ```txt
+        {'model_name': 'TheBloke/Synthia-7B-v1.3-GPTQ', 'finish_reason': 'stop',
+         'model_provider': 'synthia'}
+        ```
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    system_message: str | None = DEFAULT_SYSTEM_MESSAGE
+    """System message used when the conversation has none; ``None`` for no ``SYSTEM:`` line."""
+    streaming: bool = False
+    """Route `invoke` through streaming (token callbacks fire either way)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "chat-synthia"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return LangSmithParams(ls_model_type="chat", **self._ls_options(stop, kwargs))
+
+    # -- one generation path: every method below goes through _prepare + the engine stream ---
+
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[dict, str]:
+        options = self._call_options(stop, kwargs)
+        return options, render_messages(messages, self.system_message)
+
+    def _chunk(self, event: TokenEvent, engine: Engine) -> ChatGenerationChunk:
+        if event.finish_reason is None:
+            return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+        info = finish_info(event, engine)
+        message = AIMessageChunk(
+            content=event.text,
+            usage_metadata=usage_of(event),
+            response_metadata=info,
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=message, generation_info=info)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        options, prompt = self._prepare(messages, stop, kwargs)
+        engine = self._engine_for(options["model"], options["revision"])
+        for event in open_stream(engine, self._request(prompt, options)):
+            chunk = self._chunk(event, engine)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(event.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        options, prompt = self._prepare(messages, stop, kwargs)
+        engine = await self._aengine_for(options["model"], options["revision"])
+        async for event in await aopen_stream(engine, self._request(prompt, options)):
+            chunk = self._chunk(event, engine)
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(event.text, chunk=chunk)
+            yield chunk
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+
+    # -- batches decode together ------------------------------------------------------------
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """Answer `inputs` as one padded GPU batch (at most ``max_concurrency`` rows at once)."""
+        configs, width = _batch_configs(config, len(inputs))
+        with batch_group(width):
+            return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """`batch` for async callers: one padded GPU batch, the event loop never blocked."""
+        configs, width = _batch_configs(config, len(inputs))
+        with batch_group(width):
+            return await super().abatch(
+                inputs, configs, return_exceptions=return_exceptions, **kwargs
+            )
+
+
+def _batch_configs(
+    config: RunnableConfig | Sequence[RunnableConfig] | None, size: int
+) -> tuple[list[RunnableConfig], int]:
+    """Per-input configs whose thread pool can hold the whole batch, and the batch width."""
+    configs = get_config_list(config, size)
+    width = max(1, min(size, configs[0].get("max_concurrency") or size)) if configs else 1
+    return [{**c, "max_concurrency": width} for c in configs], width

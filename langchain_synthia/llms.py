@@ -1,0 +1,194 @@
+"""`SynthiaLLM`: Synthia-7B-v1.3 (GPTQ) as a LangChain text-completion LLM."""
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from pydantic import ConfigDict
+
+from langchain_synthia._engine import Engine, TokenEvent
+from langchain_synthia._params import SynthiaParams, finish_info, usage_of
+
+
+class SynthiaLLM(SynthiaParams, BaseLLM):
+    r"""Synthia-7B-v1.3, GPTQ-quantised, as a LangChain LLM (text in, text out).
+
+    The prompt is sent to the model verbatim: build it with `synthia_prompt_template` (or
+    `render_prompt`) so that it is in Synthia's ``SYSTEM:/USER:/ASSISTANT:`` format. The model
+    loads on the first call, once per process, shared with every instance (chat or LLM) that has
+    the same loading settings.
+
+    Setup:
+        ```bash
+        pip install langchain-synthia
+        ```
+
+    Key init args — generation params:
+        temperature, top_p, top_k, repetition_penalty, max_tokens, seed, stop, timeout:
+            as in `ChatSynthia` (card defaults 0.7 / 0.95 / 40 / 1.1 / 512).
+
+    Key init args — loading params:
+        model, revision, device, kernel, cache_dir, local_files_only: as in `ChatSynthia`.
+
+    Instantiate:
+        ```python
+        from langchain_synthia import SynthiaLLM, synthia_prompt_template
+
+        llm = SynthiaLLM(max_tokens=128)
+        chain = synthia_prompt_template() | llm
+        ```
+
+    Invoke:
+        ```python
+        chain.invoke({"question": "Why is the sky blue?"})
+        ```
+
+        ```txt
+        'The sky appears blue because of Rayleigh scattering...'
+        ```
+
+    Stream:
+        ```python
+        for text in chain.stream({"question": "Why is the sky blue?"}):
+            print(text, end="", flush=True)
+        ```
+
+    Async:
+        ```python
+        await llm.ainvoke(prompt)
+        await llm.abatch([prompt_a, prompt_b])  # one padded GPU batch
+        ```
+
+    Token usage:
+        ```python
+        result = llm.generate([prompt])
+        result.llm_output["token_usage"]
+        result.generations[0][0].generation_info["usage_metadata"]
+        ```
+
+        ```txt
+        {'input_tokens': 38, 'output_tokens': 57, 'total_tokens': 95}
+        ```
+
+    ReAct-style text agents work too: pass ``stop=["Observation:"]``.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @property
+    def _llm_type(self) -> str:
+        return "synthia-llm"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return LangSmithParams(ls_model_type="llm", **self._ls_options(stop, kwargs))
+
+    def _chunk(self, event: TokenEvent, engine: Engine) -> GenerationChunk:
+        if event.finish_reason is None:
+            return GenerationChunk(text=event.text)
+        info = {**finish_info(event, engine), "usage_metadata": usage_of(event)}
+        return GenerationChunk(text=event.text, generation_info=info)
+
+    def _start(
+        self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[Engine, list]:
+        options = self._call_options(stop, kwargs)
+        engine = self._engine_for(options["model"], options["revision"])
+        return engine, engine.submit([self._request(prompt, options) for prompt in prompts])
+
+    async def _astart(
+        self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[Engine, list]:
+        options = self._call_options(stop, kwargs)
+        engine = await self._aengine_for(options["model"], options["revision"])
+        return engine, engine.submit([self._request(prompt, options) for prompt in prompts])
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        engine, (stream,) = self._start([prompt], stop, kwargs)
+        for event in stream:
+            chunk = self._chunk(event, engine)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        engine, (stream,) = await self._astart([prompt], stop, kwargs)
+        async for event in stream:
+            chunk = self._chunk(event, engine)
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """All `prompts` decode together as one padded batch.
+
+        Token callbacks fire for a single prompt; LangChain hands `_generate` the run manager
+        of the first prompt only, so a batch's tokens are not attributed to runs.
+        """
+        engine, streams = self._start(prompts, stop, kwargs)
+        per_token = run_manager if len(prompts) == 1 else None
+        results = []
+        for stream in streams:
+            chunks = []
+            for event in stream:
+                chunks.append(self._chunk(event, engine))
+                if per_token is not None:
+                    per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
+            results.append(_joined(chunks))
+        return _llm_result(results, engine)
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        engine, streams = await self._astart(prompts, stop, kwargs)
+        per_token = run_manager if len(prompts) == 1 else None
+        results = []
+        for stream in streams:
+            chunks = []
+            async for event in stream:
+                chunks.append(self._chunk(event, engine))
+                if per_token is not None:
+                    await per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
+            results.append(_joined(chunks))
+        return _llm_result(results, engine)
+
+
+def _joined(chunks: list[GenerationChunk]) -> GenerationChunk:
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total += chunk
+    return total
+
+
+def _llm_result(results: list[GenerationChunk], engine: Engine) -> LLMResult:
+    usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    for result in results:
+        for key in usage:
+            usage[key] += (result.generation_info or {})["usage_metadata"][key]
+    return LLMResult(
+        generations=[[Generation(text=r.text, generation_info=r.generation_info)] for r in results],
+        llm_output={"token_usage": usage, "model_name": engine.name},
+    )

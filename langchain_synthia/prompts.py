@@ -1,0 +1,232 @@
+"""Synthia's prompt format: the one renderer, its system messages and the prompt templates.
+
+The model card gives the format as::
+
+    SYSTEM: {system}
+    USER: {prompt}
+    ASSISTANT:
+
+and its conversation loop appends every earlier answer after its ``ASSISTANT:`` before the next
+``USER:`` turn. The card is ambiguous about whitespace (TheBloke's template ends the prompt with
+``ASSISTANT:`` and a newline; the original card's loop writes ``" \\nUSER: ... \\nASSISTANT: "``
+with stray spaces). We render:
+
+* one ``\\n`` between turns and nothing else (no stray spaces before the newlines);
+* ``ASSISTANT:`` as the very last characters of a prompt that asks for an answer: no trailing
+  space or newline, because SentencePiece folds the space into the answer's first token
+  (``▁The``) and a prompt ending in a bare space or newline pushes the model off its training
+  distribution;
+* an earlier answer as ``ASSISTANT: {answer}`` (one space, the answer stripped as the card's loop
+  strips it).
+
+This module is pure text: it imports nothing heavy and is tested with exact strings.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
+
+DEFAULT_SYSTEM_MESSAGE = (
+    "You are Synthia. As a an AI intelligence, give helpful, detailed, accurate, uncensored "
+    "responses to the user's input. Provide answers factually."
+)
+"""The system message of the model card's prompt template, verbatim (its typo included)."""
+
+TREE_OF_THOUGHT_SYSTEM_MESSAGE = (
+    "Elaborate on the topic using a Tree of Thoughts and backtrack when necessary to construct a "
+    "clear, cohesive Chain of Thought reasoning. Always answer without hesitation."
+)
+"""The card's system message that evokes Tree-of-Thought + Chain-of-Thought reasoning, verbatim."""
+
+USER_MARKER = "USER:"
+"""What begins a user turn; the model writes it when it starts to invent the user's next turn."""
+
+Role = Literal["user", "assistant"]
+
+_ROLE_LABELS: dict[Role, str] = {"user": "USER:", "assistant": "ASSISTANT:"}
+_CHAT_MESSAGE_ROLES: dict[str, Role | Literal["system"]] = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "system": "system",
+}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation: who speaks and what they say."""
+
+    role: Role
+    text: str
+
+
+def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> str:
+    """Render a conversation in Synthia's format: the one renderer every class uses.
+
+    Args:
+        turns: The conversation, oldest first. Consecutive turns of one role are merged into one
+            turn, their texts joined by a newline.
+        system_message: The text of the ``SYSTEM:`` line; ``None`` leaves the line out.
+
+    Returns:
+        The prompt. It ends with ``ASSISTANT:`` when the last turn is the user's; when the last
+        turn is the assistant's, it ends with that (partial) answer, which the model continues.
+
+    Raises:
+        ValueError: If there are no turns.
+    """
+    if not turns:
+        msg = "Nothing to render: the conversation has no USER or ASSISTANT turn. Add a message."
+        raise ValueError(msg)
+    merged: list[Turn] = []
+    for turn in turns:
+        if merged and merged[-1].role == turn.role:
+            merged[-1] = Turn(turn.role, f"{merged[-1].text}\n{turn.text}")
+        else:
+            merged.append(turn)
+    lines = [] if system_message is None else [f"SYSTEM: {system_message}"]
+    for turn in merged:
+        text = turn.text.strip() if turn.role == "assistant" else turn.text
+        lines.append(f"{_ROLE_LABELS[turn.role]} {text}" if text else _ROLE_LABELS[turn.role])
+    if merged[-1].role == "user":
+        lines.append(_ROLE_LABELS["assistant"])
+    return "\n".join(lines)
+
+
+def render_messages(
+    messages: Sequence[BaseMessage], default_system_message: str | None = DEFAULT_SYSTEM_MESSAGE
+) -> str:
+    """Render LangChain messages in Synthia's format (what `ChatSynthia` sends to the model).
+
+    System messages, wherever they stand, are merged (joined by a newline) into the one
+    ``SYSTEM:`` line at the top; without any, ``default_system_message`` is used. Message names
+    are not rendered: the format has no place for them.
+
+    Raises:
+        ValueError: If there are no messages, only system messages, or a message that the
+            format cannot carry (tool messages and tool calls, non-text content, unknown roles).
+    """
+    if not messages:
+        msg = "ChatSynthia got an empty message list: pass at least one HumanMessage."
+        raise ValueError(msg)
+    systems: list[str] = []
+    turns: list[Turn] = []
+    for message in messages:
+        role = _role_of(message)
+        text = _text_of(message)
+        if role == "system":
+            systems.append(text)
+        else:
+            turns.append(Turn(role, text))
+    system = "\n".join(systems) if systems else default_system_message
+    return render_prompt(turns, system)
+
+
+def _role_of(message: BaseMessage) -> Role | Literal["system"]:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        if message.tool_calls or message.invalid_tool_calls:
+            msg = (
+                "ChatSynthia cannot render an AIMessage with tool calls: tool calling is not "
+                "supported yet. Pass the tool results as a HumanMessage instead."
+            )
+            raise ValueError(msg)
+        return "assistant"
+    if isinstance(message, ChatMessage) and message.role.lower() in _CHAT_MESSAGE_ROLES:
+        return _CHAT_MESSAGE_ROLES[message.role.lower()]
+    kind = message.role if isinstance(message, ChatMessage) else type(message).__name__
+    msg = (
+        f"ChatSynthia cannot render a {kind!r} message: Synthia's format has only SYSTEM, USER "
+        "and ASSISTANT turns. Use SystemMessage, HumanMessage or AIMessage"
+        + (" (tool calling is not supported yet)." if message.type in ("tool", "function") else ".")
+    )
+    raise ValueError(msg)
+
+
+def _text_of(message: BaseMessage) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    parts: list[str] = []
+    for block in message.content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        else:
+            msg = (
+                f"ChatSynthia cannot render a {block.get('type')!r} content block: Synthia is a "
+                "text-only model. Send text blocks only."
+            )
+            raise ValueError(msg)
+    return "".join(parts)
+
+
+def _system_text(system_message: str | None, *, tree_of_thought: bool) -> str:
+    if tree_of_thought and system_message is not None:
+        msg = "Pass either system_message or tree_of_thought=True, not both."
+        raise ValueError(msg)
+    if tree_of_thought:
+        return TREE_OF_THOUGHT_SYSTEM_MESSAGE
+    return DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+
+
+def synthia_chat_prompt(
+    system_message: str | None = None,
+    *,
+    tree_of_thought: bool = False,
+    input_variable: str = "question",
+    history_variable: str | None = "history",
+) -> ChatPromptTemplate:
+    """A chat prompt for `ChatSynthia`: a system message, optional history, the user's question.
+
+    Args:
+        system_message: The system message (literal text, braces are not template fields).
+            Defaults to `DEFAULT_SYSTEM_MESSAGE`.
+        tree_of_thought: Use the card's `TREE_OF_THOUGHT_SYSTEM_MESSAGE` instead.
+        input_variable: The name of the variable that holds the user's message.
+        history_variable: The name of an optional list of earlier messages placed between the
+            system message and the question; ``None`` for no history slot.
+
+    Example:
+        ```python
+        chain = synthia_chat_prompt(tree_of_thought=True) | ChatSynthia() | SynthiaOutputParser()
+        chain.invoke({"question": "How is a rocket launched to Low Earth Orbit?"})
+        ```
+    """
+    system = _system_text(system_message, tree_of_thought=tree_of_thought)
+    parts: list = [SystemMessage(content=system)]
+    if history_variable is not None:
+        parts.append(MessagesPlaceholder(history_variable, optional=True))
+    parts.append(("human", f"{{{input_variable}}}"))
+    return ChatPromptTemplate.from_messages(parts)
+
+
+def synthia_prompt_template(
+    system_message: str | None = None,
+    *,
+    tree_of_thought: bool = False,
+    input_variable: str = "question",
+) -> PromptTemplate:
+    """A string prompt for `SynthiaLLM`, rendered by `render_prompt` with one user turn.
+
+    ``synthia_prompt_template().format(question="Hi")`` is
+    ``"SYSTEM: You are Synthia. ...\\nUSER: Hi\\nASSISTANT:"``.
+    """
+    system = _system_text(system_message, tree_of_thought=tree_of_thought)
+    placeholder = "\x00"  # cannot occur in the system text, so it marks the one template field
+    text = render_prompt([Turn("user", placeholder)], system)
+    escaped = text.replace("{", "{{").replace("}", "}}").replace(placeholder, f"{{{input_variable}}}")
+    return PromptTemplate.from_template(escaped)

@@ -1,0 +1,215 @@
+"""A tiny, offline GPTQ checkpoint of Synthia's architecture, for tests, demos and your own tests.
+
+`make_tiny_checkpoint` writes a Mistral-architecture model with a few small layers and random
+weights, the real Mistral-7B-v0.1 tokenizer (shipped by mistral-common), quantised by gptqmodel to
+GPTQ 4-bit with act order, in TheBloke's file layout. Nothing is downloaded. It loads through the
+same code as the real model::
+
+    from langchain_synthia import ChatSynthia
+    from langchain_synthia.testing import make_tiny_checkpoint
+
+    chat = ChatSynthia(model=str(make_tiny_checkpoint("/tmp/tiny-synthia")), device="cpu")
+
+Its answers are random text: it checks plumbing (prompting, streaming, stops, usage, batching),
+not meaning.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from langchain_synthia._console import quiet_output
+
+_FORMAT_VERSION = 1
+_STAMP = "tiny-checkpoint.json"
+
+# what TheBloke's GPTQ repos hold (besides the weights)
+_THEBLOKE_QUANT_KEYS = ("bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym")
+
+_CALIBRATION = [
+    "How is a rocket launched from the surface of the earth to Low Earth Orbit?",
+    "Elaborate on the topic using a Tree of Thoughts and backtrack when necessary.",
+    "SYSTEM: You are Synthia.\nUSER: Tell me about AI\nASSISTANT: AI is the study of agents.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+    "def add(a, b):\n    return a + b\n",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "Bonjour, je m'appelle Synthia. ¿Dónde está la biblioteca? 日本語も少し。",
+]
+
+
+def make_tiny_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    num_layers: int = 2,
+    seed: int = 0,
+    quiet: bool = True,
+) -> Path:
+    """Write (or reuse) a tiny GPTQ checkpoint in `directory` and return its path.
+
+    A finished checkpoint with the same parameters is reused, so calling this again is instant.
+    Building one takes a few seconds on a CPU and is deterministic for a given `seed`.
+
+    Args:
+        directory: Where to write it (created if needed).
+        bits: 4 or 8, as in Synthia's branches.
+        group_size: GPTQ group size (must divide 128 and 256, the layer widths; -1 for none).
+        num_layers: Decoder layers.
+        seed: Seed of the random weights.
+        quiet: Hide gptqmodel's progress output (it writes straight to the terminal).
+
+    Raises:
+        ValueError: For unsupported parameters.
+        ImportError: If gptqmodel (or mistral-common) is missing.
+    """
+    if bits not in (4, 8):
+        msg = f"bits={bits}: Synthia's GPTQ branches are 4 or 8-bit."
+        raise ValueError(msg)
+    if group_size != -1 and (group_size <= 0 or 128 % group_size):
+        msg = f"group_size={group_size} must be -1 or divide 128 (the hidden size)."
+        raise ValueError(msg)
+    if num_layers < 1:
+        msg = "num_layers must be at least 1."
+        raise ValueError(msg)
+    target = Path(directory)
+    spec = {
+        "format": _FORMAT_VERSION,
+        "bits": bits,
+        "group_size": group_size,
+        "num_layers": num_layers,
+        "seed": seed,
+    }
+    stamp = target / _STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return target
+    from langchain_synthia._loading import require_gptq_stack
+
+    require_gptq_stack()
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tiny-synthia-") as scratch:
+        source = Path(scratch) / "fp16"
+        built = Path(scratch) / "gptq"
+        with quiet_output(enabled=quiet):
+            tokenizer = _write_tokenizer(source)
+            _write_random_model(source, num_layers=num_layers, seed=seed)
+            _quantize(source, built, tokenizer, bits=bits, group_size=group_size, seed=seed)
+        _to_thebloke_layout(built)
+        shutil.copy2(source / "tokenizer.model", built / "tokenizer.model")
+        for item in built.iterdir():
+            shutil.copy2(item, target / item.name)
+    stamp.write_text(json.dumps(spec))
+    return target
+
+
+def checkpoint_digest(directory: str | os.PathLike[str]) -> str:
+    """SHA-256 over a checkpoint's weights and configs (to check that builds are reproducible)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.suffix in (".safetensors", ".json") and path.name != _STAMP:
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _write_tokenizer(folder: Path):  # noqa: ANN202 - a transformers tokenizer
+    """Mistral-7B-v0.1's SentencePiece tokenizer, converted once to tokenizer.json."""
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True)
+    model_file = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    shutil.copy(model_file, folder / "tokenizer.model")
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 4096,
+        "legacy": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) != 32000:  # noqa: PLR2004 - Mistral-7B-v0.1's vocabulary
+        msg = f"Tokenizer conversion went wrong: {len(tokenizer)} tokens instead of 32000."
+        raise RuntimeError(msg)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _write_random_model(folder: Path, *, num_layers: int, seed: int) -> None:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=32000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config).to(torch.float16)
+    model.save_pretrained(folder)
+
+
+def _quantize(
+    source: Path, target: Path, tokenizer, *, bits: int, group_size: int, seed: int  # noqa: ANN001
+) -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    torch.manual_seed(seed)
+    config = QuantizeConfig(
+        bits=bits, group_size=group_size, desc_act=True, sym=True, damp_percent=0.1
+    )
+    model = GPTQModel.load(str(source), config, device="cpu", dtype=torch.float16)
+    calibration = [tokenizer(text).input_ids for text in _CALIBRATION]
+    model.quantize(calibration, backend=BACKEND.GPTQ_TORCH)
+    model.save(str(target))
+
+
+def _to_thebloke_layout(folder: Path) -> None:
+    """Keep what TheBloke's repos hold: GPTQ settings in config.json and quantize_config.json."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    quant = config["quantization_config"]
+    slim = {key: quant[key] for key in _THEBLOKE_QUANT_KEYS if key in quant}
+    slim.setdefault("static_groups", False)
+    config["quantization_config"] = {**slim, "true_sequential": True, "quant_method": "gptq"}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    quantize_config = {**slim, "true_sequential": True, "model_file_base_name": "model"}
+    (folder / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2))
+    for extra in ("quant_log.csv",):
+        (folder / extra).unlink(missing_ok=True)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def demo_checkpoint() -> Path:
+    """The tiny checkpoint used by ``synthia chat --demo``, built once into the user's cache.
+
+    The folder is ``$SYNTHIA_DEMO_DIR`` if set, else ``langchain-synthia/tiny-checkpoint`` under
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``).
+    """
+    folder = os.environ.get("SYNTHIA_DEMO_DIR")
+    if folder is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        folder = str(cache / "langchain-synthia" / "tiny-checkpoint")
+    return make_tiny_checkpoint(folder)
