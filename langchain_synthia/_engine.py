@@ -40,6 +40,8 @@ class GenerationRequest:
     stops: tuple[str, ...] = ()
     timeout: float | None = None
     """Seconds the whole generation may take; ``None`` waits as long as it runs."""
+    context_window: int = 4096
+    """Prompt plus answer may not exceed this many tokens (the prompt alone must fit)."""
 
 
 @dataclass(frozen=True)
@@ -212,11 +214,10 @@ class Engine:
     Thread-safe: requests may be submitted from any thread; model forwards are serialised.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, context_window: int, name: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
         """Wrap a loaded causal LM; `langchain_synthia._loading.get_engine` builds engines."""
         self.model = model
         self.tokenizer = tokenizer
-        self.context_window = context_window
         self.name = name
         self.device = model.device
         self._forward_lock = threading.Lock()
@@ -248,11 +249,11 @@ class Engine:
 
     def _row(self, request: GenerationRequest) -> _Row:
         ids = self.encode(request.prompt)
-        room = self.context_window - len(ids)
+        room = request.context_window - len(ids)
         if room <= 0:
             msg = (
                 f"The prompt is {len(ids)} tokens but Synthia's context window is "
-                f"{self.context_window} tokens. Shorten the prompt or the conversation history "
+                f"{request.context_window} tokens. Shorten the prompt or the conversation history "
                 "(nothing is truncated for you)."
             )
             raise ValueError(msg)
@@ -299,7 +300,7 @@ class Engine:
                     **{self._cache_arg: cache},
                 )
                 cache = out[self._cache_arg]
-                tokens = sampler.sample(out.logits[:, -1, :])
+                tokens = sampler.sample(out["logits"][:, -1, :])
             for row, token, alive in zip(rows, tokens.tolist(), live, strict=True):
                 if alive:
                     row.advance(token, self._eos_id)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ class ModelSettings:
     kernel: str | None = None
     cache_dir: str | None = None
     local_files_only: bool = False
-    context_window: int = 4096
 
 
 _engines: dict[ModelSettings, Engine] = {}
@@ -210,7 +210,7 @@ def require_gptq_stack() -> None:
             f"Loading GPTQ weights needs {' and '.join(missing)}, which "
             f"{'is' if len(missing) == 1 else 'are'} not installed (transformers 5 loads GPTQ "
             "through optimum + gptqmodel; auto-gptq no longer works). Install them with: "
-            "pip install 'gptqmodel>=7.6,<8' 'optimum>=2.3,<3'"
+            "pip install 'gptqmodel>=7.6,<7.7' 'optimum>=2.3,<3'"
         )
         raise ImportError(msg)
 
@@ -223,7 +223,10 @@ def _load(settings: ModelSettings) -> Engine:
     kernel = choose_kernel(device, int(quant.get("bits", 4)), settings.kernel)
     logger.info("Loading %s on %s with the %s kernel", folder, device, kernel)
 
-    with quiet_output():  # gptqmodel's banner and bars; SYNTHIA_VERBOSE=1 shows them
+    with quiet_output(), warnings.catch_warnings():  # SYNTHIA_VERBOSE=1 shows the stack's output
+        # transformers warns that only the loading attributes (our kernel) of the passed
+        # GPTQConfig are used, the checkpoint's own settings for the rest: that is the intent
+        warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
@@ -240,5 +243,4 @@ def _load(settings: ModelSettings) -> Engine:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False
         )
-    name = settings.model if not Path(settings.model).expanduser().is_dir() else folder.name
-    return Engine(model, tokenizer, context_window=settings.context_window, name=name)
+    return Engine(model, tokenizer, name=settings.model)

@@ -116,7 +116,6 @@ class SynthiaParams(BaseModel):
             kernel=self.kernel,
             cache_dir=self.cache_dir,
             local_files_only=self.local_files_only,
-            context_window=self.context_window,
         )
 
     def _engine_for(self, model: str, revision: str) -> Engine:
@@ -160,6 +159,7 @@ class SynthiaParams(BaseModel):
             ),
             stops=stops,
             timeout=options["timeout"],
+            context_window=self.context_window,
         )
 
     def _ls_options(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> dict:

@@ -7,7 +7,11 @@ from collections.abc import Iterable
 
 
 class StopMatcher:
-    """Cuts a stream of text at the earliest occurrence of any stop string.
+    """Cuts a stream of text at the first stop string to complete.
+
+    Generation stops as soon as a stop string has been written, so the cut is at the stop that
+    *ends* first (of several ending at the same character, the longer one); the result does not
+    depend on how the text was split into pieces.
 
     `feed` returns only text that can no longer turn into a stop: a tail that could still be the
     start of one is held back, and released by a later `feed` once it turns out to be text, or by
@@ -31,15 +35,15 @@ class StopMatcher:
         if self.stopped:
             return ""
         buffer = self._pending + text
-        found: tuple[int, str] | None = None
+        found: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self._stops:
             at = buffer.find(stop)
-            if at != -1 and (found is None or at < found[0]):
-                found = (at, stop)
+            if at != -1 and (found is None or (at + len(stop), at) < found[:2]):
+                found = (at + len(stop), at, stop)
         if found is not None:
-            self.matched = found[1]
+            self.matched = found[2]
             self._pending = ""
-            return buffer[: found[0]]
+            return buffer[: found[1]]
         hold = max((self._prefix_overlap(buffer, stop) for stop in self._stops), default=0)
         self._pending = buffer[len(buffer) - hold :]
         return buffer[: len(buffer) - hold]

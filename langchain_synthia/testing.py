@@ -23,11 +23,19 @@ from pathlib import Path
 
 from langchain_synthia._console import quiet_output
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _STAMP = "tiny-checkpoint.json"
 
 # what TheBloke's GPTQ repos hold (besides the weights)
-_THEBLOKE_QUANT_KEYS = ("bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym")
+_THEBLOKE_QUANT_KEYS = (
+    "bits",
+    "group_size",
+    "damp_percent",
+    "desc_act",
+    "static_groups",
+    "sym",
+    "true_sequential",
+)
 
 _CALIBRATION = [
     "How is a rocket launched from the surface of the earth to Low Earth Orbit?",
@@ -190,11 +198,11 @@ def _to_thebloke_layout(folder: Path) -> None:
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     quant = config["quantization_config"]
-    slim = {key: quant[key] for key in _THEBLOKE_QUANT_KEYS if key in quant}
-    slim.setdefault("static_groups", False)
-    config["quantization_config"] = {**slim, "true_sequential": True, "quant_method": "gptq"}
+    settings = {**quant.get("meta", {}), **quant}  # gptqmodel keeps some settings under "meta"
+    slim = {key: settings[key] for key in _THEBLOKE_QUANT_KEYS}
+    config["quantization_config"] = {**slim, "quant_method": "gptq"}
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-    quantize_config = {**slim, "true_sequential": True, "model_file_base_name": "model"}
+    quantize_config = {**slim, "model_file_base_name": "model"}
     (folder / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2))
     for extra in ("quant_log.csv",):
         (folder / extra).unlink(missing_ok=True)

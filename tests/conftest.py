@@ -1,0 +1,33 @@
+"""Shared test setup: a hermetic environment and, for the integration tier, the tiny checkpoint."""
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Never reach the Hub from tests; quantising on a small CPU needs these (see testing.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+
+
+@functools.cache
+def _checkpoints_root() -> Path:
+    root = os.environ.get("SYNTHIA_TINY_DIR")
+    return Path(root) if root else Path(tempfile.mkdtemp(prefix="synthia-tests-"))
+
+
+@functools.cache
+def tiny_model_path(seed: int = 0) -> str:
+    """A tiny GPTQ checkpoint, built once per test process (reused from $SYNTHIA_TINY_DIR)."""
+    from langchain_synthia.testing import make_tiny_checkpoint
+
+    return str(make_tiny_checkpoint(_checkpoints_root() / f"tiny-seed{seed}", seed=seed))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    return tiny_model_path()

@@ -1,0 +1,74 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from langchain_synthia._stops import StopMatcher
+
+
+def feed_all(stops: list[str], pieces: list[str]) -> tuple[str, StopMatcher]:
+    matcher = StopMatcher(stops)
+    out = "".join(matcher.feed(p) for p in pieces)
+    if not matcher.stopped:
+        out += matcher.flush()
+    return out, matcher
+
+
+def reference(stops: list[str], text: str) -> str:
+    """Generation's semantics: cut at the stop that is complete first (the longer one on ties)."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if s and text[:end].endswith(s)]
+        if done:
+            return text[: end - max(len(s) for s in done)]
+    return text
+
+
+def test_stop_spanning_pieces_is_cut_and_not_returned() -> None:
+    out, matcher = feed_all(["USER:"], ["Hello", " wor", "ld\nUS", "ER: more"])
+    assert out == "Hello world\n"
+    assert matcher.matched == "USER:"
+
+
+def test_possible_prefix_is_held_then_released() -> None:
+    matcher = StopMatcher(["USER:"])
+    assert matcher.feed("I am a US") == "I am a "
+    assert matcher.feed("B stick") == "USB stick"
+    assert not matcher.stopped
+
+
+def test_the_stop_that_completes_first_wins() -> None:
+    out, matcher = feed_all(["world", "lo w"], ["hello world"])
+    assert out == "hel"
+    assert matcher.matched == "lo w"
+    out, matcher = feed_all([":", "E::"], ["E::"])
+    assert (out, matcher.matched) == ("E", ":")
+    out, matcher = feed_all(["b", "ab"], ["ab"])
+    assert (out, matcher.matched) == ("", "ab")
+
+
+def test_held_tail_is_text_at_the_end() -> None:
+    out, matcher = feed_all(["Observation:"], ["Thought: done. Obs"])
+    assert out == "Thought: done. Obs"
+    assert not matcher.stopped
+
+
+def test_nothing_after_the_stop() -> None:
+    matcher = StopMatcher(["x"])
+    assert matcher.feed("ax") == "a"
+    assert matcher.feed("more") == ""
+
+
+def test_empty_stops_are_ignored() -> None:
+    out, matcher = feed_all(["", "b"], ["abc"])
+    assert out == "a"
+
+
+@settings(max_examples=500)
+@given(
+    text=st.text(alphabet="USER: abc\n", max_size=40),
+    stops=st.lists(st.text(alphabet="USER: ab\n", min_size=1, max_size=6), max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=8),
+)
+def test_any_chunking_gives_the_unchunked_answer(text: str, stops: list[str], cuts: list[int]) -> None:
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    out, _ = feed_all(stops, pieces)
+    assert out == reference(stops, text)
