@@ -180,7 +180,9 @@ class _Detokenizer:
 class _Row:
     """The decoding state of one request inside a batch."""
 
-    def __init__(self, stream: TokenStream, prompt_ids: list[int], budget: int, tokenizer: Any):
+    def __init__(
+        self, stream: TokenStream, prompt_ids: list[int], budget: int, tokenizer: Any
+    ) -> None:
         self.stream = stream
         self.prompt_ids = prompt_ids
         self.budget = budget
@@ -242,7 +244,9 @@ class Engine:
         return [row.stream for row in rows]
 
     def _start(self, rows: list["_Row"]) -> None:
-        worker = threading.Thread(target=self._run, args=(rows,), name="synthia-decode", daemon=True)
+        worker = threading.Thread(
+            target=self._run, args=(rows,), name="synthia-decode", daemon=True
+        )
         with _workers_lock:
             _workers[worker] = rows
         worker.start()
@@ -257,12 +261,14 @@ class Engine:
                 "(nothing is truncated for you)."
             )
             raise ValueError(msg)
-        return _Row(TokenStream(request, len(ids)), ids, min(request.max_new_tokens, room), self.tokenizer)
+        return _Row(
+            TokenStream(request, len(ids)), ids, min(request.max_new_tokens, room), self.tokenizer
+        )
 
     def _run(self, rows: list[_Row]) -> None:
         try:
             self._decode(rows)
-        except BaseException as error:  # noqa: BLE001 - every waiting caller must hear of it
+        except BaseException as error:
             for row in rows:
                 if not row.done:
                     row.done = True
@@ -391,7 +397,7 @@ class _Slot:
         self._ready.wait()
         if self._error is not None:
             raise self._error
-        assert self._stream is not None  # noqa: S101
+        assert self._stream is not None
         return self._stream
 
     async def await_stream(self) -> TokenStream:

@@ -83,9 +83,9 @@ def resolve_device(device: str) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
         msg = (
-            f"device={device!r} was asked for, but CUDA is not available (torch {torch.__version__}, "
-            f"{build}). Install a CUDA build of PyTorch on a machine with an NVIDIA GPU, or pass "
-            "device='cpu' (slow for the 7B model) or device='auto'."
+            f"device={device!r} was asked for, but CUDA is not available "
+            f"(torch {torch.__version__}, {build}). Install a CUDA build of PyTorch on a machine "
+            "with an NVIDIA GPU, or pass device='cpu' (slow for the 7B model) or device='auto'."
         )
         raise RuntimeError(msg)
     if kind not in KERNELS_BY_DEVICE:
@@ -106,8 +106,9 @@ def resolve_checkpoint(settings: ModelSettings) -> Path:
     if folder.is_dir():
         if settings.revision != DEFAULT_BRANCH:
             msg = (
-                f"revision={settings.revision!r} applies to Hub repos, but model={settings.model!r} "
-                "is a local folder. Point model= at the folder of that branch instead."
+                f"revision={settings.revision!r} applies to Hub repos, but "
+                f"model={settings.model!r} is a local folder. Point model= at the folder of that "
+                "branch instead."
             )
             raise ValueError(msg)
         validate_checkpoint(folder)
@@ -119,7 +120,9 @@ def resolve_checkpoint(settings: ModelSettings) -> Path:
         )
         raise ValueError(msg)
     check_revision(settings.model, settings.revision)
-    folder = download(settings.model, settings.revision, settings.cache_dir, settings.local_files_only)
+    folder = download(
+        settings.model, settings.revision, settings.cache_dir, settings.local_files_only
+    )
     validate_checkpoint(folder)
     return folder
 
@@ -174,7 +177,9 @@ def validate_checkpoint(folder: Path) -> dict[str, Any]:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         reason = (
             f"only pickle weights ({', '.join(pickles)}), which are refused because loading them "
-            "can run arbitrary code" if pickles else "no weights"
+            "can run arbitrary code"
+            if pickles
+            else "no weights"
         )
         msg = f"{folder} has {reason}. langchain-synthia loads safetensors only."
         raise ValueError(msg)
@@ -197,7 +202,9 @@ def choose_kernel(device: str, bits: int, kernel: str | None = None) -> str:
         return kernel
     kernels = KERNELS_BY_DEVICE[device.split(":", 1)[0]]
     if bits not in kernels:
-        msg = f"No GPTQ kernel for {bits}-bit weights on {device}: Synthia's branches are 4 or 8-bit."
+        msg = (
+            f"No GPTQ kernel for {bits}-bit weights on {device}: Synthia's branches are 4 or 8-bit."
+        )
         raise ValueError(msg)
     return kernels[bits]
 

@@ -29,7 +29,10 @@ class BatchSampler:
     """Samples one token per row; keeps each row's random generator and seen-token set."""
 
     def __init__(
-        self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]], vocab_size: int,
+        self,
+        params: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        vocab_size: int,
         device: "torch.device",
     ) -> None:
         import torch

@@ -27,7 +27,9 @@ def main() -> None:
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--max-tokens", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-@click.option("--tree-of-thought", is_flag=True, help="Use the card's Tree-of-Thought system message.")
+@click.option(
+    "--tree-of-thought", is_flag=True, help="Use the card's Tree-of-Thought system message."
+)
 @click.option("--system", "system_message", default=None, help="A system message of your own.")
 @click.option(
     "--demo",
@@ -35,7 +37,7 @@ def main() -> None:
     help="Run the same pipeline on a tiny random-weight checkpoint built offline (no GPU, no "
     "download): it checks the plumbing and answers gibberish.",
 )
-def chat(  # noqa: PLR0913 - one parameter per option
+def chat(
     model: str,
     revision: str,
     device: str,

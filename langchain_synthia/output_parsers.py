@@ -42,7 +42,7 @@ class SynthiaOutputParser(BaseTransformOutputParser[str]):
         """No instructions: the parser only cleans up free text."""
         return ""
 
-    def _transform(self, input: Iterator[str | BaseMessage]) -> Iterator[str]:  # noqa: A002
+    def _transform(self, input: Iterator[str | BaseMessage]) -> Iterator[str]:
         answer = _StreamedAnswer()
         for chunk in input:
             if piece := answer.feed(_text(chunk)):
@@ -52,7 +52,7 @@ class SynthiaOutputParser(BaseTransformOutputParser[str]):
 
     async def _atransform(
         self,
-        input: AsyncIterator[str | BaseMessage],  # noqa: A002
+        input: AsyncIterator[str | BaseMessage],
     ) -> AsyncIterator[str]:
         answer = _StreamedAnswer()
         async for chunk in input:

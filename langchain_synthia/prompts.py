@@ -1,4 +1,4 @@
-"""Synthia's prompt format: the one renderer, its system messages and the prompt templates.
+r"""Synthia's prompt format: the one renderer, its system messages and the prompt templates.
 
 The model card gives the format as::
 
@@ -220,7 +220,7 @@ def synthia_prompt_template(
     tree_of_thought: bool = False,
     input_variable: str = "question",
 ) -> PromptTemplate:
-    """A string prompt for `SynthiaLLM`, rendered by `render_prompt` with one user turn.
+    r"""A string prompt for `SynthiaLLM`, rendered by `render_prompt` with one user turn.
 
     ``synthia_prompt_template().format(question="Hi")`` is
     ``"SYSTEM: You are Synthia. ...\\nUSER: Hi\\nASSISTANT:"``.
@@ -228,5 +228,7 @@ def synthia_prompt_template(
     system = _system_text(system_message, tree_of_thought=tree_of_thought)
     placeholder = "\x00"  # cannot occur in the system text, so it marks the one template field
     text = render_prompt([Turn("user", placeholder)], system)
-    escaped = text.replace("{", "{{").replace("}", "}}").replace(placeholder, f"{{{input_variable}}}")
+    escaped = (
+        text.replace("{", "{{").replace("}", "}}").replace(placeholder, f"{{{input_variable}}}")
+    )
     return PromptTemplate.from_template(escaped)

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from langchain_synthia._console import quiet_output
 
@@ -144,7 +145,7 @@ def _write_tokenizer(folder: Path):  # noqa: ANN202 - a transformers tokenizer
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if len(tokenizer) != 32000:  # noqa: PLR2004 - Mistral-7B-v0.1's vocabulary
+    if len(tokenizer) != 32000:
         msg = f"Tokenizer conversion went wrong: {len(tokenizer)} tokens instead of 32000."
         raise RuntimeError(msg)
     tokenizer.save_pretrained(folder)
@@ -176,7 +177,13 @@ def _write_random_model(folder: Path, *, num_layers: int, seed: int) -> None:
 
 
 def _quantize(
-    source: Path, target: Path, tokenizer, *, bits: int, group_size: int, seed: int  # noqa: ANN001
+    source: Path,
+    target: Path,
+    tokenizer: Any,
+    *,
+    bits: int,
+    group_size: int,
+    seed: int,
 ) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")

@@ -13,6 +13,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
+DEVICE = os.environ.get("SYNTHIA_TEST_DEVICE", "cpu")
+"""Where the integration tier runs the tiny checkpoint: the CPU in CI; ``cuda`` on a GPU machine."""
+
 
 @functools.cache
 def _checkpoints_root() -> Path:

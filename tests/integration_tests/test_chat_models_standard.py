@@ -3,7 +3,7 @@
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_synthia import ChatSynthia
-from tests.conftest import tiny_model_path
+from tests.conftest import DEVICE, tiny_model_path
 
 
 class TestChatSynthiaIntegration(ChatModelIntegrationTests):
@@ -13,7 +13,7 @@ class TestChatSynthiaIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"model": tiny_model_path(), "device": "cpu", "max_tokens": 24, "seed": 0}
+        return {"model": tiny_model_path(), "device": DEVICE, "max_tokens": 24, "seed": 0}
 
     @property
     def model_override_value(self) -> str:

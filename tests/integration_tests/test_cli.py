@@ -6,6 +6,7 @@ import sys
 from click.testing import CliRunner
 
 from langchain_synthia.cli import main
+from tests.conftest import DEVICE
 
 
 def test_help_is_fast_and_imports_nothing_heavy() -> None:
@@ -29,7 +30,16 @@ def test_chat_streams_answers_and_keeps_the_conversation(tiny_model: str, monkey
     )
     result = CliRunner().invoke(
         main,
-        ["chat", "--model", tiny_model, "--device", "cpu", "--max-tokens", "8", "--tree-of-thought"],
+        [
+            "chat",
+            "--model",
+            tiny_model,
+            "--device",
+            DEVICE,
+            "--max-tokens",
+            "8",
+            "--tree-of-thought",
+        ],
         input="Hello\nHow are you?\n/exit\n",
     )
     assert result.exit_code == 0, result.output
@@ -51,6 +61,6 @@ def test_demo_mode_builds_and_uses_the_tiny_checkpoint(tiny_model: str, monkeypa
 
 
 def test_bad_option_is_a_usage_error() -> None:
-    result = CliRunner().invoke(main, ["chat", "--revision", "nope", "--device", "cpu"], input="")
+    result = CliRunner().invoke(main, ["chat", "--revision", "nope", "--device", DEVICE], input="")
     assert result.exit_code == 2
     assert "Unknown branch 'nope'" in result.output

@@ -28,7 +28,9 @@ class ScriptedLM(torch.nn.Module):
         self.device = torch.device("cpu")
         self.calls = 0
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep, cache=None):
+    def forward(
+        self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep, cache=None
+    ):
         self.calls += 1
         step = 0 if cache is None else cache + 1
         token = self.script[step] if step < len(self.script) else 2
@@ -71,7 +73,9 @@ def test_a_word_that_merely_starts_like_the_stop_is_released(tokenizer) -> None:
 
 def test_length_finish_flushes_held_text(tokenizer) -> None:
     answer = " Ask the US"
-    script, _, events = run(tokenizer, answer, max_new_tokens=len(tokenizer(answer, add_special_tokens=False).input_ids))
+    _script, _, events = run(
+        tokenizer, answer, max_new_tokens=len(tokenizer(answer, add_special_tokens=False).input_ids)
+    )
     assert "".join(e.text for e in events) == "Ask the US"
     assert events[-1].finish_reason == "length"
 

@@ -8,6 +8,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_synthia import GenerationTimeoutError, SynthiaLLM, synthia_prompt_template
 from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
+from tests.conftest import DEVICE
 
 PROMPT = synthia_prompt_template().format(question="How is a rocket launched?")
 
@@ -22,7 +23,7 @@ class TokenCounter(BaseCallbackHandler):
 
 @pytest.fixture
 def llm(tiny_model: str) -> SynthiaLLM:
-    return SynthiaLLM(model=tiny_model, device="cpu", max_tokens=16, temperature=0)
+    return SynthiaLLM(model=tiny_model, device=DEVICE, max_tokens=16, temperature=0)
 
 
 def test_invoke_returns_text_and_generate_reports_usage(llm: SynthiaLLM, tiny_model: str) -> None:
@@ -32,7 +33,7 @@ def test_invoke_returns_text_and_generate_reports_usage(llm: SynthiaLLM, tiny_mo
     result = llm.generate([PROMPT])
     generation = result.generations[0][0]
     assert generation.text == text
-    prompt_tokens = len(get_engine(ModelSettings(model=tiny_model, device="cpu")).encode(PROMPT))
+    prompt_tokens = len(get_engine(ModelSettings(model=tiny_model, device=DEVICE)).encode(PROMPT))
     usage = {"input_tokens": prompt_tokens, "output_tokens": 16, "total_tokens": prompt_tokens + 16}
     assert generation.generation_info["usage_metadata"] == usage
     assert generation.generation_info["finish_reason"] == "length"
@@ -58,7 +59,9 @@ def test_chain_with_the_string_template(llm: SynthiaLLM) -> None:
     )
 
 
-def test_stop_of_several_tokens_in_invoke_stream_and_construction(llm: SynthiaLLM, tiny_model: str) -> None:
+def test_stop_of_several_tokens_in_invoke_stream_and_construction(
+    llm: SynthiaLLM, tiny_model: str
+) -> None:
     full = llm.invoke(PROMPT, max_tokens=40)
     words = full.split()
     assert len(words) > 4
@@ -66,7 +69,7 @@ def test_stop_of_several_tokens_in_invoke_stream_and_construction(llm: SynthiaLL
     expected = full[: full.index(stop)]
     assert llm.invoke(PROMPT, stop=[stop], max_tokens=40) == expected
     assert "".join(llm.stream(PROMPT, stop=[stop], max_tokens=40)) == expected
-    fixed = SynthiaLLM(model=tiny_model, device="cpu", temperature=0, max_tokens=40, stop=[stop])
+    fixed = SynthiaLLM(model=tiny_model, device=DEVICE, temperature=0, max_tokens=40, stop=[stop])
     assert fixed.invoke(PROMPT) == expected
     info = fixed.generate([PROMPT]).generations[0][0].generation_info
     assert info["finish_reason"] == "stop"
@@ -95,7 +98,9 @@ def test_batch_is_one_padded_batch_with_usage_per_prompt(llm: SynthiaLLM, monkey
     result = llm.generate(prompts)
     per_prompt = [g[0].generation_info["usage_metadata"] for g in result.generations]
     assert all(u["output_tokens"] == 16 for u in per_prompt)
-    assert result.llm_output["token_usage"]["total_tokens"] == sum(u["total_tokens"] for u in per_prompt)
+    assert result.llm_output["token_usage"]["total_tokens"] == sum(
+        u["total_tokens"] for u in per_prompt
+    )
 
 
 async def test_async_invoke_stream_and_batch(llm: SynthiaLLM) -> None:

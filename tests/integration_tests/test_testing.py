@@ -58,7 +58,22 @@ def test_tokenizer_is_mistral_7b_v0_1(tiny_model: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert len(tokenizer) == 32000
     ids = tokenizer("SYSTEM: hi\nUSER: yo\nASSISTANT:").input_ids
-    assert ids == [1, 17121, 22526, 28747, 12014, 13, 11123, 28747, 23934, 13, 4816, 8048, 12738, 28747]
+    assert ids == [
+        1,
+        17121,
+        22526,
+        28747,
+        12014,
+        13,
+        11123,
+        28747,
+        23934,
+        13,
+        4816,
+        8048,
+        12738,
+        28747,
+    ]
 
 
 def test_build_is_deterministic_and_reused(tmp_path: Path, tiny_model: str) -> None:
@@ -71,7 +86,11 @@ def test_build_is_deterministic_and_reused(tmp_path: Path, tiny_model: str) -> N
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"bits": 3}, "4 or 8-bit"), ({"group_size": 48}, "divide 128"), ({"num_layers": 0}, "at least 1")],
+    [
+        ({"bits": 3}, "4 or 8-bit"),
+        ({"group_size": 48}, "divide 128"),
+        ({"num_layers": 0}, "at least 1"),
+    ],
 )
 def test_bad_parameters(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

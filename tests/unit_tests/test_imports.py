@@ -35,8 +35,8 @@ def test_import_and_construction_load_nothing_heavy() -> None:
         "import langchain_synthia as s\n"
         "s.ChatSynthia(); s.SynthiaLLM(); s.synthia_chat_prompt()\n"
         "import langchain_synthia.testing, langchain_synthia.cli\n"
-        "heavy = [m for m in ('torch', 'transformers', 'optimum', 'gptqmodel') if m in sys.modules]\n"
-        "print(heavy)\n"
+        "heavy = ('torch', 'transformers', 'optimum', 'gptqmodel')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

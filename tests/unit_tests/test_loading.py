@@ -52,7 +52,9 @@ def test_valid_folder_passes_and_returns_gptq_settings(tmp_path: Path) -> None:
 
 
 def test_legacy_quantize_config_json_is_understood(tmp_path: Path) -> None:
-    folder = folder_with(tmp_path, {"model_type": "mistral"}, ("model.safetensors", "tokenizer.model"))
+    folder = folder_with(
+        tmp_path, {"model_type": "mistral"}, ("model.safetensors", "tokenizer.model")
+    )
     (folder / "quantize_config.json").write_text(json.dumps({"bits": 8, "group_size": -1}))
     assert validate_checkpoint(folder) == {"quant_method": "gptq", "bits": 8, "group_size": -1}
 
@@ -108,7 +110,9 @@ def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="device='cuda' was asked for, but CUDA is not available"):
+    with pytest.raises(
+        RuntimeError, match="device='cuda' was asked for, but CUDA is not available"
+    ):
         resolve_device("cuda")
     assert resolve_device("auto") == "cpu"
     assert resolve_device("cpu") == "cpu"
@@ -119,7 +123,9 @@ def test_missing_gptqmodel_names_the_install_command(monkeypatch) -> None:
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gptqmodel" else real(name, *a),
     )
     with pytest.raises(ImportError, match=r"needs gptqmodel, which is not installed.*pip install"):
         require_gptq_stack()

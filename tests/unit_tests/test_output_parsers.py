@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,7 +65,7 @@ async def test_async_streaming_matches() -> None:
 )
 def test_streamed_output_equals_parse_for_any_chunk_boundaries(text: str, cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     streamed = list(SynthiaOutputParser().transform(iter(pieces)))
     assert "".join(streamed) == card(text)
     assert all(piece for piece in streamed)

@@ -28,7 +28,11 @@ def test_defaults_are_the_cards_generation_settings(cls) -> None:
         ("timeout", 0, "greater than 0"),
         ("device", "gpu", "use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("stop", ["ok", ""], "non-empty strings"),
-        ("revision", "gptq-4bit-16g", "Unknown branch 'gptq-4bit-16g'.*gptq-4bit-32g-actorder_True"),
+        (
+            "revision",
+            "gptq-4bit-16g",
+            "Unknown branch 'gptq-4bit-16g'.*gptq-4bit-32g-actorder_True",
+        ),
         ("temprature", 0.5, "Extra inputs are not permitted"),
     ],
 )
@@ -52,7 +56,7 @@ def test_call_options_override_and_validate() -> None:
     assert chat._call_options(["x", "yz"], {})["stop"] == ["x", "yz"]
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         chat._call_options(None, {"temperature": -1})
-    with pytest.raises(TypeError, match="Unknown option 'temp'.*temperature"):
+    with pytest.raises(TypeError, match=r"Unknown option 'temp'.*temperature"):
         chat._call_options(None, {"temp": 1})
     with pytest.raises(ValueError, match="Unknown branch"):
         chat._call_options(None, {"revision": "nope"})

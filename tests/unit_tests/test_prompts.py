@@ -117,11 +117,16 @@ def test_names_do_not_break_rendering() -> None:
 def test_chat_message_roles_and_text_blocks() -> None:
     messages = [
         ChatMessage(role="system", content="s"),
-        ChatMessage(role="user", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]),
+        ChatMessage(
+            role="user", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+        ),
         ChatMessage(role="assistant", content="c"),
         HumanMessage(content=["plain ", {"type": "text", "text": "blocks"}]),
     ]
-    assert render_messages(messages) == "SYSTEM: s\nUSER: ab\nASSISTANT: c\nUSER: plain blocks\nASSISTANT:"
+    assert (
+        render_messages(messages)
+        == "SYSTEM: s\nUSER: ab\nASSISTANT: c\nUSER: plain blocks\nASSISTANT:"
+    )
 
 
 @pytest.mark.parametrize(

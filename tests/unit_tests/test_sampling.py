@@ -57,7 +57,9 @@ def test_rows_keep_their_own_settings() -> None:
 
 def test_greedy_is_argmax_after_the_penalty() -> None:
     logits = torch.tensor([[2.0, 2.1, -1.0]])
-    sampler = BatchSampler([params(temperature=0, repetition_penalty=1.5)], [[1]], 3, torch.device("cpu"))
+    sampler = BatchSampler(
+        [params(temperature=0, repetition_penalty=1.5)], [[1]], 3, torch.device("cpu")
+    )
     assert sampler.sample(logits).tolist() == [0]  # token 1 is in the prompt: 2.1 / 1.5 < 2.0
     assert sampler.sample(logits).tolist() == [1]  # both seen now: 2.0 / 1.5 < 2.1 / 1.5
 
@@ -66,7 +68,12 @@ def test_equal_seeds_draw_equal_tokens() -> None:
     logits = torch.randn(1, 1000)
     draws = []
     for _ in range(2):
-        sampler = BatchSampler([params(top_k=0, top_p=1.0, temperature=1.0, seed=123)], [[0]], 1000, torch.device("cpu"))
+        sampler = BatchSampler(
+            [params(top_k=0, top_p=1.0, temperature=1.0, seed=123)],
+            [[0]],
+            1000,
+            torch.device("cpu"),
+        )
         draws.append([sampler.sample(logits).item() for _ in range(20)])
     assert draws[0] == draws[1]
     assert len(set(draws[0])) > 1

@@ -1,3 +1,5 @@
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +59,7 @@ def test_nothing_after_the_stop() -> None:
 
 
 def test_empty_stops_are_ignored() -> None:
-    out, matcher = feed_all(["", "b"], ["abc"])
+    out, _matcher = feed_all(["", "b"], ["abc"])
     assert out == "a"
 
 
@@ -67,8 +69,10 @@ def test_empty_stops_are_ignored() -> None:
     stops=st.lists(st.text(alphabet="USER: ab\n", min_size=1, max_size=6), max_size=3),
     cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=8),
 )
-def test_any_chunking_gives_the_unchunked_answer(text: str, stops: list[str], cuts: list[int]) -> None:
+def test_any_chunking_gives_the_unchunked_answer(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     out, _ = feed_all(stops, pieces)
     assert out == reference(stops, text)
