@@ -43,7 +43,7 @@ def greedy_reference(
     import torch
 
     engine = engine_of(tiny_model)
-    ids = torch.tensor([engine.encode(prompt)])
+    ids = torch.tensor([engine.encode(prompt)], device=engine.device)
     out = engine.model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
