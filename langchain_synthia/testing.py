@@ -196,7 +196,16 @@ def _quantize(
     )
     model = GPTQModel.load(str(source), config, device="cpu", dtype=torch.float16)
     calibration = [tokenizer(text).input_ids for text in _CALIBRATION]
-    model.quantize(calibration, backend=BACKEND.GPTQ_TORCH)
+    # gptqmodel 7.6 writes per-layer logs into ./logs of the working directory: keep them in
+    # the scratch folder instead of littering the caller's project
+    from gptqmodel.looper import loop_processor
+
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    loop_processor._PROJECT_LOG_DIR = target.parent / "logs"
+    try:
+        model.quantize(calibration, backend=BACKEND.GPTQ_TORCH)
+    finally:
+        loop_processor._PROJECT_LOG_DIR = saved
     model.save(str(target))
 
 

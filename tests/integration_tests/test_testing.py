@@ -76,8 +76,12 @@ def test_tokenizer_is_mistral_7b_v0_1(tiny_model: str) -> None:
     ]
 
 
-def test_build_is_deterministic_and_reused(tmp_path: Path, tiny_model: str) -> None:
+def test_build_is_deterministic_reused_and_tidy(
+    tmp_path: Path, tiny_model: str, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     again = make_tiny_checkpoint(tmp_path / "again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # nothing left in the cwd
     assert checkpoint_digest(again) == checkpoint_digest(tiny_model)
     started = time.monotonic()
     assert make_tiny_checkpoint(tmp_path / "again") == tmp_path / "again"
