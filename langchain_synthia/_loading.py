@@ -147,10 +147,16 @@ def download(
             allow_patterns=_CHECKPOINT_FILES,
         )
     except LocalEntryNotFoundError as error:
+        from huggingface_hub import constants
+
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            why = "downloading is off (HF_HUB_OFFLINE=1 or local_files_only=True)"
+        else:
+            why = f"the Hub could not be reached ({error.__cause__ or error})"
         msg = (
             f"{repo_id} (revision {revision!r}) is not in the local Hugging Face cache and "
-            "downloading is off (HF_HUB_OFFLINE=1 or local_files_only=True). Download it once "
-            "with network access, or point model= at a local checkpoint folder."
+            f"{why}. Download it once with network access (synthia chat does), or point "
+            "model= at a local checkpoint folder."
         )
         raise FileNotFoundError(msg) from error
     return Path(path)
@@ -250,4 +256,5 @@ def _load(settings: ModelSettings) -> Engine:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False
         )
+        tokenizer.model_max_length = 1 << 62  # the engine checks the context window itself
     return Engine(model, tokenizer, name=settings.model)

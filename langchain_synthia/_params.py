@@ -8,10 +8,18 @@ import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Annotated, Any
 
 from langchain_core.messages import UsageMetadata
-from pydantic import BaseModel, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import Self
 
 from langchain_synthia._engine import Engine, GenerationRequest, TokenEvent
@@ -84,13 +92,10 @@ class SynthiaParams(BaseModel):
             raise ValueError(msg)
         return device
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _check_stop(cls, stop: list[str] | None) -> list[str] | None:
-        if stop is not None and not all(stop):
-            msg = "stop sequences must be non-empty strings."
-            raise ValueError(msg)
-        return stop
+    def _check_stop(cls, stop: Any) -> Any:
+        return _stop_list(stop)
 
     @model_validator(mode="after")
     def _check_revision(self) -> Self:
@@ -109,8 +114,9 @@ class SynthiaParams(BaseModel):
     # -- turning a call into engine requests ------------------------------------------------
 
     def _settings(self, model: str, revision: str) -> ModelSettings:
+        folder = Path(model).expanduser()
         return ModelSettings(
-            model=model,
+            model=str(folder.resolve()) if folder.is_dir() else model,
             revision=revision,
             device=self.device,
             kernel=self.kernel,
@@ -139,10 +145,14 @@ class SynthiaParams(BaseModel):
                     f"{', '.join(_CALL_OPTIONS)}, stop."
                 )
                 raise TypeError(msg)
-            options[name] = _validator(type(self), name).validate_python(value)
+            try:
+                options[name] = _validator(type(self), name).validate_python(value)
+            except ValidationError as error:
+                reason = error.errors()[0]["msg"]
+                msg = f"{name}={value!r} is out of range for {type(self).__name__}: {reason}."
+                raise ValueError(msg) from None
         check_revision(options["model"], options["revision"])
-        stops = list(self.stop or []) if stop is None else list(stop)
-        options["stop"] = _validator(type(self), "stop").validate_python(stops)
+        options["stop"] = list(self.stop or []) if stop is None else _stop_list(stop)
         return options
 
     def _request(self, prompt: str, options: dict) -> GenerationRequest:
@@ -181,6 +191,17 @@ class SynthiaParams(BaseModel):
             **{name: getattr(self, name) for name in _CALL_OPTIONS[2:]},
             "stop": self.stop,
         }
+
+
+def _stop_list(stop: Any) -> list[str] | None:
+    """Stop sequences as a list; a single string is one stop (not one stop per character)."""
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        msg = f"stop sequences must be non-empty strings, got {stop!r}."
+        raise ValueError(msg)
+    return stops
 
 
 @cache

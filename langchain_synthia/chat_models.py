@@ -134,6 +134,16 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(ls_model_type="chat", **self._ls_options(stop, kwargs))
 
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence | None = None
+    ) -> int:
+        """Tokens of the prompt these messages render to (what the model reads; loads it)."""
+        if tools:
+            msg = "ChatSynthia does not support tools yet; count messages without them."
+            raise ValueError(msg)
+        prompt = render_messages(messages, self.system_message)
+        return len(self._engine_for(self.model, self.revision).encode(prompt))
+
     # -- one generation path: every method below goes through _prepare + the engine stream ---
 
     def _prepare(

@@ -69,12 +69,18 @@ def chat(
             seed=seed,
         )
         prompt = synthia_chat_prompt(system_message, tree_of_thought=tree_of_thought)
-    except (ValidationError, ValueError) as error:
-        raise click.UsageError(str(error)) from error
+    except ValidationError as error:
+        reasons = "; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise click.UsageError(reasons.replace("_", "-")) from None
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
     chain = prompt | chat_model | SynthiaOutputParser()
     history: list = []
     click.echo("Loading the model... (type /exit or press Ctrl-D to leave)", err=True)
-    chat_model.load()
+    try:
+        chat_model.load()
+    except (ImportError, OSError, RuntimeError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
     while True:
         try:
             question = click.prompt("You", prompt_suffix=": ")

@@ -94,7 +94,7 @@ def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> s
             merged[-1] = Turn(turn.role, f"{merged[-1].text}\n{turn.text}")
         else:
             merged.append(turn)
-    lines = [] if system_message is None else [f"SYSTEM: {system_message}"]
+    lines = [] if system_message is None else [f"SYSTEM: {system_message}".rstrip(" ")]
     for turn in merged:
         text = turn.text.strip() if turn.role == "assistant" else turn.text
         lines.append(f"{_ROLE_LABELS[turn.role]} {text}" if text else _ROLE_LABELS[turn.role])
@@ -151,9 +151,14 @@ def _role_of(message: BaseMessage) -> Role | Literal["system"]:
     msg = (
         f"ChatSynthia cannot render a {kind!r} message: Synthia's format has only SYSTEM, USER "
         "and ASSISTANT turns. Use SystemMessage, HumanMessage or AIMessage"
-        + (" (tool calling is not supported yet)." if message.type in ("tool", "function") else ".")
+        + (" (tool calling is not supported yet)." if _is_tool(message) else ".")
     )
     raise ValueError(msg)
+
+
+def _is_tool(message: BaseMessage) -> bool:
+    role = message.role if isinstance(message, ChatMessage) else message.type
+    return role in ("tool", "function")
 
 
 def _text_of(message: BaseMessage) -> str:
@@ -174,13 +179,11 @@ def _text_of(message: BaseMessage) -> str:
     return "".join(parts)
 
 
-def _system_text(system_message: str | None, *, tree_of_thought: bool) -> str:
+def _chosen_system(system_message: str | None, *, tree_of_thought: bool) -> str | None:
     if tree_of_thought and system_message is not None:
         msg = "Pass either system_message or tree_of_thought=True, not both."
         raise ValueError(msg)
-    if tree_of_thought:
-        return TREE_OF_THOUGHT_SYSTEM_MESSAGE
-    return DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+    return TREE_OF_THOUGHT_SYSTEM_MESSAGE if tree_of_thought else system_message
 
 
 def synthia_chat_prompt(
@@ -193,9 +196,10 @@ def synthia_chat_prompt(
     """A chat prompt for `ChatSynthia`: a system message, optional history, the user's question.
 
     Args:
-        system_message: The system message (literal text, braces are not template fields).
-            Defaults to `DEFAULT_SYSTEM_MESSAGE`.
-        tree_of_thought: Use the card's `TREE_OF_THOUGHT_SYSTEM_MESSAGE` instead.
+        system_message: A system message (literal text, braces are not template fields).
+            Without one, the template has no system message and `ChatSynthia` adds its own
+            (its ``system_message`` field: `DEFAULT_SYSTEM_MESSAGE` unless set).
+        tree_of_thought: Use the card's `TREE_OF_THOUGHT_SYSTEM_MESSAGE`.
         input_variable: The name of the variable that holds the user's message.
         history_variable: The name of an optional list of earlier messages placed between the
             system message and the question; ``None`` for no history slot.
@@ -206,8 +210,8 @@ def synthia_chat_prompt(
         chain.invoke({"question": "How is a rocket launched to Low Earth Orbit?"})
         ```
     """
-    system = _system_text(system_message, tree_of_thought=tree_of_thought)
-    parts: list = [SystemMessage(content=system)]
+    system = _chosen_system(system_message, tree_of_thought=tree_of_thought)
+    parts: list = [] if system is None else [SystemMessage(content=system)]
     if history_variable is not None:
         parts.append(MessagesPlaceholder(history_variable, optional=True))
     parts.append(("human", f"{{{input_variable}}}"))
@@ -225,7 +229,9 @@ def synthia_prompt_template(
     ``synthia_prompt_template().format(question="Hi")`` is
     ``"SYSTEM: You are Synthia. ...\\nUSER: Hi\\nASSISTANT:"``.
     """
-    system = _system_text(system_message, tree_of_thought=tree_of_thought)
+    system = _chosen_system(system_message, tree_of_thought=tree_of_thought)
+    if system is None:
+        system = DEFAULT_SYSTEM_MESSAGE
     placeholder = "\x00"  # cannot occur in the system text, so it marks the one template field
     text = render_prompt([Turn("user", placeholder)], system)
     escaped = (

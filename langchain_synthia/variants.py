@@ -31,8 +31,7 @@ VARIANTS: dict[str, SynthiaVariant] = {
     for v in (
         SynthiaVariant(
             "main", 4, 128, True, 0.1, 4.16,
-            "4-bit, group size 128, act order: the default; least memory of the 4-bit branches "
-            "after 64g/32g.",
+            "4-bit, group size 128, act order: the default, and the smallest branch.",
         ),
         SynthiaVariant(
             "gptq-4bit-64g-actorder_True", 4, 64, True, 0.1, 4.29,

@@ -41,6 +41,10 @@ def test_bad_construction_is_rejected_with_the_reason(cls, field, value, match) 
         cls(**{field: value})
 
 
+def test_a_single_stop_string_is_one_stop() -> None:
+    assert ChatSynthia(stop="END").stop == ["END"]
+
+
 def test_revision_accepts_a_commit_hash_and_other_repos_any_branch() -> None:
     ChatSynthia(revision="0123456789abcdef0123456789abcdef01234567")
     ChatSynthia(model="someone/other-gptq", revision="experimental")
@@ -54,8 +58,11 @@ def test_call_options_override_and_validate() -> None:
     assert options["top_k"] == 40
     assert options["stop"] == ["END"]
     assert chat._call_options(["x", "yz"], {})["stop"] == ["x", "yz"]
-    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+    with pytest.raises(ValueError, match=r"temperature=-1 is out of range.*greater than or equal"):
         chat._call_options(None, {"temperature": -1})
+    assert chat._call_options("Observation:", {})["stop"] == ["Observation:"]
+    with pytest.raises(ValueError, match="non-empty strings"):
+        chat._call_options(["ok", ""], {})
     with pytest.raises(TypeError, match=r"Unknown option 'temp'.*temperature"):
         chat._call_options(None, {"temp": 1})
     with pytest.raises(ValueError, match="Unknown branch"):

@@ -54,6 +54,7 @@ def test_multi_turn_follows_the_cards_conversation_loop() -> None:
 
 def test_no_system_line_when_system_is_none() -> None:
     assert render_prompt([Turn("user", "hi")]) == "USER: hi\nASSISTANT:"
+    assert render_prompt([Turn("user", "hi")], "") == "SYSTEM:\nUSER: hi\nASSISTANT:"
 
 
 def test_last_assistant_turn_is_continued_not_closed() -> None:
@@ -168,6 +169,12 @@ def test_chat_prompt_factory_with_tree_of_thought_and_history() -> None:
     assert render_messages(messages) == (
         f"SYSTEM: {CARD_TOT}\nUSER: Q1\nASSISTANT: A1\nUSER: Q2\nASSISTANT:"
     )
+
+
+def test_chat_prompt_without_system_leaves_it_to_the_model() -> None:
+    messages = synthia_chat_prompt().invoke({"question": "q"}).to_messages()
+    assert [m.type for m in messages] == ["human"]
+    assert render_messages(messages) == f"SYSTEM: {CARD_SYSTEM}\nUSER: q\nASSISTANT:"
 
 
 def test_chat_prompt_system_text_is_literal_not_a_template() -> None:
