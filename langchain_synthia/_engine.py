@@ -210,24 +210,23 @@ class _Row:
         )
 
 
-class Engine:
-    """A loaded model and tokenizer, and the decode loop that serves requests on them.
+class BaseEngine:
+    """What every engine shares: tokenizing, validating and streaming requests.
 
-    Thread-safe: requests may be submitted from any thread; model forwards are serialised.
+    Subclasses decide how rows are decoded (`_start`). Thread-safe: requests may be submitted
+    from any thread.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
-        """Wrap a loaded causal LM; `langchain_synthia._loading.get_engine` builds engines."""
-        self.model = model
+    kind = "base"
+
+    def __init__(self, tokenizer: Any, *, name: str, device: Any, max_len: int) -> None:
+        """Serve `tokenizer`'s model under `name` on `device`, prompts + answers <= `max_len`."""
         self.tokenizer = tokenizer
         self.name = name
-        self.device = model.device
-        self._forward_lock = threading.Lock()
+        self.device = device
+        self.max_len = max_len
         self._eos_id = tokenizer.eos_token_id
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # transformers renamed `past_key_values` to `cache` during 5.x; speak whichever it knows
-        forward = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, with the one BOS token the model expects."""
@@ -244,26 +243,47 @@ class Engine:
         return [row.stream for row in rows]
 
     def _start(self, rows: list["_Row"]) -> None:
+        raise NotImplementedError
+
+    def _row(self, request: GenerationRequest) -> _Row:
+        ids = self.encode(request.prompt)
+        window = min(request.context_window, self.max_len)
+        room = window - len(ids)
+        if room <= 0:
+            msg = (
+                f"The prompt is {len(ids)} tokens but Synthia's context window is "
+                f"{window} tokens. Shorten the prompt or the conversation history "
+                "(nothing is truncated for you)."
+            )
+            raise ValueError(msg)
+        budget = min(request.max_new_tokens, room)
+        return _Row(TokenStream(request, len(ids)), ids, budget, self.tokenizer)
+
+
+class Engine(BaseEngine):
+    """transformers' own model (any device, any gptqmodel kernel) and a padded decode loop.
+
+    Each submitted batch decodes in a worker thread of its own; model forwards are serialised.
+    """
+
+    kind = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, max_len: int = 1 << 30) -> None:
+        """Wrap a loaded causal LM; `langchain_synthia._loading.get_engine` builds engines."""
+        super().__init__(tokenizer, name=name, device=model.device, max_len=max_len)
+        self.model = model
+        self._forward_lock = threading.Lock()
+        # transformers renamed `past_key_values` to `cache` during 5.x; speak whichever it knows
+        forward = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+
+    def _start(self, rows: list["_Row"]) -> None:
         worker = threading.Thread(
             target=self._run, args=(rows,), name="synthia-decode", daemon=True
         )
         with _workers_lock:
             _workers[worker] = rows
         worker.start()
-
-    def _row(self, request: GenerationRequest) -> _Row:
-        ids = self.encode(request.prompt)
-        room = request.context_window - len(ids)
-        if room <= 0:
-            msg = (
-                f"The prompt is {len(ids)} tokens but Synthia's context window is "
-                f"{request.context_window} tokens. Shorten the prompt or the conversation history "
-                "(nothing is truncated for you)."
-            )
-            raise ValueError(msg)
-        return _Row(
-            TokenStream(request, len(ids)), ids, min(request.max_new_tokens, room), self.tokenizer
-        )
 
     def _run(self, rows: list[_Row]) -> None:
         try:
@@ -355,11 +375,11 @@ class BatchGroup:
         """Expect `expected` requests at once (a batch's size, or its ``max_concurrency``)."""
         self._expected = expected
         self._window = window
-        self._pending: list[tuple[Engine, GenerationRequest, _Slot]] = []
+        self._pending: list[tuple[BaseEngine, GenerationRequest, _Slot]] = []
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
-    def join(self, engine: Engine, request: GenerationRequest) -> "_Slot":
+    def join(self, engine: BaseEngine, request: GenerationRequest) -> "_Slot":
         slot = _Slot()
         with self._lock:
             self._pending.append((engine, request, slot))
@@ -406,9 +426,9 @@ class _Slot:
         return self.wait()
 
 
-def _launch(batch: list[tuple[Engine, GenerationRequest, _Slot]]) -> None:
+def _launch(batch: list[tuple[BaseEngine, GenerationRequest, _Slot]]) -> None:
     """Start one padded batch per engine; a prompt that fails validation fails alone."""
-    by_engine: dict[int, list[tuple[Engine, GenerationRequest, _Slot]]] = {}
+    by_engine: dict[int, list[tuple[BaseEngine, GenerationRequest, _Slot]]] = {}
     for entry in batch:
         by_engine.setdefault(id(entry[0]), []).append(entry)
     for entries in by_engine.values():
@@ -442,7 +462,7 @@ def batch_group(expected: int) -> Iterator[BatchGroup]:
         _ACTIVE_GROUP.reset(token)
 
 
-def open_stream(engine: Engine, request: GenerationRequest) -> TokenStream:
+def open_stream(engine: BaseEngine, request: GenerationRequest) -> TokenStream:
     """Start one request (through the active batch group, if any) and return its stream."""
     group = _ACTIVE_GROUP.get()
     if group is None:
@@ -450,7 +470,7 @@ def open_stream(engine: Engine, request: GenerationRequest) -> TokenStream:
     return group.join(engine, request).wait()
 
 
-async def aopen_stream(engine: Engine, request: GenerationRequest) -> TokenStream:
+async def aopen_stream(engine: BaseEngine, request: GenerationRequest) -> TokenStream:
     """`open_stream` for async callers: waiting for the batch never blocks the event loop."""
     group = _ACTIVE_GROUP.get()
     if group is None:

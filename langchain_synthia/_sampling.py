@@ -37,69 +37,93 @@ class BatchSampler:
     ) -> None:
         import torch
 
+        rows = len(params)
+        self._device = device
         self._params = list(params)
-        rows = len(self._params)
-        self._temperature = torch.tensor([p.temperature for p in params], device=device)
-        self._top_p = torch.tensor([p.top_p for p in params], device=device)
-        self._top_k = torch.tensor([p.top_k for p in params], device=device)
-        self._penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
-        self._use_penalty = any(p.repetition_penalty != 1.0 for p in params)
-        self._greedy = all(p.temperature == 0 for p in params)
+        self._temperature = torch.zeros(rows, device=device)
+        self._top_p = torch.ones(rows, device=device)
+        self._top_k = torch.zeros(rows, dtype=torch.long, device=device)
+        self._penalty = torch.ones(rows, device=device)
         self._seen = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
-        for row, ids in enumerate(prompts):
-            self._seen[row, torch.tensor(list(ids), dtype=torch.long, device=device)] = True
-        self._generators = []
-        for p in params:
-            generator = torch.Generator(device=device)
-            if p.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(p.seed)
-            self._generators.append(generator)
+        self._generators: list[torch.Generator] = [torch.Generator(device=device)] * rows
+        for row, (p, ids) in enumerate(zip(params, prompts, strict=True)):
+            self.assign(row, p, ids)
 
-    def sample(self, logits: "torch.Tensor") -> "torch.Tensor":
-        """Choose the next token of every row from its last-position `logits` ``[rows, vocab]``."""
+    def assign(self, row: int, params: SamplingParams, prompt: Sequence[int]) -> None:
+        """Give `row` a new request: its settings, its seed, the tokens of its prompt."""
         import torch
 
-        scores = self.penalise(logits.float())
+        self._params[row] = params
+        self._temperature[row] = params.temperature
+        self._top_p[row] = params.top_p
+        self._top_k[row] = params.top_k
+        self._penalty[row] = params.repetition_penalty
+        self._seen[row] = False
+        if prompt:
+            self._seen[row, torch.tensor(list(prompt), dtype=torch.long, device=self._device)] = (
+                True
+            )
+        generator = torch.Generator(device=self._device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        self._generators[row] = generator
+
+    def sample(self, logits: "torch.Tensor", row: int | None = None) -> "torch.Tensor":
+        """Choose the next token from last-position `logits`.
+
+        `logits` ``[rows, vocab]`` belong to the first ``rows`` rows; with `row`, `logits` is
+        ``[1, vocab]`` and belongs to that one row.
+        """
+        import torch
+
+        rows = range(logits.shape[0]) if row is None else range(row, row + 1)
+        scores = self.penalise(logits.float(), rows)
         chosen = scores.argmax(dim=-1)
-        if not self._greedy:
-            probs = self.warp(scores).softmax(dim=-1)
+        if any(self._params[r].temperature > 0 for r in rows):
+            probs = self.warp(scores, rows).softmax(dim=-1)
             sampled = torch.cat(
                 [
-                    torch.multinomial(probs[row], 1, generator=self._generators[row])
-                    for row in range(len(self._params))
+                    torch.multinomial(probs[i], 1, generator=self._generators[r])
+                    if self._params[r].temperature > 0
+                    else chosen[i : i + 1]
+                    for i, r in enumerate(rows)
                 ]
             )
-            chosen = torch.where(self._temperature == 0, chosen, sampled)
-        self._seen[torch.arange(len(chosen), device=chosen.device), chosen] = True
+            chosen = torch.where(self._temperature[rows.start : rows.stop] == 0, chosen, sampled)
+        self._seen[torch.arange(rows.start, rows.stop, device=chosen.device), chosen] = True
         return chosen
 
-    def penalise(self, scores: "torch.Tensor") -> "torch.Tensor":
+    def penalise(self, scores: "torch.Tensor", rows: range | None = None) -> "torch.Tensor":
         """Apply each row's repetition penalty to the tokens it has seen."""
-        if not self._use_penalty:
+        rows = rows or range(scores.shape[0])
+        if all(self._params[r].repetition_penalty == 1.0 for r in rows):
             return scores
         import torch
 
-        penalty = self._penalty[:, None]
+        penalty = self._penalty[rows.start : rows.stop, None]
         penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-        return torch.where(self._seen, penalised, scores)
+        return torch.where(self._seen[rows.start : rows.stop], penalised, scores)
 
-    def warp(self, scores: "torch.Tensor") -> "torch.Tensor":
+    def warp(self, scores: "torch.Tensor", rows: range | None = None) -> "torch.Tensor":
         """Temperature, then top-k, then top-p: tokens outside get ``-inf``."""
         import torch
 
-        temperature = torch.where(self._temperature == 0, 1.0, self._temperature)
+        rows = rows or range(scores.shape[0])
+        part = slice(rows.start, rows.stop)
+        temperature = torch.where(self._temperature[part] == 0, 1.0, self._temperature[part])
         scores = scores / temperature[:, None]
         vocab = scores.shape[-1]
         ordered, order = scores.sort(dim=-1, descending=False)
         # top-k: keep the k highest scores (ties with the k-th kept, as transformers does)
-        k = torch.where(self._top_k > 0, self._top_k.clamp(max=vocab), vocab)
+        top_k = self._top_k[part]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
         kth = ordered.gather(-1, (vocab - k)[:, None])
         ordered = ordered.masked_fill(ordered < kth, -float("inf"))
         # top-p on the ascending order, transformers' formulation (always keeps the best token)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - self._top_p)[:, None]
+        remove = cumulative <= (1 - self._top_p[part])[:, None]
         remove[:, -1] = False
         ordered = ordered.masked_fill(remove, -float("inf"))
         return torch.empty_like(scores).scatter_(-1, order, ordered)
