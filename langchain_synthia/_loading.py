@@ -10,6 +10,7 @@ on Hopper cards, and nothing may download at load time. Safetensors only; remote
 import importlib.util
 import json
 import logging
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_synthia._console import quiet_output
-from langchain_synthia._engine import Engine
+from langchain_synthia._engine import BaseEngine, Engine
 from langchain_synthia.variants import DEFAULT_BRANCH, check_revision
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,20 @@ class ModelSettings:
     kernel: str | None = None
     cache_dir: str | None = None
     local_files_only: bool = False
+    engine: str = "auto"
+    """``"fast"`` (our CUDA engine), ``"transformers"``, or ``"auto"`` (fast on CUDA)."""
+    max_batch_size: int = 0
+    """Fast engine: cache rows, i.e. requests decoded at once (0 for the transformers engine)."""
+    context_window: int = 0
+    """Fast engine: tokens per cache row (0 for the transformers engine)."""
 
 
-_engines: dict[ModelSettings, Engine] = {}
+_engines: dict[ModelSettings, BaseEngine] = {}
 _engine_locks: dict[ModelSettings, threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
-def get_engine(settings: ModelSettings) -> Engine:
+def get_engine(settings: ModelSettings) -> BaseEngine:
     """Return the process-wide engine for `settings`, loading it on first use (once)."""
     with _registry_lock:
         engine = _engines.get(settings)
@@ -228,11 +235,22 @@ def require_gptq_stack() -> None:
         raise ImportError(msg)
 
 
-def _load(settings: ModelSettings) -> Engine:
+def resolve_engine(engine: str, device: str) -> str:
+    """``"auto"`` is the fast engine on CUDA (when Triton is there) and transformers elsewhere."""
+    if engine != "auto":
+        return engine
+    if device.startswith("cuda") and importlib.util.find_spec("triton") is not None:
+        return "fast"
+    return "transformers"
+
+
+def _load(settings: ModelSettings) -> BaseEngine:
     folder = resolve_checkpoint(settings)
     quant = validate_checkpoint(folder)
-    require_gptq_stack()
     device = resolve_device(settings.device)
+    if resolve_engine(settings.engine, device) == "fast":
+        return _load_fast(settings, folder, device)
+    require_gptq_stack()
     kernel = choose_kernel(device, int(quant.get("bits", 4)), settings.kernel)
     logger.info("Loading %s on %s with the %s kernel", folder, device, kernel)
 
@@ -241,7 +259,7 @@ def _load(settings: ModelSettings) -> Engine:
         # GPTQConfig are used, the checkpoint's own settings for the rest: that is the intent
         warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+        from transformers import AutoModelForCausalLM, GPTQConfig
 
         model = AutoModelForCausalLM.from_pretrained(
             folder,
@@ -253,8 +271,54 @@ def _load(settings: ModelSettings) -> Engine:
             local_files_only=True,
         )
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False
-        )
-        tokenizer.model_max_length = 1 << 62  # the engine checks the context window itself
+        tokenizer = _tokenizer(folder)
     return Engine(model, tokenizer, name=settings.model)
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False
+    )
+    tokenizer.model_max_length = 1 << 62  # the engines check the context window themselves
+    return tokenizer
+
+
+def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str) -> Any:
+    from langchain_synthia._fast_model import FastMistral
+
+    if kernel == "gptq_marlin":
+        print(
+            "langchain-synthia: loading with gptqmodel's Marlin kernel (the first use on a "
+            "machine builds it with nvcc, about 3 minutes; later loads use the cached build)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return FastMistral(
+        folder, target, max_batch=settings.max_batch_size or 8,
+        max_len=settings.context_window or 4096, kernel=kernel,
+    )  # fmt: skip
+
+
+def _load_fast(settings: ModelSettings, folder: Path, device: str) -> BaseEngine:
+    import torch
+
+    from langchain_synthia._fast_engine import FastEngine
+
+    logger.info("Loading %s on %s with the fast engine", folder, device)
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    kernel = settings.kernel
+    if kernel is None:  # measured faster on Hopper (docs/benchmarks.md); Triton is the fallback
+        marlin = target.type == "cuda" and importlib.util.find_spec("gptqmodel") is not None
+        kernel = "gptq_marlin" if marlin else "triton"
+    try:
+        model = _fast_model(settings, folder, target, kernel)
+    except Exception as error:
+        if settings.kernel is not None or kernel == "triton":
+            raise
+        logger.warning("gptqmodel's Marlin kernel is unavailable (%s): using Triton kernels", error)
+        model = _fast_model(settings, folder, target, "triton")
+    return FastEngine(model, _tokenizer(folder), name=settings.model, graphs=target.type == "cuda")

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from langchain_core.messages import UsageMetadata
 from pydantic import (
@@ -22,7 +22,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from langchain_synthia._engine import Engine, GenerationRequest, TokenEvent
+from langchain_synthia._engine import BaseEngine, GenerationRequest, TokenEvent
 from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
 from langchain_synthia._sampling import SamplingParams
 from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, check_revision
@@ -57,13 +57,21 @@ class SynthiaParams(BaseModel):
     device: str = "auto"
     """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
     kernel: str | None = None
-    """gptqmodel kernel backend; ``None`` picks per device (``KERNELS_BY_DEVICE``)."""
+    """GPTQ kernel. Fast engine: ``"triton"`` (ours, the default) or ``"gptq_marlin"``;
+    transformers engine: a gptqmodel backend, ``None`` picks per device (``KERNELS_BY_DEVICE``)."""
     cache_dir: str | None = None
     """Hugging Face cache folder; ``None`` uses ``HF_HOME``/``HF_HUB_CACHE`` or the default."""
     local_files_only: bool = False
     """Never download (as ``HF_HUB_OFFLINE=1`` does)."""
     context_window: int = Field(default=4096, ge=16)
     """Tokens of prompt plus answer; a longer prompt is an error, never truncated."""
+    engine: Literal["auto", "fast", "transformers"] = "auto"
+    """``"fast"``: langchain-synthia's CUDA engine (static KV cache, CUDA graphs, Triton GPTQ
+    kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);
+    ``"auto"``: fast on CUDA, transformers elsewhere."""
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    """Fast engine: requests decoded together at most (each holds a KV-cache row of
+    ``context_window`` tokens: 512 MiB at 4096 tokens)."""
 
     temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     """Sampling temperature; 0 is greedy decoding."""
@@ -115,6 +123,12 @@ class SynthiaParams(BaseModel):
 
     def _settings(self, model: str, revision: str) -> ModelSettings:
         folder = Path(model).expanduser()
+        engine = self.engine
+        if engine == "auto":
+            from langchain_synthia._loading import resolve_device, resolve_engine
+
+            engine = resolve_engine("auto", resolve_device(self.device))
+        fast = engine == "fast"
         return ModelSettings(
             model=str(folder.resolve()) if folder.is_dir() else model,
             revision=revision,
@@ -122,12 +136,15 @@ class SynthiaParams(BaseModel):
             kernel=self.kernel,
             cache_dir=self.cache_dir,
             local_files_only=self.local_files_only,
+            engine=engine,
+            max_batch_size=self.max_batch_size if fast else 0,
+            context_window=self.context_window if fast else 0,
         )
 
-    def _engine_for(self, model: str, revision: str) -> Engine:
+    def _engine_for(self, model: str, revision: str) -> BaseEngine:
         return get_engine(self._settings(model, revision))
 
-    async def _aengine_for(self, model: str, revision: str) -> Engine:
+    async def _aengine_for(self, model: str, revision: str) -> BaseEngine:
         settings = self._settings(model, revision)
         if settings in loaded_engines():
             return get_engine(settings)
@@ -221,7 +238,7 @@ def usage_of(event: TokenEvent) -> UsageMetadata:
     )
 
 
-def finish_info(event: TokenEvent, engine: Engine) -> dict[str, Any]:
+def finish_info(event: TokenEvent, engine: BaseEngine) -> dict[str, Any]:
     """Response metadata of a finished generation: model name, finish reason, provider."""
     return {
         "model_name": engine.name,

@@ -12,7 +12,13 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict
 
-from langchain_synthia._engine import Engine, TokenEvent, aopen_stream, batch_group, open_stream
+from langchain_synthia._engine import (
+    BaseEngine,
+    TokenEvent,
+    aopen_stream,
+    batch_group,
+    open_stream,
+)
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, render_messages
 
@@ -152,7 +158,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         options = self._call_options(stop, kwargs)
         return options, render_messages(messages, self.system_message)
 
-    def _chunk(self, event: TokenEvent, engine: Engine) -> ChatGenerationChunk:
+    def _chunk(self, event: TokenEvent, engine: BaseEngine) -> ChatGenerationChunk:
         if event.finish_reason is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
         info = finish_info(event, engine)

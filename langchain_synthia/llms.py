@@ -8,7 +8,7 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from langchain_synthia._engine import Engine, TokenEvent
+from langchain_synthia._engine import BaseEngine, TokenEvent
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 
 
@@ -84,7 +84,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(ls_model_type="llm", **self._ls_options(stop, kwargs))
 
-    def _chunk(self, event: TokenEvent, engine: Engine) -> GenerationChunk:
+    def _chunk(self, event: TokenEvent, engine: BaseEngine) -> GenerationChunk:
         if event.finish_reason is None:
             return GenerationChunk(text=event.text)
         info = {**finish_info(event, engine), "usage_metadata": usage_of(event)}
@@ -92,14 +92,14 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     def _start(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[Engine, list]:
+    ) -> tuple[BaseEngine, list]:
         options = self._call_options(stop, kwargs)
         engine = self._engine_for(options["model"], options["revision"])
         return engine, engine.submit([self._request(prompt, options) for prompt in prompts])
 
     async def _astart(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[Engine, list]:
+    ) -> tuple[BaseEngine, list]:
         options = self._call_options(stop, kwargs)
         engine = await self._aengine_for(options["model"], options["revision"])
         return engine, engine.submit([self._request(prompt, options) for prompt in prompts])
@@ -183,7 +183,7 @@ def _joined(chunks: list[GenerationChunk]) -> GenerationChunk:
     return total
 
 
-def _llm_result(results: list[GenerationChunk], engine: Engine) -> LLMResult:
+def _llm_result(results: list[GenerationChunk], engine: BaseEngine) -> LLMResult:
     usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
     for result in results:
         for key in usage:

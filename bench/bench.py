@@ -1,0 +1,426 @@
+"""GPU benchmark: langchain-synthia's fast engine against transformers + gptqmodel, same run.
+
+Builds a Mistral-7B-shaped GPTQ checkpoint of random quantised tensors in TheBloke's layout for
+a branch (no download: kernel speed does not depend on the values), measures the card's copy
+bandwidth, the baseline (transformers ``generate()`` with a gptqmodel kernel) and ours through
+``ChatSynthia.stream()`` / ``.batch()`` / ``.astream()``, checks agreement, and prints a table.
+
+    python bench/bench.py --tokenizer-from PATH [--branches main ...] [--out DIR]
+
+``--tokenizer-from`` is any folder with Synthia's tokenizer files (the tiny checkpoint of
+``langchain_synthia.testing.make_tiny_checkpoint`` has them). Rows go to
+``<out>/<date>-<card>.json``: card, path, branch, batch, prompt_tokens, new_tokens, decode_tok_s,
+ttft_ms, total_tok_s, limit_tok_s, peak_gpu_mem_gib.
+"""
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from langchain_synthia import VARIANTS, ChatSynthia
+from langchain_synthia._gptq import pack_rows
+from langchain_synthia._loading import get_engine
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 32, 8, 32000
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")  # fmt: skip
+
+
+# -- the checkpoint -----------------------------------------------------------------------------
+
+
+def _gptq_tensors(k: int, n: int, bits: int, group: int, perm: torch.Tensor, gen) -> dict:
+    pack = 32 // bits
+    size = k if group == -1 else group
+    groups = k // size
+    codes = torch.randint(0, 1 << bits, (k, n), dtype=torch.uint8, device="cuda", generator=gen)
+    zeros = torch.full((groups, n // pack, pack), (1 << (bits - 1)) - 1, dtype=torch.int32,
+                       device="cuda")  # fmt: skip
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device="cuda")
+    g_idx = torch.argsort(perm) // size if group != -1 else torch.zeros(k, dtype=torch.long)
+    scale = 2.0 / ((1 << bits) * k**0.5)  # keeps activations near unit size
+    return {
+        "qweight": pack_rows(codes, bits).cpu(),
+        "qzeros": (zeros << shifts).sum(-1, dtype=torch.int32).cpu(),
+        "scales": (torch.rand((groups, n), device="cuda", generator=gen) * scale + scale / 2)
+        .half()
+        .cpu(),
+        "g_idx": g_idx.to(torch.int32).cpu(),
+    }
+
+
+def build_checkpoint(folder: Path, branch: str, tokenizer_from: Path) -> Path:
+    """A random GPTQ Mistral-7B in TheBloke's layout for `branch` (cached in `folder`)."""
+    variant = VARIANTS[branch]
+    group = variant.group_size or -1
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": (torch.randn(VOCAB, HIDDEN) * 0.02).half(),
+        "model.norm.weight": torch.ones(HIDDEN).half(),
+        "lm_head.weight": (torch.randn(VOCAB, HIDDEN) * 0.02).half(),
+    }
+    shapes = {
+        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, 1024),
+        "self_attn.v_proj": (HIDDEN, 1024), "self_attn.o_proj": (HIDDEN, HIDDEN),
+        "mlp.gate_proj": (HIDDEN, INTER), "mlp.up_proj": (HIDDEN, INTER),
+        "mlp.down_proj": (INTER, HIDDEN),
+    }  # fmt: skip
+    for layer in range(LAYERS):
+        prefix = f"model.layers.{layer}"
+        perms = {
+            "attn_in": torch.randperm(HIDDEN, device="cuda", generator=gen),
+            "o_in": torch.randperm(HIDDEN, device="cuda", generator=gen),
+            "mlp_in": torch.randperm(HIDDEN, device="cuda", generator=gen),
+            "down_in": torch.randperm(INTER, device="cuda", generator=gen),
+        }
+        for name, (k, n) in shapes.items():
+            perm = perms[
+                "attn_in" if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+                else "o_in" if name == "self_attn.o_proj"
+                else "down_in" if name == "mlp.down_proj" else "mlp_in"
+            ]  # fmt: skip
+            for part, tensor in _gptq_tensors(k, n, variant.bits, group, perm, gen).items():
+                tensors[f"{prefix}.{name}.{part}"] = tensor
+        tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(HIDDEN).half()
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(HIDDEN).half()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    quant = {
+        "bits": variant.bits, "group_size": group, "damp_percent": 0.1, "desc_act": True,
+        "static_groups": False, "sym": True, "true_sequential": True,
+    }  # fmt: skip
+    config = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 32768,
+        "sliding_window": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float16", "hidden_act": "silu",
+        "quantization_config": {**quant, "quant_method": "gptq"},
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "quantize_config.json").write_text(json.dumps(quant, indent=2))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 10
+    del src, dst
+    return 2 * (2 << 30) / seconds
+
+
+def prompt_of(tokens: int, tokenizer) -> str:
+    """A user message whose rendered Synthia prompt is exactly `tokens` tokens long."""
+    from langchain_core.messages import HumanMessage
+
+    from langchain_synthia import render_messages
+
+    words = ["rocket", "orbit", "gravity", "thrust", "fuel", "stage", "engine", "launch", "pad", "velocity", "atmosphere", "drag", "apogee", "perigee", "payload", "fairing"]  # fmt: skip
+    text = " ".join(words[i % len(words)] for i in range(tokens))
+    while len(tokenizer(render_messages([HumanMessage(text)])).input_ids) > tokens:
+        text = text.rsplit(" ", 1)[0]
+    return text
+
+
+def time_stream(chat: ChatSynthia, prompt: str, new_tokens: int) -> dict:
+    """TTFT and decode rate of one ``stream()`` (first chunk = first token)."""
+    started = time.perf_counter()
+    first = None
+    count = 0
+    for chunk in chat.stream(prompt, max_tokens=new_tokens):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if chunk.usage_metadata:
+            usage = chunk.usage_metadata
+    done = time.perf_counter()
+    assert first is not None
+    return {
+        "ttft_ms": (first - started) * 1000,
+        "decode_tok_s": (usage["output_tokens"] - 1) / (done - first),
+        "total_tok_s": usage["output_tokens"] / (done - started),
+        "new_tokens": usage["output_tokens"],
+        "prompt_tokens": usage["input_tokens"],
+    }
+
+
+def baseline(folder: Path, kernel: str, prompt_ids: list[int], new_tokens: int) -> dict:
+    """transformers + gptqmodel ``generate()``: greedy, batch 1."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=GPTQConfig(bits=4, backend=kernel), device_map="cuda",
+        dtype=torch.float16,
+    )  # fmt: skip
+    ids = torch.tensor([prompt_ids], device="cuda")
+    kwargs = {"do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
+    model.generate(ids, max_new_tokens=4, **kwargs)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    return {
+        "model": model,
+        "ttft_ms": ttft * 1000,
+        "decode_tok_s": (new_tokens - 1) / max(total - ttft, 1e-9),
+        "total_tok_s": new_tokens / total,
+        "tokens": out[0, len(prompt_ids) :].tolist(),
+    }
+
+
+def agreement(model, engine, prompt_ids: list[int], steps: int = 32) -> dict:
+    """Teacher-forced logits of ours against transformers' on the same tokens, and greedy match."""
+    fast = engine.model
+    with torch.inference_mode():
+        ref_tokens = model.generate(
+            torch.tensor([prompt_ids], device="cuda"), max_new_tokens=steps, do_sample=False,
+            min_new_tokens=steps, pad_token_id=0,
+        )[0].tolist()  # fmt: skip
+        ref_logits = model(torch.tensor([ref_tokens], device="cuda")).logits[0].float()
+        ours = [fast.prefill(0, ref_tokens[: len(prompt_ids)])]
+        tokens = torch.zeros(fast.max_batch, dtype=torch.long, device="cuda")
+        positions = torch.zeros_like(tokens)
+        for step in range(steps - 1):
+            tokens[0] = ref_tokens[len(prompt_ids) + step]
+            positions[0] = len(prompt_ids) + step
+            ours.append(fast.decode(1, tokens, positions)[0])
+    errors = []
+    for step, logits in enumerate(ours):
+        ref = ref_logits[len(prompt_ids) - 1 + step]
+        errors.append(((logits - ref).norm() / ref.norm()).item())
+    greedy = [int(l.argmax()) for l in ours]
+    expected = ref_tokens[len(prompt_ids) :]
+    same = next((i for i, (a, b) in enumerate(zip(greedy, expected)) if a != b), len(greedy))
+    return {"max_rel_logit_err": max(errors), "greedy_equal_tokens": same, "steps": steps}
+
+
+def profile(engine, prompt_ids: list[int], kernel: str) -> dict:
+    """Where a decode step's time goes: graph replays, each GEMV alone, prefill."""
+    from triton.testing import do_bench
+
+    from langchain_synthia import _kernels as K
+
+    fast = engine.model
+    result: dict = {}
+    for size, (graph, _) in sorted(engine._graphs.items()):
+        result[f"graph_step_ms_b{size}"] = do_bench(graph.replay, warmup=25, rep=200,
+                                                    return_mode="median")  # fmt: skip
+    layer = fast.layers[0]
+    for name, linear in () if kernel != "triton" else (("qkv", layer.qkv[0]), ("o", layer.o), ("gate_up", layer.gate_up[0]),
+                         ("down", layer.down)):  # fmt: skip
+        nbytes = linear.qweight.numel() * 4 + linear.scales.numel() * 4
+        for rows in (1, 32):
+            x = torch.randn(rows, linear.in_features, device="cuda").half()
+            out = torch.zeros(rows, linear.out_features, device="cuda")
+            ms = do_bench(lambda x=x, out=out, linear=linear: K.gptq_linear(x, linear, out),
+                          warmup=25, rep=100, return_mode="median")  # fmt: skip
+            result[f"{name}_m{rows}_us"] = round(ms * 1000, 1)
+            result[f"{name}_m{rows}_gb_s"] = round(nbytes / ms / 1e6)
+    with torch.inference_mode():
+        result["prefill_512_ms"] = do_bench(lambda: fast.prefill(0, prompt_ids), warmup=3,
+                                            rep=50, return_mode="median")  # fmt: skip
+    return result
+
+
+def memory_and_reload(folder: Path, kernel: str) -> dict:
+    """Load again (kernels already built): time to first token; peak memory at a 4k context."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    chat = ChatSynthia(
+        model=str(folder), device="cuda", engine="fast", kernel=kernel, temperature=0,
+        stop_at_user_turn=False, max_batch_size=1, context_window=4096,
+    )  # fmt: skip
+    next(iter(chat.stream("Hello", max_tokens=1)))
+    load_s = time.perf_counter() - started
+    engine = get_engine(chat._settings(chat.model, chat.revision))
+    long = prompt_of(3500, engine.tokenizer)
+    usage = chat.invoke(long, max_tokens=500).usage_metadata
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    _release(engine, chat)
+    return {"reload_to_first_token_s": round(load_s, 2), "tokens_in_context": usage["total_tokens"],
+            "peak_gpu_mem_gib_4k": round(peak, 2)}  # fmt: skip
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer-from", type=Path, required=True)
+    parser.add_argument("--branches", nargs="+", default=["main"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/synthia-bench"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--baseline-kernel", default="gptq_exllama_v2")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="batch 1 only (branch sweeps)")
+    parser.add_argument("--profile", action="store_true", help="time graphs and kernels alone")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--kernels", nargs="+", default=["triton"], help="fast-engine kernels")
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
+    bandwidth = copy_bandwidth()
+    rows: list[dict] = []
+    notes: dict = {"card": card, "copy_bandwidth_gb_s": bandwidth / 1e9}
+
+    def row(path: str, branch: str, batch: int, result: dict, limit: float) -> None:
+        rows.append({
+            "card": card, "path": path, "branch": branch, "batch": batch,
+            "prompt_tokens": result.get("prompt_tokens"), "new_tokens": result.get("new_tokens"),
+            "decode_tok_s": round(result["decode_tok_s"], 1),
+            "ttft_ms": None if result.get("ttft_ms") is None else round(result["ttft_ms"], 1),
+            "total_tok_s": round(result["total_tok_s"], 1), "limit_tok_s": round(limit, 1),
+            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+
+    runs = [(b, k) for b in args.branches for k in args.kernels]
+    for run_index, (branch, kernel) in enumerate(runs):
+        started = time.perf_counter()
+        folder = build_checkpoint(args.work / branch, branch, args.tokenizer_from)
+        print(f"[{branch}] checkpoint ready in {time.perf_counter() - started:.1f} s", flush=True)
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        chat = ChatSynthia(
+            model=str(folder), device="cuda", engine="fast", temperature=0, kernel=kernel,
+            stop_at_user_turn=False, max_batch_size=1 if args.quick else 32,
+        )  # fmt: skip
+        engine = get_engine(chat._settings(chat.model, chat.revision))
+        prompt = prompt_of(512, engine.tokenizer)
+        time_stream(chat, prompt, 2)  # loads the model, captures the graphs
+        load_s = time.perf_counter() - started
+        print(f"[{branch}] load + graphs + first answer: {load_s:.1f} s", flush=True)
+        limit = bandwidth / engine.model.weight_bytes()
+        notes[f"{branch}_weight_gb"] = engine.model.weight_bytes() / 1e9
+        notes[f"{branch}_{kernel}_load_to_first_token_s"] = load_s
+        result = time_stream(chat, prompt, args.new_tokens)
+        row(f"synthia[{kernel}] ChatSynthia.stream", branch, 1, result, limit)
+        if not args.quick:  # rows of one batch must decode as each would alone
+            alone = chat.invoke(prompt, max_tokens=32).content
+            together = [m.content for m in chat.batch([prompt] * 4, max_tokens=32)]
+            notes[f"{branch}_{kernel}_batch_rows_equal_alone"] = [t == alone for t in together]
+            print("batch rows equal alone:", notes[f"{branch}_{kernel}_batch_rows_equal_alone"])
+        if args.profile:
+            ids = engine.encode(
+                ChatSynthia(model=str(folder))._prepare([_human(prompt)], None, {})[1]
+            )
+            notes[f"{branch}_{kernel}_profile"] = profile(engine, ids, kernel)
+            print(json.dumps(notes[f"{branch}_{kernel}_profile"]), flush=True)
+        if args.quick:
+            _release(engine, chat)
+            continue
+        prompts = [prompt_of(512 - 7 * i, engine.tokenizer) for i in range(32)]
+        start = time.perf_counter()
+        answers = chat.batch(prompts, max_tokens=args.new_tokens)
+        seconds = time.perf_counter() - start
+        total = sum(a.usage_metadata["output_tokens"] for a in answers)
+        row(f"synthia[{kernel}] ChatSynthia.batch", branch, 32,
+            {"decode_tok_s": total / seconds, "total_tok_s": total / seconds,
+             "new_tokens": args.new_tokens, "prompt_tokens": 512}, limit * 32)  # fmt: skip
+
+        async def concurrent(n: int) -> float:
+            async def one(p: str) -> int:
+                count = 0
+                async for chunk in chat.astream(p, max_tokens=args.new_tokens):
+                    if chunk.usage_metadata:
+                        count = chunk.usage_metadata["output_tokens"]
+                return count
+
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(one(p) for p in prompts[:n]))
+            return sum(counts) / (time.perf_counter() - start)
+
+        rate = asyncio.run(concurrent(16))
+        row(f"synthia[{kernel}] 16 concurrent astream", branch, 16,
+            {"decode_tok_s": rate, "total_tok_s": rate, "new_tokens": args.new_tokens,
+             "prompt_tokens": 512}, limit * 16)  # fmt: skip
+        ids = engine.encode(ChatSynthia(model=str(folder))._prepare([_human(prompt)], None, {})[1])
+        if args.no_baseline or run_index != len(runs) - 1:
+            _release(engine, chat)
+            if branch == "main":
+                notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
+                print(notes[f"main_{kernel}_memory"], flush=True)
+            continue
+        try:
+            base = baseline(folder, args.baseline_kernel, ids, args.new_tokens)
+            row(f"transformers generate ({args.baseline_kernel})", branch, 1,
+                {**base, "new_tokens": args.new_tokens, "prompt_tokens": len(ids)}, limit)  # fmt: skip
+            notes["agreement"] = agreement(base["model"], engine, ids)
+            print("agreement:", notes["agreement"], flush=True)
+            del base
+        except Exception as error:
+            notes["baseline_error"] = repr(error)
+            print("baseline failed:", repr(error), flush=True)
+        _release(engine, chat)
+        if branch == "main":
+            notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
+            print(notes[f"main_{kernel}_memory"], flush=True)
+
+    stamp = datetime.date.today().isoformat()
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{stamp}-{card}.json"
+    out.write_text(json.dumps(rows, indent=2))
+    (args.out / f"{stamp}-{card}-notes.json").write_text(json.dumps(notes, indent=2))
+    print(f"\ncard {card}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; rows in {out}")
+    header = ("path", "branch", "batch", "decode_tok_s", "ttft_ms", "total_tok_s", "limit_tok_s",
+              "peak_gpu_mem_gib")  # fmt: skip
+    print(" | ".join(header))
+    for r in rows:
+        print(" | ".join(str(r[h]) for h in header))
+    print(json.dumps(notes, indent=1))
+
+
+def _human(text: str):
+    from langchain_core.messages import HumanMessage
+
+    return HumanMessage(text)
+
+
+def _release(engine, chat) -> None:
+    from langchain_synthia import _loading
+
+    _loading._engines.clear()
+    engine.close()
+    del engine, chat
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The fast engine: one scheduler thread, continuous batching, CUDA-graph decode steps.
+
+Requests join and leave between steps: a new request is prefilled into a free cache row and
+decodes with the others from the next step on; a finished or cancelled one frees its row. Each
+step decodes the smallest captured batch size that covers the busy rows (on CUDA a replay of a
+graph captured at load), samples on the device, and streams every row's token to its caller.
+"""
+
+import atexit
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from langchain_synthia._engine import BaseEngine, _Row
+from langchain_synthia._fast_model import FastMistral
+from langchain_synthia._sampling import BatchSampler, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+"""Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
+
+_IDLE = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+
+
+class GenerationClosedError(RuntimeError):
+    """The engine shut down (at interpreter exit, or `FastEngine.close`)."""
+
+
+_running: list["FastEngine"] = []
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Stop the schedulers before the interpreter tears down (no thread dies inside CUDA)."""
+    for engine in list(_running):
+        engine.close()
+
+
+class FastEngine(BaseEngine):
+    """Serve a `FastMistral` to any number of concurrent requests."""
+
+    kind = "fast"
+
+    def __init__(self, model: FastMistral, tokenizer: Any, *, name: str, graphs: bool) -> None:
+        """Serve `model`; `graphs` captures the decode steps as CUDA graphs."""
+        super().__init__(tokenizer, name=name, device=model.device, max_len=model.max_len)
+        self.model = model
+        self.sizes = [s for s in BATCH_SIZES if s < model.max_batch] + [model.max_batch]
+        self._slots: list[_Row | None] = [None] * model.max_batch
+        self._waiting: list[_Row] = []
+        self._wake = threading.Condition()
+        self._tokens = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
+        self._positions = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
+        self._busy = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
+        """1 for rows that hold a request: only their positions advance (free rows stay at 0)."""
+        self._sampler = BatchSampler(
+            [_IDLE] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
+        )
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if graphs:
+            self._capture()
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="synthia-scheduler", daemon=True)
+        self._thread.start()
+        _running.append(self)
+
+    def close(self) -> None:
+        """Stop the scheduler after its current step; requests still open are cancelled."""
+        with self._wake:
+            self._closing = True
+            for row in [*self._waiting, *self._slots]:
+                if row is not None:
+                    row.stream.cancel()
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        if self in _running:
+            _running.remove(self)
+
+    def _start(self, rows: list[_Row]) -> None:
+        with self._wake:
+            self._waiting.extend(rows)
+            self._wake.notify()
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not any(self._slots) and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    self._fail_all(GenerationClosedError("The engine was closed."), locked=True)
+                    return
+                joining = self._take_waiting()
+            try:
+                with torch.inference_mode():
+                    for slot, row in joining:
+                        self._prefill(slot, row)
+                    self._release_finished()
+                    if any(self._slots):
+                        self._step()
+                        self._release_finished()
+            except BaseException as error:
+                logger.exception("decode step failed")
+                self._fail_all(error)
+
+    def _take_waiting(self) -> list[tuple[int, _Row]]:
+        joining = []
+        free = [i for i, row in enumerate(self._slots) if row is None]
+        while self._waiting and free:
+            row = self._waiting.pop(0)
+            if row.stream.cancelled.is_set():
+                row.stream._put(None)
+                continue
+            slot = free.pop(0)
+            self._slots[slot] = row
+            joining.append((slot, row))
+        return joining
+
+    def _prefill(self, slot: int, row: _Row) -> None:
+        logits = self.model.prefill(slot, row.prompt_ids)
+        self._sampler.assign(slot, row.stream.request.sampling, row.prompt_ids)
+        token = int(self._sampler.sample(logits[None], row=slot)[0])
+        self._tokens[slot] = token
+        self._positions[slot] = len(row.prompt_ids)
+        self._busy[slot] = 1
+        row.advance(token, self._eos_id)
+
+    def _step(self) -> None:
+        busy = max(i for i, row in enumerate(self._slots) if row is not None) + 1
+        size = next(s for s in self.sizes if s >= busy)
+        graph = self._graphs.get(size)
+        if graph is None:
+            logits = self.model.decode(size, self._tokens, self._positions)
+        else:
+            graph[0].replay()
+            logits = graph[1]
+        chosen = self._sampler.sample(logits)
+        self._tokens[:size] = chosen
+        self._positions[:size] += self._busy[:size]
+        for slot, token in enumerate(chosen.tolist()):
+            row = self._slots[slot]
+            if row is not None and not row.done and not row.stream.cancelled.is_set():
+                row.advance(token, self._eos_id)
+
+    def _release_finished(self) -> None:
+        for slot, row in enumerate(self._slots):
+            if row is not None and (row.done or row.stream.cancelled.is_set()):
+                if not row.done:
+                    row.stream._put(None)
+                self._slots[slot] = None
+                self._positions[slot] = 0
+                self._busy[slot] = 0
+                self._sampler.assign(slot, _IDLE, ())
+
+    def _fail_all(self, error: BaseException, *, locked: bool = False) -> None:
+        with contextlib.nullcontext() if locked else self._wake:
+            rows = [row for row in self._slots if row is not None] + self._waiting
+            self._waiting.clear()
+        self._slots = [None] * len(self._slots)
+        self._positions.zero_()
+        self._busy.zero_()
+        for row in rows:
+            if not row.done:
+                row.done = True
+                row.stream._put(error)
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+
+    def _capture(self) -> None:
+        """Capture one decode graph per batch size (the kernels compile on the warm-up run)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        pool = None
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for size in reversed(self.sizes):  # largest first: smaller ones reuse its memory
+                for _ in range(2):
+                    self.model.decode(size, self._tokens, self._positions)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self.model.decode(size, self._tokens, self._positions)
+                pool = graph.pool()
+                self._graphs[size] = (graph, logits)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        with contextlib.suppress(Exception):
+            self.model.k_cache.zero_()
+            self.model.v_cache.zero_()

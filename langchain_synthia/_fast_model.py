@@ -1,0 +1,377 @@
+"""Synthia's network (Mistral-7B-v0.1) written for fast decoding: no transformers at run time.
+
+The weights come straight from the GPTQ safetensors (repacked by `_gptq`), the KV cache is one
+preallocated tensor per layer, and a decode step for a given batch size does no host work at
+all, so that on CUDA it is captured once as a CUDA graph and replayed for every token. The
+arithmetic (and its fp16 rounding points) follows transformers' Mistral, so that logits agree
+within fp16 noise; `tests/integration_tests/test_fast_engine.py` checks that on the CPU, where
+the same code runs with the plain-torch references instead of the Triton kernels.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from langchain_synthia import _kernels as K
+from langchain_synthia._gptq import PackedLinear, pack_gptq
+
+KERNELS = ("triton", "gptq_marlin")
+"""GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
+Marlin (CUDA, built with nvcc on first use, about three minutes, then cached by gptqmodel)."""
+
+_ATTN = ("q_proj", "k_proj", "v_proj")
+_MLP = ("gate_proj", "up_proj")
+
+
+class _Layer:
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], prefix: str, bits: int, group: int, kernel: str
+    ) -> None:
+        def gptq(name: str) -> dict[str, torch.Tensor]:
+            return {
+                part: tensors[f"{prefix}.{name}.{part}"]
+                for part in ("qweight", "qzeros", "scales", "g_idx")
+            }
+
+        self.input_norm = tensors[f"{prefix}.input_layernorm.weight"]
+        self.post_norm = tensors[f"{prefix}.post_attention_layernorm.weight"]
+        pack = _marlin if kernel == "gptq_marlin" else pack_gptq
+        self.qkv = _fused([gptq(f"self_attn.{n}") for n in _ATTN], bits, group, pack)
+        self.o = pack([gptq("self_attn.o_proj")], bits, group)
+        self.gate_up = _fused([gptq(f"mlp.{n}") for n in _MLP], bits, group, pack)
+        self.down = pack([gptq("mlp.down_proj")], bits, group)
+
+
+def _fused(parts: list[dict[str, torch.Tensor]], bits: int, group: int, pack: Any) -> list:
+    """One fused layer when the parts share their act-order permutation, else one per part."""
+    if all(torch.equal(part["g_idx"], parts[0]["g_idx"]) for part in parts):
+        return [pack(parts, bits, group)]
+    return [pack([part], bits, group) for part in parts]
+
+
+class _MarlinLinear:
+    """gptqmodel's Marlin kernel (JIT-built with nvcc on first use) behind our linear interface."""
+
+    def __init__(self, parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> None:
+        from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+        from gptqmodel.utils.backend import BACKEND
+
+        device = parts[0]["qweight"].device
+        self.in_features = parts[0]["qweight"].shape[0] * (32 // bits)
+        self.out_features = sum(int(p["scales"].shape[1]) for p in parts)
+        module = MarlinLinear(
+            bits=bits, group_size=group, desc_act=True, sym=True,
+            in_features=self.in_features, out_features=self.out_features, bias=False,
+            backend=BACKEND.GPTQ_MARLIN,
+        ).to(device)  # fmt: skip
+        module.qweight.data = torch.cat([p["qweight"] for p in parts], dim=1).contiguous()
+        module.qzeros.data = torch.cat([p["qzeros"] for p in parts], dim=1).contiguous()
+        module.scales.data = torch.cat([p["scales"] for p in parts], dim=1).half().contiguous()
+        module.g_idx.data = parts[0]["g_idx"].to(torch.int32).contiguous()
+        module.post_init()
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _marlin(parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> _MarlinLinear:
+    return _MarlinLinear(parts, bits, group)
+
+
+class FastMistral:
+    """The network, its weights and its static KV cache on one device."""
+
+    def __init__(
+        self, folder: Path, device: torch.device, *, max_batch: int, max_len: int,
+        kernel: str | None = None,
+    ) -> None:  # fmt: skip
+        """Load the GPTQ checkpoint in `folder` onto `device` (`kernel`: see `KERNELS`)."""
+        config = json.loads((folder / "config.json").read_text())
+        quant = config.get("quantization_config") or json.loads(
+            (folder / "quantize_config.json").read_text()
+        )
+        self.device = device
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.hidden = config["hidden_size"]
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config["num_key_value_heads"]
+        self.head_dim = config.get("head_dim") or self.hidden // self.heads
+        self.vocab_size = config["vocab_size"]
+        self.eps = config["rms_norm_eps"]
+        self.use_kernels = device.type == "cuda" and K.triton_available()
+        tensors = _read_safetensors(folder, device)
+        bits, group = int(quant["bits"]), int(quant["group_size"])
+        self.kernel = kernel or "triton"
+        if self.kernel not in KERNELS:
+            msg = f"kernel={kernel!r} is not a fast-engine kernel: choose one of {KERNELS}."
+            raise ValueError(msg)
+        self.layers = [
+            _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel)
+            for i in range(config["num_hidden_layers"])
+        ]
+        self.embed = tensors["model.embed_tokens.weight"].to(torch.float16)
+        self.norm = tensors["model.norm.weight"].to(torch.float16)
+        self.lm_head = tensors["lm_head.weight"].to(torch.float16)
+        del tensors
+        theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
+            "rope_theta", 10000.0
+        )
+        self.cos, self.sin = _rotary_tables(theta, self.head_dim, max_len, device)
+        shape = (len(self.layers), max_batch, max_len, self.kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=torch.float16, device=device)
+        self.v_cache = torch.zeros(shape, dtype=torch.float16, device=device)
+        if not self.use_kernels and self.kernel == "triton":  # CPU: dequantise once, references
+            for layer in self.layers:
+                for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
+                    linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
+        self._buffers: dict[int, dict[str, Any]] = {}
+
+    # -- linear layers ------------------------------------------------------------------------
+
+    def _linear(
+        self, x: torch.Tensor, linears: list[PackedLinear], out: torch.Tensor, gated: bool = False
+    ) -> torch.Tensor:
+        """``out = x @ W`` (fp32, `out` zeroed by the caller) for one or more packed layers."""
+        column = 0
+        for linear in linears:
+            target = out[:, column : column + linear.out_features]
+            if isinstance(linear, _MarlinLinear):
+                source = x
+                if gated:
+                    half = x.shape[1] // 2
+                    source = torch.nn.functional.silu(x[:, :half].half()) * x[:, half:].half()
+                target += linear(source.half())
+            elif self.use_kernels:
+                K.gptq_linear(x, linear, target, gated=gated)
+            else:
+                source = x.float()
+                if gated:
+                    half = source.shape[1] // 2
+                    gate = torch.nn.functional.silu(source[:, :half].half()).float()
+                    source = (gate.half() * source[:, half:].half()).float()
+                target += source.half().float() @ linear.reference_weight  # type: ignore[attr-defined]
+            column += linear.out_features
+        return out
+
+    def _norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.use_kernels:
+            return K.add_rms_norm(x, residual, weight, self.eps, out)
+        h = x.half()
+        if residual is not None:
+            residual.copy_((residual.float() + h.float()).half())
+            h = residual
+        out.copy_(K.rms_norm_reference(h, weight, self.eps))
+        return out
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run `ids` (at positions ``start...``) for cache row `slot`; return the last logits."""
+        count = len(ids)
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + count, device=self.device)
+        cache_rows = torch.full((count,), slot, dtype=torch.long, device=self.device)
+        residual = self.embed[tokens].clone()
+        normed = torch.empty_like(residual)
+        delta = None
+        for index, layer in enumerate(self.layers):
+            if delta is None:
+                self._norm(residual, None, layer.input_norm, normed)
+            else:
+                self._norm(delta, residual, layer.input_norm, normed)
+            qkv = self._linear(normed, layer.qkv, self._zeros(count, self._qkv_width()))
+            q = self._rope_and_cache(index, qkv, positions, cache_rows)
+            attn = self._prefill_attention(index, slot, q, start + count)
+            o = self._linear(attn.reshape(count, -1), [layer.o], self._zeros(count, self.hidden))
+            self._norm(o, residual, layer.post_norm, normed)
+            width = sum(g.out_features for g in layer.gate_up)
+            gate_up = self._linear(normed, layer.gate_up, self._zeros(count, width))
+            delta = self._linear(gate_up, [layer.down], self._zeros(count, self.hidden), gated=True)
+        last = torch.empty((1, self.hidden), dtype=torch.float16, device=self.device)
+        self._norm(delta[-1:], residual[-1:], self.norm, last)
+        return (last @ self.lm_head.T).float()[0]
+
+    def _prefill_attention(self, index: int, slot: int, q: torch.Tensor, end: int) -> torch.Tensor:
+        count = q.shape[0]
+        k = self.k_cache[index, slot, :end].transpose(0, 1)[None]  # [1, KVH, end, D]
+        v = self.v_cache[index, slot, :end].transpose(0, 1)[None]
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        query = q.transpose(0, 1)[None]
+        if end == count:  # no cached prefix: plain causal attention (flash kernels on CUDA)
+            out = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=True)
+        else:
+            mask = torch.ones((count, end), dtype=torch.bool, device=self.device)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, k, v, attn_mask=mask.tril(end - count)
+            )
+        return out[0].transpose(0, 1)  # [count, H, D]
+
+    # -- decode -------------------------------------------------------------------------------
+
+    def decode(self, batch: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first `batch` cache rows; return logits ``[batch, V]``.
+
+        `tokens` and `positions` are device tensors of at least `batch` entries; nothing here
+        reads them on the host, so the whole step can be captured as a CUDA graph.
+        """
+        buf = self._decode_buffers(batch)
+        tokens, positions = tokens[:batch], positions[:batch]
+        buf["work"].zero_()
+        residual = buf["residual"]
+        residual.copy_(self.embed[tokens])
+        normed = buf["normed"]
+        lengths = buf["lengths"]
+        lengths.copy_(positions + 1)
+        rows = torch.arange(batch, device=self.device)
+        delta = None
+        for index, layer in enumerate(self.layers):
+            qkv, o, gate_up, down = buf["outs"][index]
+            if delta is None:
+                self._norm(residual, None, layer.input_norm, normed)
+            else:
+                self._norm(delta, residual, layer.input_norm, normed)
+            self._linear(normed, layer.qkv, qkv)
+            q = self._rope_and_cache(index, qkv, positions, rows, buf["q"])
+            attn = buf["attn"]
+            if self.use_kernels:
+                K.decode_attention(
+                    q, self.k_cache[index], self.v_cache[index], lengths, buf["attn_work"], attn
+                )
+            else:
+                attn.copy_(
+                    K.decode_attention_reference(
+                        q, self.k_cache[index], self.v_cache[index], lengths
+                    )
+                )
+            self._linear(attn.reshape(batch, -1), [layer.o], o)
+            self._norm(o, residual, layer.post_norm, normed)
+            self._linear(normed, layer.gate_up, gate_up)
+            delta = self._linear(gate_up, [layer.down], down, gated=True)
+        self._norm(delta, residual, self.norm, normed)
+        return torch.matmul(normed, self.lm_head.T, out=buf["logits"]).float()
+
+    def _decode_buffers(self, batch: int) -> dict[str, Any]:
+        buf = self._buffers.get(batch)
+        if buf is not None:
+            return buf
+        layer = self.layers[0]
+        widths = [
+            self._qkv_width(),
+            self.hidden,
+            sum(g.out_features for g in layer.gate_up),
+            self.hidden,
+        ]
+        work = torch.zeros(
+            (len(self.layers), batch, sum(widths)), dtype=torch.float32, device=self.device
+        )
+        outs = []
+        for index in range(len(self.layers)):
+            column, parts = 0, []
+            for width in widths:
+                parts.append(work[index, :, column : column + width])
+                column += width
+            outs.append(parts)
+        buf = {
+            "work": work,
+            "outs": outs,
+            "residual": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
+            "normed": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
+            "q": torch.empty(
+                (batch, self.heads, self.head_dim), dtype=torch.float16, device=self.device
+            ),
+            "attn": torch.empty(
+                (batch, self.heads, self.head_dim), dtype=torch.float16, device=self.device
+            ),
+            "lengths": torch.empty((batch,), dtype=torch.int32, device=self.device),
+            "logits": torch.empty(
+                (batch, self.vocab_size), dtype=torch.float16, device=self.device
+            ),
+        }
+        if self.use_kernels:
+            buf["attn_work"] = K.AttentionWorkspace(
+                batch, self.heads, self.kv_heads, self.head_dim, self.max_len, self.device
+            )
+        self._buffers[batch] = buf
+        return buf
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _qkv_width(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def _zeros(self, rows: int, width: int) -> torch.Tensor:
+        return torch.zeros((rows, width), dtype=torch.float32, device=self.device)
+
+    def _rope_and_cache(
+        self, index: int, qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+        q_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Rotate q and k of each token, write k and v into its cache row; return q (fp16)."""
+        count = qkv.shape[0]
+        if self.use_kernels:
+            if q_out is None:
+                q_out = torch.empty((count, self.heads, self.head_dim), dtype=torch.float16,
+                                    device=self.device)  # fmt: skip
+            return K.rope_and_cache(qkv, self.cos, self.sin, positions, rows, q_out,
+                                    self.k_cache[index], self.v_cache[index])  # fmt: skip
+        q, k, v = self._split_qkv(qkv.half(), count)
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        q, k = K.rotate(q, cos, sin), K.rotate(k, cos, sin)
+        self.k_cache[index, rows, positions] = k
+        self.v_cache[index, rows, positions] = v
+        return q
+
+    def _split_qkv(self, qkv: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+        q_width = self.heads * self.head_dim
+        kv_width = self.kv_heads * self.head_dim
+        q = qkv[:, :q_width].reshape(rows, self.heads, self.head_dim)
+        k = qkv[:, q_width : q_width + kv_width].reshape(rows, self.kv_heads, self.head_dim)
+        v = qkv[:, q_width + kv_width :].reshape(rows, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def weight_bytes(self) -> int:
+        """Bytes a batch-1 decode step reads from weights (the bandwidth limit's numerator)."""
+        total = self.lm_head.numel() * 2 + self.norm.numel() * 2
+        for layer in self.layers:
+            for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
+                weights = linear.module if isinstance(linear, _MarlinLinear) else linear
+                total += weights.qweight.numel() * 4 + weights.scales.numel() * 2
+                total += 0 if isinstance(linear, _MarlinLinear) else linear.zeros.numel() * 2
+                total += 0 if getattr(linear, "perm", None) is None else linear.perm.numel() * 4
+            total += (layer.input_norm.numel() + layer.post_norm.numel()) * 2
+        return total
+
+
+def _rotary_tables(theta: float, dim: int, length: int, device: torch.device) -> tuple:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(torch.float16).to(device), emb.sin().to(torch.float16).to(device)
+
+
+def _read_safetensors(folder: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt", device=str(device)) as weights:
+            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[name] = weights.get_tensor(name)
+    return tensors
+
+
+def bandwidth_limit(weight_bytes: int, bytes_per_second: float) -> float:
+    """Tokens per second that memory bandwidth allows at batch 1."""
+    return bytes_per_second / weight_bytes if weight_bytes else math.inf

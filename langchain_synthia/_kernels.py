@@ -1,0 +1,501 @@
+"""Triton kernels of the fast engine, each beside the plain-torch reference it must agree with.
+
+* `gptq_linear`: GPTQ int4/int8 (act order, any group size) times activations, fp32 out,
+  accumulated with atomics (split-K) into a zeroed buffer. One kernel for a single row
+  (CUDA cores, wide loads) and one for several rows (dequantised tiles into tensor cores).
+* `decode_attention`: one query token per row against its rows of the static KV cache,
+  lengths read on the device (CUDA-graph safe), split over the sequence (flash-decoding).
+* `add_rms_norm`: residual add + RMSNorm in one pass, with transformers' rounding.
+* `rope_and_cache`: rotary embedding of q and k, and the k/v write into the cache.
+
+Kernels compile on first use (Triton JIT, cached by Triton under ``~/.triton``); nothing is
+downloaded. The references run anywhere (the CPU path and the tests use them).
+"""
+
+import math
+from typing import Any
+
+import torch
+
+from langchain_synthia._gptq import PackedLinear
+
+try:  # Triton comes with CUDA builds of PyTorch; the CPU path does not need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+
+def triton_available() -> bool:
+    """Whether Triton kernels can run here."""
+    return triton is not None
+
+
+# -- references ---------------------------------------------------------------------------------
+
+
+def gptq_linear_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """``x @ W`` in fp32 with the dequantised weight (what the kernels compute)."""
+    return x.float() @ layer.dequantize().float()
+
+
+def decode_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Q ``[B, H, D]``; caches ``[B, S, KVH, D]``; attend to the first ``lengths[b]`` positions."""
+    batch, heads, dim = q.shape
+    group = heads // k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b in range(batch):
+        n = int(lengths[b])
+        k = k_cache[b, :n].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        v = v_cache[b, :n].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) / math.sqrt(dim)
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
+    return out
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Transformers' MistralRMSNorm: fp32 statistics, result rounded to fp16, times weight."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(weight.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Transformers' rotary embedding (rotate-half form) in the tensor's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# -- GPTQ linear ----------------------------------------------------------------------------------
+
+if triton is not None:
+
+    def _valid_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+        """Keep the split-K factors that divide K into whole blocks."""
+        k = named_args["K"]
+        return [
+            c for c in configs
+            if k % (c.kwargs["SPLIT"] * kwargs.get("BLOCK_K", named_args.get("BLOCK_K", 1))) == 0
+        ] or configs[:1]  # fmt: skip
+
+    _CONFIGS = [
+        triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps, num_stages=stages)
+        for block_n in (64, 128)
+        for split in (1, 2, 4, 8, 16)
+        for warps, stages in ((4, 3),)
+    ]
+
+    @triton.autotune(
+        configs=_CONFIGS,
+        key=["N", "K", "BITS", "GROUP", "BLOCK_M", "BLOCK_K"],  # not M: one tuning per M bucket
+        prune_configs_by={"early_config_prune": _valid_configs},
+        reset_to_zero=["out_ptr"],
+        warmup=5,
+        rep=20,
+        cache_results=True,
+    )
+    @triton.jit
+    def _gptq_kernel(
+        x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        M, K, N, stride_xm, stride_om,
+        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, X_GATED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        """``out += x @ W`` for up to 64 rows: tensor cores on codes, scales per group after.
+
+        Codes become fp16 without a conversion instruction (``0x6400 | code`` is the fp16
+        ``1024 + code``), the zero point is subtracted in fp16 (exact), and each group's partial
+        dot product is scaled once per column. Split-K programs add into `out` atomically.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        pack: tl.constexpr = 32 // BITS
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        shifts = tl.arange(0, pack) * BITS
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        span = K // SPLIT
+        for k0 in range(pid_k * span, (pid_k + 1) * span, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            src = tl.load(perm_ptr + offs_k) if HAS_PERM else offs_k
+            rows = x_ptr + offs_m[:, None] * stride_xm + src[None, :]
+            if X_GATED:  # x = silu(gate) * up, from a fused gate/up output of width 2K
+                gate = tl.load(rows, mask=mask_m[:, None], other=0.0).to(tl.float16)
+                up = tl.load(rows + K, mask=mask_m[:, None], other=0.0).to(tl.float16)
+                gate = gate.to(tl.float32)
+                x = (gate / (1.0 + tl.exp(-gate))).to(tl.float16) * up
+            else:
+                x = tl.load(rows, mask=mask_m[:, None], other=0.0).to(tl.float16)
+            offs_p = k0 // pack + tl.arange(0, BLOCK_K // pack)
+            packed = tl.load(w_ptr + offs_p[:, None] * N + offs_n[None, :], mask=mask_n[None, :])
+            codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            codes = tl.reshape(codes, [BLOCK_K, BLOCK_N])
+            weight = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            group = k0 // GROUP
+            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0)
+            scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
+            weight = weight - (zero + 1024.0)[None, :]
+            acc += tl.dot(x, weight) * scale.to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.atomic_add(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _dequantize_kernel(
+        w_ptr, s_ptr, z_ptr, out_ptr, N,
+        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """fp16 weight ``[K, N]`` (rows in group order) from the packed codes."""
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pack: tl.constexpr = 32 // BITS
+        offs_p = pid_k * (BLOCK_K // pack) + tl.arange(0, BLOCK_K // pack)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        packed = tl.load(w_ptr + offs_p[:, None] * N + offs_n[None, :], mask=mask_n[None, :])
+        shifts = tl.arange(0, pack) * BITS
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, [BLOCK_K, BLOCK_N]).to(tl.float16)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        where = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + where, mask=mask_n[None, :])
+        zero = tl.load(z_ptr + where, mask=mask_n[None, :])
+        out = out_ptr + offs_k[:, None] * N + offs_n[None, :]
+        tl.store(out, (codes - zero) * scale, mask=mask_n[None, :])
+
+
+_scratch: dict[torch.device, torch.Tensor] = {}
+
+
+def _dequantized(layer: PackedLinear) -> torch.Tensor:
+    """The layer's fp16 weight (group-ordered rows) in a scratch buffer shared by all layers."""
+    size = layer.in_features * layer.out_features
+    buffer = _scratch.get(layer.qweight.device)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=torch.float16, device=layer.qweight.device)
+        _scratch[layer.qweight.device] = buffer
+    weight = buffer[:size].view(layer.in_features, layer.out_features)
+    grid = (layer.in_features // 64, triton.cdiv(layer.out_features, 128))
+    _dequantize_kernel[grid](
+        layer.qweight, layer.scales, layer.zeros, weight, layer.out_features,
+        BITS=layer.bits, GROUP=layer.group_size, BLOCK_K=64, BLOCK_N=128, num_warps=4,
+    )  # fmt: skip
+    return weight
+
+
+def gptq_linear(
+    x: torch.Tensor, layer: PackedLinear, out: torch.Tensor, *, gated: bool = False
+) -> torch.Tensor:
+    """Add ``x @ W`` (fp32) into `out` ``[M, N]``, which the caller zeroed.
+
+    With ``gated``, `x` is a fused gate/up output ``[M, 2K]`` and the input is
+    ``silu(gate) * up`` computed on the fly (with transformers' fp16 rounding).
+    """
+    rows = x.shape[0]
+    k, n = layer.in_features, layer.out_features
+    if rows > 64:  # prefill: compute-bound, so dequantise once and let cuBLAS multiply
+        if gated:
+            x = torch.nn.functional.silu(x[:, :k].half()) * x[:, k:].half()
+        x = x.half() if layer.perm is None else x.half()[:, layer.perm.long()]
+        out += torch.matmul(x, _dequantized(layer))
+        return out
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_k = min(layer.group_size, 128)
+    perm = layer.perm if layer.perm is not None else layer.qweight  # unused when no perm
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"], triton.cdiv(rows, block_m))
+
+    args = (x, perm, layer.qweight, layer.scales, layer.zeros, out,
+            rows, k, n, x.stride(0), out.stride(0))  # fmt: skip
+    constants = {
+        "BITS": layer.bits, "GROUP": layer.group_size, "HAS_PERM": layer.perm is not None,
+        "X_GATED": gated, "BLOCK_M": block_m, "BLOCK_K": block_k,
+    }  # fmt: skip
+    if x.device.type == "cuda":
+        _gptq_kernel[grid](*args, **constants)
+    else:  # Triton's interpreter (tests on the CPU): no autotuning there
+        fixed = {"BLOCK_N": 64, "SPLIT": 2 if k % (2 * block_k) == 0 else 1}
+        _gptq_kernel.fn[grid(fixed)](*args, **constants, **fixed)
+    return out
+
+
+# -- attention -----------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        lengths_ptr,
+        acc_ptr,
+        stats_ptr,
+        stride_qb,
+        stride_qh,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        scale,
+        SPLIT_LEN: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        batch = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(lengths_ptr + batch)
+        offs_g = tl.arange(0, GROUP_PAD)
+        mask_g = offs_g < GROUP
+        offs_d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + offs_g
+        q = tl.load(
+            q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_g[:, None],
+            other=0.0,
+        )
+        m_i = tl.full([GROUP_PAD], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+        start = split * SPLIT_LEN
+        end = tl.minimum(start + SPLIT_LEN, length)
+        base = batch * stride_cb + kv_head * stride_ch
+        for s0 in range(start, end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask_s = offs_s < end
+            where = base + offs_s[:, None] * stride_cs + offs_d[None, :]
+            k = tl.load(k_ptr + where, mask=mask_s[:, None], other=0.0)
+            v = tl.load(v_ptr + where, mask=mask_s[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale
+            scores = tl.where(mask_s[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+            m_i = m_new
+        row = (batch * tl.num_programs(1) + kv_head) * SPLITS + split
+        out = acc_ptr + (row * GROUP_PAD + offs_g[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(out, acc)
+        tl.store(stats_ptr + (row * GROUP_PAD + offs_g) * 2, m_i)
+        tl.store(stats_ptr + (row * GROUP_PAD + offs_g) * 2 + 1, l_i)
+
+    @triton.jit
+    def _combine_kernel(
+        acc_ptr,
+        stats_ptr,
+        out_ptr,
+        stride_ob,
+        stride_oh,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        batch = tl.program_id(0)
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        g = head % GROUP
+        offs_s = tl.arange(0, SPLITS)
+        rows = ((batch * tl.num_programs(1) // GROUP + kv_head) * SPLITS + offs_s) * GROUP_PAD + g
+        m = tl.load(stats_ptr + rows * 2)
+        l_s = tl.load(stats_ptr + rows * 2 + 1)
+        m_max = tl.max(m, axis=0)
+        weight = tl.where(l_s > 0, tl.exp(m - m_max), 0.0)
+        total = tl.sum(weight * l_s, axis=0)
+        offs_d = tl.arange(0, HEAD_DIM)
+        acc = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        out = tl.sum(acc * weight[:, None], axis=0) / total
+        tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d, out.to(tl.float16))
+
+
+class AttentionWorkspace:
+    """Scratch buffers of `decode_attention` for a batch size (allocated once, graph-safe)."""
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device,
+    ) -> None:
+        self.group = heads // kv_heads
+        self.group_pad = max(16, triton.next_power_of_2(self.group))
+        self.splits = 32
+        self.split_len = triton.cdiv(max_len, self.splits)
+        rows = batch * kv_heads * self.splits * self.group_pad
+        self.acc = torch.empty((rows, head_dim), dtype=torch.float32, device=device)
+        self.stats = torch.empty((rows, 2), dtype=torch.float32, device=device)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    work: AttentionWorkspace,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """`decode_attention_reference`, on the GPU, into `out` ``[B, H, D]``."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    _decode_attention_kernel[(batch, kv_heads, work.splits)](
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        work.acc,
+        work.stats,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        1.0 / math.sqrt(dim),
+        SPLIT_LEN=work.split_len,
+        GROUP=work.group,
+        GROUP_PAD=work.group_pad,
+        HEAD_DIM=dim,
+        BLOCK_S=64,
+        SPLITS=work.splits,
+        num_warps=4,
+    )
+    _combine_kernel[(batch, heads)](
+        work.acc,
+        work.stats,
+        out,
+        out.stride(0),
+        out.stride(1),
+        GROUP=work.group,
+        GROUP_PAD=work.group_pad,
+        HEAD_DIM=dim,
+        SPLITS=work.splits,
+        num_warps=4,
+    )
+    return out
+
+
+# -- norms and rotary ----------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(
+        x_ptr,
+        residual_ptr,
+        w_ptr,
+        out_ptr,
+        N,
+        eps,
+        stride_x,
+        stride_r,
+        stride_o,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float16)
+        if HAS_RESIDUAL:
+            res = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + res.to(tl.float32)).to(tl.float16)
+            tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+        h = x.to(tl.float32)
+        h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_o + offs, (h.to(tl.float16) * w).to(tl.float16), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``residual += x`` (fp16, when given); ``out = rms_norm(residual or x)``.
+
+    Rows may be strided (column slices of a wider buffer); columns must be contiguous.
+    """
+    rows, n = x.shape
+    _add_rms_norm_kernel[(rows,)](
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
+        n,
+        eps,
+        x.stride(0),
+        (residual if residual is not None else x).stride(0),
+        out.stride(0),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(n),
+        num_warps=8,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
+        stride_qkv, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        """One head of one token: round to fp16, rotate q/k, write q out and k/v to the cache."""
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        half: tl.constexpr = HEAD_DIM // 2
+        offs = tl.arange(0, HEAD_DIM)
+        base = qkv_ptr + token * stride_qkv + head * HEAD_DIM
+        x = tl.load(base + offs).to(tl.float16)
+        position = tl.load(positions_ptr + token)
+        row = tl.load(rows_ptr + token)
+        if head < HEADS + KV_HEADS:
+            partner = tl.load(base + (offs + half) % HEAD_DIM).to(tl.float16)
+            rotated = tl.where(offs < half, -partner, partner)
+            cos = tl.load(cos_ptr + position * HEAD_DIM + offs)
+            sin = tl.load(sin_ptr + position * HEAD_DIM + offs)
+            x = (x * cos).to(tl.float16) + (rotated * sin).to(tl.float16)
+        cache = row * stride_cb + position * stride_cs + offs
+        if head < HEADS:
+            tl.store(q_ptr + token * stride_qb + head * stride_qh + offs, x)
+        elif head < HEADS + KV_HEADS:
+            tl.store(k_ptr + cache + (head - HEADS) * stride_ch, x)
+        else:
+            tl.store(v_ptr + cache + (head - HEADS - KV_HEADS) * stride_ch, x)
+
+
+def rope_and_cache(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+    rows: torch.Tensor, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """q/k rotary embedding and the k/v cache write for each token (``rows``: its cache row)."""
+    tokens = qkv.shape[0]
+    heads, kv_heads, dim = q_out.shape[1], k_cache.shape[2], q_out.shape[2]
+    _rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
+        qkv, cos, sin, positions, rows, q_out, k_cache, v_cache,
+        qkv.stride(0), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, num_warps=1,
+    )  # fmt: skip
+    return q_out
+
+
+def kernel_info() -> dict[str, Any]:
+    """What kernels the engine runs here (for ``synthia info`` and the benchmarks)."""
+    return {"gptq": "triton" if triton is not None else "torch", "attention": "triton"}

@@ -1,0 +1,385 @@
+"""The fast engine's Triton kernels against torch references, on fresh random inputs.
+
+Run by ``test_kernels.py`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton's interpreter
+must be switched on before Triton is imported, which this process-wide setting would do for
+every test): ``python -m tests.integration_tests._kernel_checks --seed N [--tiny PATH]``.
+It prints one JSON line per case, ``{"case": name, "metrics": {...}}`` or
+``{"case": name, "error": traceback}``; the test asserts on the metrics.
+
+The GPTQ helpers here (`random_gptq`, `dequantize_reference`) are written from the format's
+definition, independently of `langchain_synthia._gptq`, and are imported by the tests too.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+
+# -- GPTQ from its definition --------------------------------------------------------------------
+
+
+def _wrap_int32(values: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 with two's complement wrap-around (as packed int32 words hold bits)."""
+    return (((values + 2**31) % 2**32) - 2**31).to(torch.int32)
+
+
+def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack ``32 / bits`` consecutive entries along `dim` into one int32, first in low bits."""
+    pack = 32 // bits
+    values = values.to(torch.int64).movedim(dim, -1)
+    values = values.reshape(*values.shape[:-1], values.shape[-1] // pack, pack)
+    shifts = torch.arange(pack, dtype=torch.int64) * bits
+    return _wrap_int32((values << shifts).sum(-1)).movedim(-1, dim).contiguous()
+
+
+def group_index(k: int, group: int, *, act_order: bool, generator: torch.Generator) -> torch.Tensor:
+    """GPTQ's ``g_idx``: with act order, row ``order[i]`` belongs to group ``i // group``."""
+    size = k if group == -1 else group
+    if not act_order:
+        return (torch.arange(k) // size).to(torch.int32)
+    order = torch.randperm(k, generator=generator)
+    g_idx = torch.empty(k, dtype=torch.int64)
+    g_idx[order] = torch.arange(k) // size
+    return g_idx.to(torch.int32)
+
+
+def random_gptq(
+    k: int,
+    n: int,
+    bits: int,
+    group: int,
+    *,
+    generator: torch.Generator,
+    g_idx: torch.Tensor | None = None,
+    act_order: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A random GPTQ v1 layer: any code, any stored zero point, positive fp16 scales."""
+    levels = 2**bits
+    if g_idx is None:
+        g_idx = group_index(k, group, act_order=act_order, generator=generator)
+    groups = int(g_idx.max()) + 1
+    codes = torch.randint(0, levels, (k, n), generator=generator)
+    stored_zeros = torch.randint(0, levels, (groups, n), generator=generator)  # zero - 1
+    scales = (torch.rand(groups, n, generator=generator) + 0.05) * (0.3 / levels)
+    return {
+        "qweight": _pack(codes, bits, dim=0),
+        "qzeros": _pack(stored_zeros, bits, dim=1),
+        "scales": scales.to(torch.float16),
+        "g_idx": g_idx,
+    }
+
+
+def dequantize_reference(layer: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """``W[k, n] = scales[g, n] * (code[k, n] - (zero[g, n] + 1))``, ``g = g_idx[k]`` (fp32)."""
+    pack, mask = 32 // bits, 2**bits - 1
+    qweight, qzeros = layer["qweight"].to(torch.int64), layer["qzeros"].to(torch.int64)
+    k, n = qweight.shape[0] * pack, qweight.shape[1]
+    rows, cols = torch.arange(k), torch.arange(n)
+    code = (qweight[rows // pack] >> (bits * (rows % pack))[:, None]) & mask
+    zero = ((qzeros[:, cols // pack] >> (bits * (cols % pack))[None, :]) & mask) + 1
+    g = layer["g_idx"].to(torch.int64)
+    return layer["scales"][g].float() * (code[:, :].float() - zero[g].float())
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in fp32."""
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm())
+
+
+# -- the cases -----------------------------------------------------------------------------------
+
+K_IN, N_OUT = 512, 200
+"""Linear shapes: K spans several 128-row blocks (split-K), N is not a multiple of the tile."""
+
+LINEAR_CASES = (
+    [(bits, group, m, True) for bits in (4, 8) for group in (32, 64, 128, -1) for m in (1, 3, 20)]
+    + [(4, 128, m, False) for m in (1, 4, 5, 40, 100)]
+    + [(8, 32, 100, True), (4, -1, 100, True)]
+)
+"""(bits, group size, activation rows, act order): rows <= 4 take the rows kernel, up to 64 the
+tiles kernel, more the dequantise-then-matmul path."""
+
+GATED_CASES = [(bits, m) for bits in (4, 8) for m in (1, 3, 20)] + [(4, 100)]
+FUSED_CASES = [1, 3, 20, 100]
+ATTENTION_CASES = [(8, 2, 64), (8, 2, 128), (4, 4, 64)]
+"""(heads, kv heads, head dim)."""
+NORM_CASES = [(4096, True, False), (4096, False, False), (200, True, False), (200, False, False)]
+NORM_CASES += [(4096, True, True), (200, True, True)]
+"""(width, with a residual, x a column slice of a wider buffer as in `FastMistral.decode`)."""
+
+
+ROPE_CASES = [(8, 2, 64), (4, 2, 32)]
+"""(heads, kv heads, head dim) of `rope_and_cache`."""
+
+
+def case_names() -> list[str]:
+    """Every case's name (importable without Triton, for the test's parametrisation)."""
+    return (
+        [_linear_name(*c) for c in LINEAR_CASES]
+        + [f"gated-{bits}bit-m{m}" for bits, m in GATED_CASES]
+        + [f"fused-m{m}" for m in FUSED_CASES]
+        + [f"attention-h{h}-kv{kv}-d{d}" for h, kv, d in ATTENTION_CASES]
+        + [_norm_name(*c) for c in NORM_CASES]
+        + [f"rope-h{h}-kv{kv}-d{d}" for h, kv, d in ROPE_CASES]
+        + ["model"]
+    )
+
+
+def _linear_name(bits: int, group: int, m: int, act_order: bool) -> str:
+    order = "act" if act_order else "ordered"
+    return f"linear-{bits}bit-g{group}-m{m}-{order}"
+
+
+def _norm_name(n: int, residual: bool, strided: bool) -> str:
+    return f"norm-n{n}-{'residual' if residual else 'plain'}{'-strided' if strided else ''}"
+
+
+def _padded(rows: int, width: int, dtype: torch.dtype, pad: int = 8) -> torch.Tensor:
+    """A zeroed ``[rows, width]`` column slice of a wider buffer (as the model's are)."""
+    return torch.zeros(rows, width + 2 * pad, dtype=dtype)[:, pad : pad + width]
+
+
+def check_linear(bits: int, group: int, m: int, act_order: bool, gen: torch.Generator) -> dict:
+    from langchain_synthia import _kernels as K
+    from langchain_synthia._gptq import pack_gptq
+
+    layer = random_gptq(K_IN, N_OUT, bits, group, generator=gen, act_order=act_order)
+    packed = pack_gptq([layer], bits, group)
+    x = _padded(m, K_IN, torch.float16)
+    x.copy_(torch.randn(m, K_IN, generator=gen))
+    out = _padded(m, N_OUT, torch.float32)
+    K.gptq_linear(x, packed, out)
+    wide = out._base
+    outside = torch.cat([wide[:, :8], wide[:, 8 + N_OUT :]], dim=1)
+    return {
+        "rel_vs_reference": rel(out, K.gptq_linear_reference(x, packed)),
+        "rel_vs_definition": rel(out, x.float() @ dequantize_reference(layer, bits)),
+        "outside_written": float(outside.abs().max()),
+        "has_perm": packed.perm is not None,
+    }
+
+
+def check_gated(bits: int, m: int, gen: torch.Generator) -> dict:
+    from langchain_synthia import _kernels as K
+    from langchain_synthia._gptq import pack_gptq
+
+    layer = random_gptq(K_IN, N_OUT, bits, 32, generator=gen)
+    packed = pack_gptq([layer], bits, 32)
+    gate_up = _padded(m, 2 * K_IN, torch.float32)  # the fused gate/up output, fp32
+    gate_up.copy_(torch.randn(m, 2 * K_IN, generator=gen) * 2)
+    out = _padded(m, N_OUT, torch.float32)
+    K.gptq_linear(gate_up, packed, out, gated=True)
+    gate, up = gate_up[:, :K_IN].half(), gate_up[:, K_IN:].half()
+    act = (torch.nn.functional.silu(gate.float()).half() * up).float()
+    return {
+        "rel_vs_reference": rel(out, K.gptq_linear_reference(act, packed)),
+        "rel_vs_definition": rel(out, act.half().float() @ dequantize_reference(layer, bits)),
+    }
+
+
+def check_fused(m: int, gen: torch.Generator) -> dict:
+    from langchain_synthia import _kernels as K
+    from langchain_synthia._gptq import pack_gptq
+
+    g_idx = group_index(K_IN, 64, act_order=True, generator=gen)
+    widths = (N_OUT, 64, 96)
+    layers = [random_gptq(K_IN, w, 4, 64, generator=gen, g_idx=g_idx) for w in widths]
+    packed = pack_gptq(layers, 4, 64)
+    x = torch.randn(m, K_IN, generator=gen).half()
+    out = torch.zeros(m, sum(widths))
+    K.gptq_linear(x, packed, out)
+    errors, column = [], 0
+    for layer, width in zip(layers, widths, strict=True):
+        ref = x.float() @ dequantize_reference(layer, 4)
+        errors.append(rel(out[:, column : column + width], ref))
+        column += width
+    return {
+        "rel_per_layer": errors,
+        "splits": list(packed.splits),
+        "out_features": packed.out_features,
+    }
+
+
+def check_attention(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dict:
+    from langchain_synthia import _kernels as K
+
+    batch, cache_rows, max_len = 3, 5, 2100
+    lengths = torch.tensor([1, 1000, max_len], dtype=torch.int32)  # 1000: not a block multiple
+    perm = torch.randperm(batch, generator=gen)
+    lengths = lengths[perm].contiguous()
+    q = (torch.randn(batch, heads, dim, generator=gen) * 2).half()
+    k_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
+    v_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
+    work = K.AttentionWorkspace(batch, heads, kv_heads, dim, max_len, torch.device("cpu"))
+    out = torch.full_like(q, float("nan"))
+    K.decode_attention(q, k_cache, v_cache, lengths, work, out)
+    ref = K.decode_attention_reference(q, k_cache, v_cache, lengths)
+    # the GQA mapping itself, written out: head h reads kv head h // (heads / kv_heads)
+    group = heads // kv_heads
+    manual = torch.empty(batch, heads, dim)
+    for b in range(batch):
+        n = int(lengths[b])
+        for h in range(heads):
+            keys, values = k_cache[b, :n, h // group].float(), v_cache[b, :n, h // group].float()
+            weights = (keys @ q[b, h].float() / math.sqrt(dim)).softmax(0)
+            manual[b, h] = weights @ values
+    return {
+        "rel_vs_reference": rel(out, ref),
+        "rel_vs_definition": rel(out, manual),
+        "rel_per_row": {int(lengths[b]): rel(out[b], manual[b]) for b in range(batch)},
+        "finite": bool(torch.isfinite(out).all()),
+    }
+
+
+def check_norm(n: int, residual: bool, strided: bool, gen: torch.Generator) -> dict:
+    from langchain_synthia import _kernels as K
+
+    rows, eps = 3, 1e-5
+    weight = (torch.rand(n, generator=gen) + 0.5).half()
+    if residual:
+        x = _padded(rows, n, torch.float32) if strided else torch.zeros(rows, n)
+        x.copy_(torch.randn(rows, n, generator=gen) * 3)  # the fp32 output of a linear layer
+        res = torch.randn(rows, n, generator=gen).half()
+        updated = (res.float() + x.half().float()).half()
+        before = x.clone()
+    else:
+        x = torch.randn(rows, n, generator=gen).half()
+        res, updated, before = None, x.clone(), x.clone()
+    out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    K.add_rms_norm(x, res, weight, eps, out)
+    ref = K.rms_norm_reference(updated, weight, eps)
+    h = updated.float()
+    definition = weight.float() * (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    return {
+        "rel_vs_reference": rel(out, ref),
+        "rel_vs_definition": rel(out, definition),
+        "residual_max_diff": float((res.float() - updated.float()).abs().max()) if residual else 0,
+        "input_changed": bool(not torch.equal(x, before)),
+    }
+
+
+def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dict:
+    """`rope_and_cache` vs `rotate` and indexed cache writes, decode-like and prefill-like."""
+    from langchain_synthia import _kernels as K
+    from langchain_synthia._fast_model import _rotary_tables
+
+    max_len, cache_rows = 48, 4
+    cos, sin = _rotary_tables(10000.0, dim, max_len, torch.device("cpu"))
+    width = (heads + 2 * kv_heads) * dim
+    results = {}
+    for kind in ("decode", "prefill"):
+        if kind == "decode":  # one token per cache row, each at its own position
+            tokens = 3
+            rows = torch.randperm(cache_rows, generator=gen)[:tokens]
+            positions = torch.randint(0, max_len, (tokens,), generator=gen)
+        else:  # consecutive positions of one row
+            tokens = 7
+            rows = torch.full((tokens,), 2)
+            positions = torch.arange(5, 5 + tokens)
+        qkv = _padded(tokens, width, torch.float32)  # a linear layer's fp32 output, sliced
+        qkv.copy_(torch.randn(tokens, width, generator=gen) * 2)
+        k_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
+        v_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
+        expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        h = qkv.half()
+        q = h[:, : heads * dim].reshape(tokens, heads, dim)
+        k = h[:, heads * dim : (heads + kv_heads) * dim].reshape(tokens, kv_heads, dim)
+        v = h[:, (heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim)
+        c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+        expected_q = K.rotate(q, c, s)
+        expected_k[rows, positions] = K.rotate(k, c, s)
+        expected_v[rows, positions] = v
+        q_out = torch.full((tokens, heads, dim), float("nan"), dtype=torch.float16)
+        K.rope_and_cache(qkv, cos, sin, positions, rows, q_out, k_cache, v_cache)
+        results[kind] = {
+            "q_rel": rel(q_out, expected_q),
+            "k_rel": rel(k_cache, expected_k),
+            "v_equal": bool(torch.equal(v_cache, expected_v)),
+            "k_elsewhere_equal": bool(
+                torch.equal(
+                    k_cache.index_put((rows, positions), torch.zeros(1, dtype=torch.float16)),
+                    expected_k.index_put((rows, positions), torch.zeros(1, dtype=torch.float16)),
+                )
+            ),
+        }
+    return results
+
+
+def check_model(tiny: str, gen: torch.Generator) -> dict:
+    """The whole network on the kernels vs on the references: prefill, then batched decode.
+
+    The prompts' lengths take each GPTQ path in prefill (matmul, rows, tiles kernels).
+    """
+    from pathlib import Path
+
+    from langchain_synthia._fast_model import FastMistral
+
+    cpu, lengths = torch.device("cpu"), (70, 3, 9)
+    models = [FastMistral(Path(tiny), cpu, max_batch=3, max_len=96) for _ in range(2)]
+    models[1].use_kernels = True  # the Triton kernels, run by the interpreter
+    prompts = [torch.randint(3, 32000, (n,), generator=gen).tolist() for n in lengths]
+    prefill, decode, agree = [], [], True
+    with torch.inference_mode():
+        logits = [[m.prefill(slot, p) for slot, p in enumerate(prompts)] for m in models]
+        for slot in range(len(prompts)):
+            prefill.append(rel(logits[1][slot], logits[0][slot]))
+        tokens = torch.stack([x.argmax() for x in logits[0]])
+        positions = torch.tensor(lengths)
+        for _ in range(3):
+            ref, out = (m.decode(len(prompts), tokens, positions) for m in models)
+            decode.append([rel(out[row], ref[row]) for row in range(len(prompts))])
+            agree &= bool(torch.equal(out.argmax(-1), ref.argmax(-1)))
+            tokens, positions = ref.argmax(-1), positions + 1
+    return {"rel_prefill": prefill, "rel_decode_per_step_and_row": decode, "argmax_agrees": agree}
+
+
+def _cases(tiny: str | None) -> dict[str, Callable[[torch.Generator], dict]]:
+    cases: dict[str, Callable[[torch.Generator], dict]] = {}
+    for c in LINEAR_CASES:
+        cases[_linear_name(*c)] = lambda g, c=c: check_linear(*c, g)
+    for bits, m in GATED_CASES:
+        cases[f"gated-{bits}bit-m{m}"] = lambda g, b=bits, m=m: check_gated(b, m, g)
+    for m in FUSED_CASES:
+        cases[f"fused-m{m}"] = lambda g, m=m: check_fused(m, g)
+    for h, kv, d in ATTENTION_CASES:
+        cases[f"attention-h{h}-kv{kv}-d{d}"] = lambda g, c=(h, kv, d): check_attention(*c, g)
+    for c in NORM_CASES:
+        cases[_norm_name(*c)] = lambda g, c=c: check_norm(*c, g)
+    for h, kv, d in ROPE_CASES:
+        cases[f"rope-h{h}-kv{kv}-d{d}"] = lambda g, c=(h, kv, d): check_rope(*c, g)
+    if tiny:
+        cases["model"] = lambda g: check_model(tiny, g)
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--tiny", help="tiny checkpoint folder for the whole-model case")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th case from the i-th")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1 (before Triton is imported)", file=sys.stderr)
+        return 2
+    cases = _cases(args.tiny)
+    shard, shards = (int(part) for part in args.shard.split("/"))
+    for index, (name, check) in enumerate(cases.items()):
+        if index % shards != shard:
+            continue
+        generator = torch.Generator().manual_seed(args.seed * 1000 + index)
+        try:
+            line = {"case": name, "metrics": check(generator)}
+        except Exception:
+            line = {"case": name, "error": traceback.format_exc()}
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

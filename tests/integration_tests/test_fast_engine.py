@@ -1,0 +1,298 @@
+"""The fast engine on the tiny checkpoint: its network against transformers', and its scheduler.
+
+On the CPU (CI) `FastMistral` runs the plain-torch references instead of the Triton kernels
+(``test_kernels.py`` checks the kernels against those references), so these tests check
+everything else: the network's arithmetic and KV cache, cache rows decoded together, and the
+scheduler (continuous batching, queueing, cancellation) behind ``ChatSynthia(engine="fast")``.
+"""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import HumanMessage
+
+from langchain_synthia import ChatSynthia, render_messages
+from langchain_synthia._fast_model import FastMistral
+from langchain_synthia._loading import ModelSettings, get_engine
+from tests.conftest import DEVICE
+
+LOGITS_REL = 1e-2
+"""‖fast - transformers‖ / ‖transformers‖ of a step's logits (fp16 noise: ~4e-3 on the CPU)."""
+
+
+class TokenCounter(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().cpu(), ref.float().cpu()
+    return float((out - ref).norm() / ref.norm())
+
+
+def fast_model(tiny_model: str, max_batch: int = 4, max_len: int = 256) -> FastMistral:
+    """A model of our own (the engines' models belong to their scheduler threads)."""
+    return FastMistral(Path(tiny_model), torch.device(DEVICE), max_batch=max_batch, max_len=max_len)
+
+
+def prompt_ids(tiny_model: str, question: str) -> list[int]:
+    return engine_of(tiny_model, "transformers").encode(render_messages([HumanMessage(question)]))
+
+
+def engine_of(tiny_model: str, engine: str = "fast", **settings):
+    return get_engine(ModelSettings(model=tiny_model, device=DEVICE, engine=engine, **settings))
+
+
+def fast_chat(tiny_model: str, **kwargs) -> ChatSynthia:
+    # a timeout turns a request stuck in the scheduler into a failure instead of a hung test run
+    options = {"max_tokens": 20, "temperature": 0, "timeout": 30, **kwargs}
+    return ChatSynthia(model=tiny_model, device=DEVICE, engine="fast", **options)
+
+
+@pytest.fixture
+def chat(tiny_model: str) -> ChatSynthia:
+    return fast_chat(tiny_model)
+
+
+# -- the network ---------------------------------------------------------------------------------
+
+
+def test_logits_match_transformers_under_teacher_forcing(tiny_model: str) -> None:
+    reference = engine_of(tiny_model, "transformers")
+    model = fast_model(tiny_model)
+    ids = prompt_ids(tiny_model, "How is a rocket launched?")
+    cache_arg = reference._cache_arg
+    with torch.inference_mode():
+        out = reference.model(input_ids=torch.tensor([ids], device=DEVICE), use_cache=True)
+        expected, cache = out["logits"][0, -1], out[cache_arg]
+        got = model.prefill(0, ids)
+        errors, agree = [rel(got, expected)], [int(got.argmax()) == int(expected.argmax())]
+        position = len(ids)
+        for _ in range(8):  # feed the reference's own tokens
+            token = int(expected.argmax())
+            out = reference.model(
+                input_ids=torch.tensor([[token]], device=DEVICE),
+                use_cache=True,
+                **{cache_arg: cache},
+            )
+            expected, cache = out["logits"][0, -1], out[cache_arg]
+            tokens = torch.tensor([token], device=DEVICE)
+            got = model.decode(1, tokens, torch.tensor([position], device=DEVICE))[0]
+            errors.append(rel(got, expected))
+            agree.append(int(got.argmax()) == int(expected.argmax()))
+            position += 1
+    assert max(errors) < LOGITS_REL, errors
+    assert all(agree), agree
+
+
+def test_rows_decoded_together_equal_each_row_decoded_alone(tiny_model: str) -> None:
+    model = fast_model(tiny_model)
+    questions = ["Hi", "Tell me about the history of rockets, please.", "Why is the sky blue?"]
+    prompts = [prompt_ids(tiny_model, q) for q in questions]
+    assert len({len(p) for p in prompts}) == 3
+    steps = 6
+    with torch.inference_mode():
+        first = [model.prefill(slot, p) for slot, p in enumerate(prompts)]
+        tokens = torch.stack([x.argmax() for x in first])
+        positions = torch.tensor([len(p) for p in prompts], device=DEVICE)
+        fed, together = [tokens], []
+        for _ in range(steps):
+            logits = model.decode(3, tokens, positions).clone()
+            together.append(logits)
+            tokens, positions = logits.argmax(-1), positions + 1
+            fed.append(tokens)
+        for row, prompt in enumerate(prompts):
+            alone = model.prefill(0, prompt)  # row 0 of the cache, now for this prompt alone
+            assert rel(alone, first[row]) < 1e-3
+            position = torch.tensor([len(prompt)], device=DEVICE)
+            for step in range(steps):
+                logits = model.decode(1, fed[step][row : row + 1], position)[0]
+                # fp16 noise only (~7e-4: batched matmuls round differently); mixed rows are O(1)
+                assert rel(logits, together[step][row]) < 5e-3, (row, step)
+                assert int(logits.argmax()) == int(together[step][row].argmax())
+                position = position + 1
+
+
+# -- ChatSynthia on the fast engine --------------------------------------------------------------
+
+
+def test_every_way_of_calling_gives_the_same_answer_and_exact_usage(
+    chat: ChatSynthia, tiny_model: str
+) -> None:
+    assert chat._engine_for(chat.model, chat.revision).kind == "fast"
+    question = "Tell me about AI"
+    prompt_tokens = len(prompt_ids(tiny_model, question))
+    usage = {"input_tokens": prompt_tokens, "output_tokens": 20, "total_tokens": prompt_tokens + 20}
+
+    counter = TokenCounter()
+    message = chat.invoke(question, config={"callbacks": [counter]})
+    assert message.usage_metadata == usage
+    assert message.response_metadata["finish_reason"] == "length"
+    assert message.response_metadata["model_name"] == tiny_model
+    assert len(counter.tokens) == 20
+    assert "".join(counter.tokens) == message.content
+
+    counter = TokenCounter()
+    chunks = list(chat.stream(question, config={"callbacks": [counter]}))
+    assert "".join(c.content for c in chunks) == message.content
+    assert [c.usage_metadata for c in chunks if c.usage_metadata] == [usage]
+    assert len(counter.tokens) == 20
+
+    async def both() -> tuple:
+        streamed = [c async for c in chat.astream(question)]
+        return (await chat.ainvoke(question)), streamed
+
+    amessage, achunks = asyncio.run(both())
+    assert amessage.content == message.content
+    assert amessage.usage_metadata == usage
+    assert "".join(c.content for c in achunks) == message.content
+
+    others = ["Hi", "Why is the sky blue?"]
+    batch = chat.batch([question, *others])
+    assert [m.content for m in batch] == [message.content] + [
+        chat.invoke(q).content for q in others
+    ]
+    assert [m.usage_metadata["input_tokens"] for m in batch] == [
+        len(prompt_ids(tiny_model, q)) for q in (question, *others)
+    ]
+
+
+def test_greedy_tokens_equal_a_plain_decode_loop(tiny_model: str) -> None:
+    """The scheduler feeds each token at the right position: same tokens as a hand-run loop."""
+    model = fast_model(tiny_model, max_batch=1)
+    ids = prompt_ids(tiny_model, "How is a rocket launched?")
+    expected = []
+    with torch.inference_mode():
+        logits = model.prefill(0, ids)
+        for position in range(len(ids), len(ids) + 24):
+            expected.append(int(logits.argmax()))
+            tokens = torch.tensor(expected[-1:], device=DEVICE)
+            logits = model.decode(1, tokens, torch.tensor([position], device=DEVICE))[0]
+    chat = fast_chat(tiny_model, max_tokens=24, repetition_penalty=1.0, stop_at_user_turn=False)
+    chunks = list(chat._stream([HumanMessage("How is a rocket launched?")]))
+    assert len(chunks) == 24
+    tokenizer = chat._engine_for(chat.model, chat.revision).tokenizer
+    assert "".join(c.message.content for c in chunks) == tokenizer.decode(
+        expected, skip_special_tokens=True
+    )
+
+
+def test_multi_token_stop_is_honoured_and_not_returned(chat: ChatSynthia) -> None:
+    full = chat.invoke("Hello there", max_tokens=40).content
+    words = full.split()
+    assert len(words) > 4
+    stop = " ".join(words[2:4])  # spans several tokens, mid-answer
+    expected = full[: full.index(stop)]
+    message = chat.invoke("Hello there", stop=[stop], max_tokens=40)
+    assert message.content == expected
+    assert message.response_metadata["finish_reason"] == "stop"
+    assert message.usage_metadata["output_tokens"] < 40
+    streamed = "".join(c.content for c in chat.stream("Hello there", stop=[stop], max_tokens=40))
+    assert streamed == expected
+
+
+def test_equal_seeds_give_equal_samples(tiny_model: str) -> None:
+    chat = fast_chat(tiny_model, max_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    a = chat.invoke("Hi").content
+    assert chat.invoke("Hi").content == a
+    assert [m.content for m in chat.batch(["Hi", "Hi"])] == [a, a]
+    assert any(chat.invoke("Hi", seed=s).content != a for s in (8, 9, 10))
+
+
+# -- the scheduler -------------------------------------------------------------------------------
+
+
+def test_requests_join_a_running_decode_and_finish_as_if_alone(
+    chat: ChatSynthia, tiny_model: str, monkeypatch
+) -> None:
+    long_options = {"max_tokens": 300, "stop_at_user_turn": False}
+    questions = ["one", "two two", "three three three"]
+    alone_long = chat.invoke("Tell me a long story", **long_options)
+    assert alone_long.response_metadata["finish_reason"] == "length"  # it runs all 300 steps
+    alone = [chat.invoke(q).content for q in questions]
+
+    model = chat._engine_for(chat.model, chat.revision).model
+    sizes: list[int] = []
+    decode = model.decode
+    monkeypatch.setattr(
+        model, "decode", lambda batch, *a: (sizes.append(batch), decode(batch, *a))[1]
+    )
+    started, finished = threading.Event(), threading.Event()
+    pieces: list[str] = []
+
+    def long_stream() -> None:
+        for chunk in chat.stream("Tell me a long story", **long_options):
+            pieces.append(chunk.content)
+            if len(pieces) == 5:
+                started.set()
+        finished.set()
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(30)
+    with ThreadPoolExecutor(3) as pool:
+        joined = list(pool.map(lambda q: chat.invoke(q).content, questions))
+    joined_while_running = not finished.is_set()
+    thread.join(60)
+    assert joined == alone
+    assert "".join(pieces) == alone_long.content
+    assert joined_while_running, "the long stream ended before the others finished"
+    assert max(sizes) >= 2, "no step decoded several requests together"
+
+
+def test_more_requests_than_rows_queue_and_all_finish(tiny_model: str) -> None:
+    chat = fast_chat(tiny_model, max_batch_size=2, max_tokens=15)
+    engine = chat._engine_for(chat.model, chat.revision)
+    assert engine.model.max_batch == 2
+    questions = ["a", "bb bb", "ccc ccc ccc", "Why is the sky blue?", "Tell me about AI"]
+    alone = [chat.invoke(q) for q in questions]
+    with ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(chat.invoke, questions))
+    assert [m.content for m in together] == [m.content for m in alone]
+    for question, message in zip(questions, together, strict=True):
+        prompt_tokens = len(prompt_ids(tiny_model, question))
+        assert message.usage_metadata == {
+            "input_tokens": prompt_tokens,
+            "output_tokens": 15,
+            "total_tokens": prompt_tokens + 15,
+        }
+
+
+def test_a_cancelled_stream_frees_its_row(tiny_model: str) -> None:
+    chat = fast_chat(tiny_model, max_batch_size=1, stop_at_user_turn=False)
+    engine = chat._engine_for(chat.model, chat.revision)
+    for chunk in chat.stream("Go on and on", max_tokens=4000):
+        if chunk.content:
+            break
+    # the only row must come back: otherwise this waits in the queue until the timeout
+    message = chat.invoke("Short", max_tokens=3, timeout=30)
+    assert message.usage_metadata["output_tokens"] == 3
+    deadline = time.monotonic() + 5
+    while any(row is not None for row in engine._slots):
+        assert time.monotonic() < deadline, "a finished request kept its cache row"
+        time.sleep(0.01)
+
+
+def test_prompt_longer_than_the_context_window_is_refused(chat: ChatSynthia) -> None:
+    with pytest.raises(
+        ValueError, match=r"The prompt is \d+ tokens but Synthia's context window is 4096"
+    ):
+        chat.invoke("word " * 5000)
+    assert chat.invoke("Hi", max_tokens=2).usage_metadata["output_tokens"] == 2
+
+
+def test_answer_is_capped_by_the_cache_length(tiny_model: str) -> None:
+    chat = fast_chat(tiny_model, max_tokens=80, context_window=64, stop_at_user_turn=False)
+    assert chat._engine_for(chat.model, chat.revision).model.max_len == 64
+    message = chat.invoke("Hi")
+    assert message.usage_metadata["total_tokens"] == 64
+    assert message.response_metadata["finish_reason"] == "length"

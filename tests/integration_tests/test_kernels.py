@@ -1,0 +1,211 @@
+"""The fast engine's Triton kernels against their torch references, on the CPU.
+
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), which must be on before
+Triton is imported, so they run in subprocesses (`_kernel_checks`) on fresh random inputs; the
+seed is in every failure message (rerun one case with ``TRITON_INTERPRET=1 python -m
+tests.integration_tests._kernel_checks --seed SEED``). The GPTQ repacking is checked here
+directly, against the format's definition.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from langchain_synthia._gptq import pack_gptq, pack_rows, unpack_rows
+from tests.conftest import tiny_model_path
+from tests.integration_tests._kernel_checks import (
+    case_names,
+    dequantize_reference,
+    group_index,
+    random_gptq,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+FP16_REL = 2e-3
+"""‖kernel - reference‖ / ‖reference‖ for fp16 inputs (fp32 accumulation: ~5e-4 measured)."""
+MODEL_REL = 1e-2
+"""The same for a whole network's logits (fp16 rounding compounds over layers: ~1e-3)."""
+SHARDS = 2
+
+
+@pytest.fixture(scope="module")
+def kernel_runs() -> tuple[int, dict[str, dict]]:
+    """Run every kernel case once (in parallel shards); map case name -> its JSON line."""
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(3), "little")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "tests.integration_tests._kernel_checks", "--seed", str(seed)]
+    command += ["--tiny", tiny_model_path()]
+    shards = [
+        subprocess.Popen(
+            [*command, "--shard", f"{shard}/{SHARDS}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for shard in range(SHARDS)
+    ]
+    results: dict[str, dict] = {}
+    for process in shards:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, f"seed {seed}: kernel checks crashed\n{err[-4000:]}"
+        for line in out.splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                results[entry["case"]] = entry
+    return seed, results
+
+
+def metrics_of(kernel_runs: tuple[int, dict[str, dict]], case: str) -> tuple[str, dict]:
+    seed, results = kernel_runs
+    assert case in results, f"seed {seed}: case {case} did not run"
+    entry = results[case]
+    assert "error" not in entry, f"seed {seed}: {case} raised\n{entry.get('error')}"
+    return f"seed {seed}, {case}: {entry['metrics']}", entry["metrics"]
+
+
+def cases(prefix: str) -> list[str]:
+    return [name for name in case_names() if name.startswith(prefix)]
+
+
+# -- GPTQ linear ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("linear-"))
+def test_gptq_linear_matches_the_reference(kernel_runs, case: str) -> None:
+    """Bits 4/8, group sizes 32/64/128/one group, act order, 1 to 100 rows (all three paths)."""
+    where, m = metrics_of(kernel_runs, case)
+    assert m["rel_vs_reference"] < FP16_REL, where
+    assert m["rel_vs_definition"] < FP16_REL, where
+    assert m["outside_written"] == 0, where  # `out` is a column slice: its neighbours untouched
+    assert m["has_perm"] == (case.endswith("-act") and "-g-1-" not in case), where
+
+
+@pytest.mark.parametrize("case", cases("gated-"))
+def test_gated_gptq_linear_applies_silu_gate_times_up(kernel_runs, case: str) -> None:
+    where, m = metrics_of(kernel_runs, case)
+    assert m["rel_vs_reference"] < FP16_REL, where
+    assert m["rel_vs_definition"] < FP16_REL, where
+
+
+@pytest.mark.parametrize("case", cases("fused-"))
+def test_fused_layers_equal_each_layer_alone(kernel_runs, case: str) -> None:
+    where, m = metrics_of(kernel_runs, case)
+    assert m["splits"] == [200, 64, 96], where
+    assert m["out_features"] == 360, where
+    assert len(m["rel_per_layer"]) == 3, where
+    assert all(error < FP16_REL for error in m["rel_per_layer"]), where
+
+
+# -- attention, norm, the whole network ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases("attention-"))
+def test_decode_attention_matches_the_reference(kernel_runs, case: str) -> None:
+    """Batch 3 with lengths 1, 1000 and 2100 (ragged, not block multiples), GQA and MHA."""
+    where, m = metrics_of(kernel_runs, case)
+    assert m["finite"], where
+    assert m["rel_vs_reference"] < FP16_REL, where
+    assert m["rel_vs_definition"] < FP16_REL, where
+    assert sorted(int(length) for length in m["rel_per_row"]) == [1, 1000, 2100], where
+    assert all(error < FP16_REL for error in m["rel_per_row"].values()), where
+
+
+@pytest.mark.parametrize("case", cases("norm-"))
+def test_add_rms_norm_updates_the_residual_and_normalises(kernel_runs, case: str) -> None:
+    where, m = metrics_of(kernel_runs, case)
+    assert m["residual_max_diff"] == 0, where  # fp16(residual + fp16(x)), bit for bit
+    assert m["rel_vs_reference"] < FP16_REL, where
+    assert m["rel_vs_definition"] < FP16_REL, where
+    assert not m["input_changed"], where
+
+
+@pytest.mark.parametrize("case", cases("rope-"))
+def test_rope_and_cache_rotates_and_writes_only_its_cache_rows(kernel_runs, case: str) -> None:
+    """Decode-like (one token per row, scattered positions) and prefill-like (one row) calls."""
+    where, m = metrics_of(kernel_runs, case)
+    assert sorted(m) == ["decode", "prefill"], where
+    for part in m.values():
+        assert part["q_rel"] < FP16_REL, where
+        assert part["k_rel"] < FP16_REL, where
+        assert part["v_equal"], where
+        assert part["k_elsewhere_equal"], where
+
+
+def test_network_on_the_kernels_matches_the_network_on_the_references(kernel_runs) -> None:
+    """`FastMistral` (tiny checkpoint) with the kernels vs the references: 3 rows, 3 steps."""
+    where, m = metrics_of(kernel_runs, "model")
+    assert len(m["rel_prefill"]) == 3, where
+    assert all(error < MODEL_REL for error in m["rel_prefill"]), where
+    steps = m["rel_decode_per_step_and_row"]
+    assert len(steps) == 3, where
+    assert all(error < MODEL_REL for step in steps for error in step), where
+    assert m["argmax_agrees"], where
+
+
+# -- GPTQ repacking (plain torch) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_rows_and_unpack_rows_are_inverse(bits: int) -> None:
+    pack = 32 // bits
+    words = torch.randint(-(2**31), 2**31, (64 // pack, 48), dtype=torch.int64).to(torch.int32)
+    codes = unpack_rows(words, bits)
+    assert codes.shape == (64, 48)
+    assert torch.equal(pack_rows(codes, bits), words)
+    # row k sits in bits [bits * (k % pack), bits * (k % pack + 1)) of word k // pack
+    k = torch.arange(64)
+    expected = (words.to(torch.int64)[k // pack] >> (bits * (k % pack))[:, None]) & (2**bits - 1)
+    assert torch.equal(codes.to(torch.int64), expected)
+    random_codes = torch.randint(0, 2**bits, (64, 48), dtype=torch.uint8)
+    assert torch.equal(unpack_rows(pack_rows(random_codes, bits), bits), random_codes)
+
+
+def _assert_dequantized(weight: torch.Tensor, layer: dict[str, torch.Tensor], bits: int) -> None:
+    """fp16 rounding of ``W`` and of ``zero * scale`` is the only difference allowed."""
+    expected = dequantize_reference(layer, bits)
+    scales = layer["scales"][layer["g_idx"].long()].float()
+    bound = 2.0**-11 * (expected.abs() + 2**bits * scales) + 1e-7
+    assert weight.dtype == torch.float16
+    assert weight.shape == expected.shape
+    assert bool(((weight.float() - expected).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 128, -1])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_dequantize_follows_the_gptq_definition(bits: int, group: int, act_order: bool) -> None:
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(3), "little"))
+    layer = random_gptq(256, 96, bits, group, generator=generator, act_order=act_order)
+    packed = pack_gptq([layer], bits, group)
+    assert packed.group_size == (256 if group == -1 else group)
+    assert (packed.in_features, packed.out_features, packed.splits) == (256, 96, ())
+    _assert_dequantized(packed.dequantize(), layer, bits)
+
+
+def test_fused_dequantize_is_the_layers_side_by_side() -> None:
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(3), "little"))
+    g_idx = group_index(256, 32, act_order=True, generator=generator)
+    layers = [random_gptq(256, n, 4, 32, generator=generator, g_idx=g_idx) for n in (64, 32, 32)]
+    packed = pack_gptq(layers, 4, 32)
+    assert packed.splits == (64, 32, 32)
+    weight = packed.dequantize()
+    for layer, part in zip(layers, weight.split(list(packed.splits), dim=1), strict=True):
+        _assert_dequantized(part, layer, 4)
+
+
+def test_pack_gptq_refuses_layouts_it_cannot_read() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = random_gptq(256, 64, 4, 32, generator=generator)
+    b = random_gptq(256, 64, 4, 32, generator=generator)  # its own act-order permutation
+    with pytest.raises(ValueError, match="share their act-order row permutation"):
+        pack_gptq([a, b], 4, 32)
+    with pytest.raises(ValueError, match="does not form groups of 64 rows"):
+        pack_gptq([a], 4, 64)
