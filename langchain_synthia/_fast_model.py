@@ -108,7 +108,10 @@ class FastMistral:
         bits, group = int(quant["bits"]), int(quant["group_size"])
         self.kernel = kernel or "triton"
         if self.kernel not in KERNELS:
-            msg = f"kernel={kernel!r} is not a fast-engine kernel: choose one of {KERNELS}."
+            msg = (
+                f"kernel={kernel!r} is not a fast-engine kernel: choose one of {KERNELS}, or pass "
+                "engine='transformers' to use another gptqmodel kernel."
+            )
             raise ValueError(msg)
         self.layers = [
             _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 
 # Never reach the Hub from tests; quantising on a small CPU needs these (see testing.py).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -34,3 +35,13 @@ def tiny_model_path(seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     return tiny_model_path()
+
+
+class TokenCounter(BaseCallbackHandler):
+    """Records every ``on_llm_new_token`` call."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)

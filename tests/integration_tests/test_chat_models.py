@@ -4,7 +4,6 @@ import asyncio
 import time
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
 
 from langchain_synthia import (
@@ -16,15 +15,7 @@ from langchain_synthia import (
 )
 from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE
-
-
-class TokenCounter(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs) -> None:
-        self.tokens.append(token)
+from tests.conftest import DEVICE, TokenCounter
 
 
 @pytest.fixture

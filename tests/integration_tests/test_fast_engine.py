@@ -14,24 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
 
 from langchain_synthia import ChatSynthia, render_messages
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, TokenCounter
 
 LOGITS_REL = 1e-2
 """‖fast - transformers‖ / ‖transformers‖ of a step's logits (fp16 noise: ~4e-3 on the CPU)."""
-
-
-class TokenCounter(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs) -> None:
-        self.tokens.append(token)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,22 +3,13 @@
 import asyncio
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
 
 from langchain_synthia import GenerationTimeoutError, SynthiaLLM, synthia_prompt_template
 from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, TokenCounter
 
 PROMPT = synthia_prompt_template().format(question="How is a rocket launched?")
-
-
-class TokenCounter(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs) -> None:
-        self.tokens.append(token)
 
 
 @pytest.fixture
