@@ -255,6 +255,27 @@ def profile(engine, prompt_ids: list[int], kernel: str) -> dict:
     return result
 
 
+def prefix_reuse(folder: Path, kernel: str) -> dict:
+    """First-token time of a call sharing a 1,500-token prefix with the one before, and alone."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    chat = ChatSynthia(
+        model=str(folder), device="cuda", engine="fast", kernel=kernel, temperature=0,
+        stop_at_user_turn=False, max_batch_size=1,
+    )  # fmt: skip
+    engine = get_engine(chat._settings(chat.model, chat.revision))
+    docs = prompt_of(1500, engine.tokenizer)
+    times = []
+    for question in ("What is a payload?", "How many stages?", "Why is drag a problem?"):
+        started = time.perf_counter()
+        next(iter(chat.stream([SystemMessage(docs), HumanMessage(question)], max_tokens=1)))
+        times.append((time.perf_counter() - started) * 1000)
+    result = {"first_call_ttft_ms": round(times[0], 1), "shared_prefix_ttft_ms":
+              [round(t, 1) for t in times[1:]], "reused_tokens": engine.prefixes.reused_tokens}  # fmt: skip
+    _release(engine, chat)
+    return result
+
+
 def memory_and_reload(folder: Path, kernel: str) -> dict:
     """Load again (kernels already built): time to first token; peak memory at a 4k context."""
     gc.collect()
@@ -320,6 +341,7 @@ def main() -> None:
         chat = ChatSynthia(
             model=str(folder), device="cuda", engine="fast", temperature=0, kernel=kernel,
             stop_at_user_turn=False, max_batch_size=1 if args.quick else 32,
+            prefix_cache_tokens=0,  # the same prompt is timed again: no reuse here
         )  # fmt: skip
         engine = get_engine(chat._settings(chat.model, chat.revision))
         prompt = prompt_of(512, engine.tokenizer)
@@ -376,6 +398,8 @@ def main() -> None:
             if branch == "main":
                 notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
                 print(notes[f"main_{kernel}_memory"], flush=True)
+                notes[f"main_{kernel}_prefix_reuse"] = prefix_reuse(folder, kernel)
+                print(notes[f"main_{kernel}_prefix_reuse"], flush=True)
             continue
         try:
             base = baseline(folder, args.baseline_kernel, ids, args.new_tokens)

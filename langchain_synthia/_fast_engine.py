@@ -16,6 +16,7 @@ import torch
 
 from langchain_synthia._engine import BaseEngine, _Row
 from langchain_synthia._fast_model import FastMistral
+from langchain_synthia._prefix_cache import PrefixCache
 from langchain_synthia._sampling import BatchSampler, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,18 @@ class FastEngine(BaseEngine):
 
     kind = "fast"
 
-    def __init__(self, model: FastMistral, tokenizer: Any, *, name: str, graphs: bool) -> None:
-        """Serve `model`; `graphs` captures the decode steps as CUDA graphs."""
+    def __init__(
+        self, model: FastMistral, tokenizer: Any, *, name: str, graphs: bool,
+        prefix_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        """Serve `model`.
+
+        `graphs` captures the decode steps as CUDA graphs; `prefix_tokens` bounds the KV cache
+        of prompt prefixes kept for reuse (0: no reuse).
+        """
         super().__init__(tokenizer, name=name, device=model.device, max_len=model.max_len)
         self.model = model
+        self.prefixes = PrefixCache(prefix_tokens)
         self.sizes = [s for s in BATCH_SIZES if s < model.max_batch] + [model.max_batch]
         self._slots: list[_Row | None] = [None] * model.max_batch
         self._waiting: list[_Row] = []
@@ -122,7 +131,13 @@ class FastEngine(BaseEngine):
         return joining
 
     def _prefill(self, slot: int, row: _Row) -> None:
-        logits = self.model.prefill(slot, row.prompt_ids)
+        ids = row.prompt_ids
+        reused, keys, values = self.prefixes.longest(ids)
+        if reused:
+            self.model.k_cache[:, slot, :reused].copy_(keys)
+            self.model.v_cache[:, slot, :reused].copy_(values)
+        logits = self.model.prefill(slot, ids[reused:], start=reused)
+        self.prefixes.store(ids, self.model.k_cache[:, slot], self.model.v_cache[:, slot])
         self._sampler.assign(slot, row.stream.request.sampling, row.prompt_ids)
         token = int(self._sampler.sample(logits[None], row=slot)[0])
         self._tokens[slot] = token

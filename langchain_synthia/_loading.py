@@ -51,6 +51,8 @@ class ModelSettings:
     """Fast engine: cache rows, i.e. requests decoded at once (0 for the transformers engine)."""
     context_window: int = 0
     """Fast engine: tokens per cache row (0 for the transformers engine)."""
+    prefix_cache_tokens: int = 0
+    """Fast engine: tokens of prompt prefixes whose KV cache is kept for reuse."""
 
 
 _engines: dict[ModelSettings, BaseEngine] = {}
@@ -321,4 +323,7 @@ def _load_fast(settings: ModelSettings, folder: Path, device: str) -> BaseEngine
             raise
         logger.warning("gptqmodel's Marlin kernel is unavailable (%s): using Triton kernels", error)
         model = _fast_model(settings, folder, target, "triton")
-    return FastEngine(model, _tokenizer(folder), name=settings.model, graphs=target.type == "cuda")
+    return FastEngine(
+        model, _tokenizer(folder), name=settings.model, graphs=target.type == "cuda",
+        prefix_tokens=settings.prefix_cache_tokens,
+    )  # fmt: skip

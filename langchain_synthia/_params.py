@@ -69,6 +69,10 @@ class SynthiaParams(BaseModel):
     """``"fast"``: langchain-synthia's CUDA engine (static KV cache, CUDA graphs, Triton GPTQ
     kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);
     ``"auto"``: fast on CUDA, transformers elsewhere."""
+    prefix_cache_tokens: int = Field(default=8192, ge=0)
+    """Fast engine: prompt prefixes (system message, tools, documents) whose KV cache is kept, in
+    tokens (128 KiB each), so that a later prompt that starts the same way skips them; least
+    recently used first out; 0 turns reuse off."""
     max_batch_size: int = Field(default=8, ge=1, le=256)
     """Fast engine: requests decoded together at most (each holds a KV-cache row of
     ``context_window`` tokens: 512 MiB at 4096 tokens)."""
@@ -139,6 +143,7 @@ class SynthiaParams(BaseModel):
             engine=engine,
             max_batch_size=self.max_batch_size if fast else 0,
             context_window=self.context_window if fast else 0,
+            prefix_cache_tokens=self.prefix_cache_tokens if fast else 0,
         )
 
     def _engine_for(self, model: str, revision: str) -> BaseEngine:

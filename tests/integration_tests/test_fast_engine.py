@@ -287,3 +287,23 @@ def test_answer_is_capped_by_the_cache_length(tiny_model: str) -> None:
     message = chat.invoke("Hi")
     assert message.usage_metadata["total_tokens"] == 64
     assert message.response_metadata["finish_reason"] == "length"
+
+
+def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    docs = " ".join(f"Document {i}: rockets carry payloads to orbit in stages." for i in range(60))
+    settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
+                "max_tokens": 16, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
+    cached = ChatSynthia(**settings)
+    plain = ChatSynthia(**settings, prefix_cache_tokens=0)
+    first = [SystemMessage(docs), HumanMessage("What is a payload?")]
+    second = [SystemMessage(docs), HumanMessage("How many stages are there?")]
+    assert cached.invoke(first).content == plain.invoke(first).content
+    engine = cached._engine_for(cached.model, cached.revision)
+    before = engine.prefixes.reused_tokens
+    answer = cached.invoke(second)
+    assert engine.prefixes.reused_tokens - before >= 512  # most of the ~1,000-token prefix
+    assert answer.content == plain.invoke(second).content
+    assert answer.usage_metadata == plain.invoke(second).usage_metadata
+    assert plain._engine_for(plain.model, plain.revision).prefixes.hits == 0
