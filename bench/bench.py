@@ -261,7 +261,7 @@ def prefix_reuse(folder: Path, kernel: str) -> dict:
 
     chat = ChatSynthia(
         model=str(folder), device="cuda", engine="fast", kernel=kernel, temperature=0,
-        stop_at_user_turn=False, max_batch_size=1,
+        stop_at_user_turn=False, max_batch_size=1, prefix_cache_tokens=8192,
     )  # fmt: skip
     engine = get_engine(chat._settings(chat.model, chat.revision))
     docs = prompt_of(1500, engine.tokenizer)

@@ -24,7 +24,24 @@ logger = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
 
+PREFILL_TOKENS = 8192
+"""Most prompt tokens prefilled in one pass (bounds the activations of a burst of requests)."""
+
 _IDLE = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+
+
+def _chunks(joining: list[tuple[int, _Row]], budget: int) -> list[list[tuple[int, _Row]]]:
+    """Split joining requests into groups of at most `budget` prompt tokens (at least one each)."""
+    groups: list[list[tuple[int, _Row]]] = []
+    size = 0
+    for item in joining:
+        tokens = len(item[1].prompt_ids)
+        if not groups or size + tokens > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += tokens
+    return groups
 
 
 class GenerationClosedError(RuntimeError):
@@ -107,8 +124,8 @@ class FastEngine(BaseEngine):
                 joining = self._take_waiting()
             try:
                 with torch.inference_mode():
-                    for slot, row in joining:
-                        self._prefill(slot, row)
+                    for group in _chunks(joining, PREFILL_TOKENS):
+                        self._prefill(group)
                     self._release_finished()
                     if any(self._slots):
                         self._step()
@@ -130,20 +147,25 @@ class FastEngine(BaseEngine):
             joining.append((slot, row))
         return joining
 
-    def _prefill(self, slot: int, row: _Row) -> None:
-        ids = row.prompt_ids
-        reused, keys, values = self.prefixes.longest(ids)
-        if reused:
-            self.model.k_cache[:, slot, :reused].copy_(keys)
-            self.model.v_cache[:, slot, :reused].copy_(values)
-        logits = self.model.prefill(slot, ids[reused:], start=reused)
-        self.prefixes.store(ids, self.model.k_cache[:, slot], self.model.v_cache[:, slot])
-        self._sampler.assign(slot, row.stream.request.sampling, row.prompt_ids)
-        token = int(self._sampler.sample(logits[None], row=slot)[0])
-        self._tokens[slot] = token
-        self._positions[slot] = len(row.prompt_ids)
-        self._busy[slot] = 1
-        row.advance(token, self._eos_id)
+    def _prefill(self, joining: list[tuple[int, _Row]]) -> None:
+        """Prefill new requests together (reusing cached prefixes); sample their first tokens."""
+        prompts = []
+        for slot, row in joining:
+            reused, keys, values = self.prefixes.longest(row.prompt_ids)
+            if reused:
+                self.model.k_cache[:, slot, :reused].copy_(keys)
+                self.model.v_cache[:, slot, :reused].copy_(values)
+            prompts.append((slot, row.prompt_ids[reused:], reused))
+        logits = self.model.prefill_many(prompts)
+        for (slot, row), last in zip(joining, logits, strict=True):
+            ids = row.prompt_ids
+            self.prefixes.store(ids, self.model.k_cache[:, slot], self.model.v_cache[:, slot])
+            self._sampler.assign(slot, row.stream.request.sampling, ids)
+            token = int(self._sampler.sample(last[None], row=slot)[0])
+            self._tokens[slot] = token
+            self._positions[slot] = len(ids)
+            self._busy[slot] = 1
+            row.advance(token, self._eos_id)
 
     def _step(self) -> None:
         busy = max(i for i, row in enumerate(self._slots) if row is not None) + 1

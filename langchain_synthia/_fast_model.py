@@ -181,10 +181,24 @@ class FastMistral:
 
     def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
         """Run `ids` (at positions ``start...``) for cache row `slot`; return the last logits."""
+        return self.prefill_many([(slot, ids, start)])[0]
+
+    def prefill_many(self, prompts: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Prefill several prompts ``(cache row, ids, start)`` in one pass; last logits each.
+
+        The linear layers see all their tokens at once (one weight pass for the lot); attention
+        runs per prompt over its own cache row.
+        """
+        device = self.device
+        ids = [token for _, prompt, _ in prompts for token in prompt]
         count = len(ids)
-        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + count, device=self.device)
-        cache_rows = torch.full((count,), slot, dtype=torch.long, device=self.device)
+        tokens = torch.tensor(ids, dtype=torch.long, device=device)
+        positions = torch.cat(
+            [torch.arange(start, start + len(p), device=device) for _, p, start in prompts]
+        )
+        cache_rows = torch.cat(
+            [torch.full((len(p),), slot, dtype=torch.long, device=device) for slot, p, _ in prompts]
+        )
         residual = self.embed[tokens].clone()
         normed = torch.empty_like(residual)
         delta = None
@@ -195,15 +209,23 @@ class FastMistral:
                 self._norm(delta, residual, layer.input_norm, normed)
             qkv = self._linear(normed, layer.qkv, self._zeros(count, self._qkv_width()))
             q = self._rope_and_cache(index, qkv, positions, cache_rows)
-            attn = self._prefill_attention(index, slot, q, start + count)
+            attn = torch.empty_like(q)
+            offset = 0
+            for slot, prompt, start in prompts:
+                end = offset + len(prompt)
+                attn[offset:end] = self._prefill_attention(
+                    index, slot, q[offset:end], start + len(prompt)
+                )
+                offset = end
             o = self._linear(attn.reshape(count, -1), [layer.o], self._zeros(count, self.hidden))
             self._norm(o, residual, layer.post_norm, normed)
             width = sum(g.out_features for g in layer.gate_up)
             gate_up = self._linear(normed, layer.gate_up, self._zeros(count, width))
             delta = self._linear(gate_up, [layer.down], self._zeros(count, self.hidden), gated=True)
-        last = torch.empty((1, self.hidden), dtype=torch.float16, device=self.device)
-        self._norm(delta[-1:], residual[-1:], self.norm, last)
-        return (last @ self.lm_head.T).float()[0]
+        ends = torch.tensor([len(p) for _, p, _ in prompts], device=device).cumsum(0) - 1
+        last = torch.empty((len(prompts), self.hidden), dtype=torch.float16, device=device)
+        self._norm(delta[ends], residual[ends], self.norm, last)
+        return (last @ self.lm_head.T).float()
 
     def _prefill_attention(self, index: int, slot: int, q: torch.Tensor, end: int) -> torch.Tensor:
         count = q.shape[0]

@@ -69,10 +69,11 @@ class SynthiaParams(BaseModel):
     """``"fast"``: langchain-synthia's CUDA engine (static KV cache, CUDA graphs, Triton GPTQ
     kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);
     ``"auto"``: fast on CUDA, transformers elsewhere."""
-    prefix_cache_tokens: int = Field(default=8192, ge=0)
-    """Fast engine: prompt prefixes (system message, tools, documents) whose KV cache is kept, in
-    tokens (128 KiB each), so that a later prompt that starts the same way skips them; least
-    recently used first out; 0 turns reuse off."""
+    prefix_cache_tokens: int = Field(default=0, ge=0)
+    """Fast engine, experimental: tokens of prompt prefixes (system message, tools, documents)
+    whose KV cache is kept (128 KiB each) so that a later prompt that starts the same way skips
+    them; least recently used first out. Off (0) by default: on an H200 it did not yet shorten
+    the first-token time (docs/benchmarks.md)."""
     max_batch_size: int = Field(default=8, ge=1, le=256)
     """Fast engine: requests decoded together at most (each holds a KV-cache row of
     ``context_window`` tokens: 512 MiB at 4096 tokens)."""

@@ -311,6 +311,16 @@ def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dic
     return results
 
 
+def _same_choice(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Greedy choices agree, except between near-tied tokens (random weights make ties)."""
+    mine, theirs = out.argmax(-1), ref.argmax(-1)
+    for row in torch.nonzero(mine != theirs).flatten().tolist():
+        gap = (ref[row, theirs[row]] - ref[row, mine[row]]).abs()
+        if gap > 1e-2 * ref[row].abs().max():
+            return False
+    return True
+
+
 def check_model(tiny: str, gen: torch.Generator) -> dict:
     """The whole network on the kernels vs on the references: prefill, then batched decode.
 
@@ -334,7 +344,7 @@ def check_model(tiny: str, gen: torch.Generator) -> dict:
         for _ in range(3):
             ref, out = (m.decode(len(prompts), tokens, positions) for m in models)
             decode.append([rel(out[row], ref[row]) for row in range(len(prompts))])
-            agree &= bool(torch.equal(out.argmax(-1), ref.argmax(-1)))
+            agree &= _same_choice(out, ref)
             tokens, positions = ref.argmax(-1), positions + 1
     return {"rel_prefill": prefill, "rel_decode_per_step_and_row": decode, "argmax_agrees": agree}
 

@@ -295,8 +295,8 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
     docs = " ".join(f"Document {i}: rockets carry payloads to orbit in stages." for i in range(60))
     settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
                 "max_tokens": 16, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
-    cached = ChatSynthia(**settings)
-    plain = ChatSynthia(**settings, prefix_cache_tokens=0)
+    cached = ChatSynthia(**settings, prefix_cache_tokens=8192)
+    plain = ChatSynthia(**settings)
     first = [SystemMessage(docs), HumanMessage("What is a payload?")]
     second = [SystemMessage(docs), HumanMessage("How many stages are there?")]
     assert cached.invoke(first).content == plain.invoke(first).content
