@@ -1,5 +1,6 @@
 """Shared test setup: a hermetic environment and, for the integration tier, the tiny checkpoint."""
 
+import asyncio
 import functools
 import os
 import tempfile
@@ -45,3 +46,22 @@ class TokenCounter(BaseCallbackHandler):
 
     def on_llm_new_token(self, token: str, **kwargs) -> None:
         self.tokens.append(token)
+
+
+class LoopTicker:
+    """Counts the event loop's turns while the block runs (a blocked loop counts none)."""
+
+    async def __aenter__(self) -> "LoopTicker":
+        self.ticks = 0
+        self._running = True
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def _tick(self) -> None:
+        while self._running:
+            self.ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._running = False
+        await self._task

@@ -1,6 +1,5 @@
 """ChatSynthia on the tiny checkpoint: behaviour beyond the standard suite."""
 
-import asyncio
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from langchain_synthia import (
 )
 from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE, TokenCounter
+from tests.conftest import DEVICE, LoopTicker, TokenCounter
 
 
 @pytest.fixture
@@ -171,23 +170,12 @@ async def test_abatch_is_one_padded_batch(chat: ChatSynthia, monkeypatch) -> Non
 
 async def test_async_never_blocks_the_event_loop(chat: ChatSynthia) -> None:
     await chat.ainvoke("warm up")
-    ticks = 0
-    stop = False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop:
-            ticks += 1
-            await asyncio.sleep(0.001)
-
-    task = asyncio.create_task(ticker())
-    chunks = [c async for c in chat.astream("Tell me a long story", max_tokens=40)]
-    message = await chat.ainvoke("Another one", max_tokens=40)
-    stop = True
-    await task
+    async with LoopTicker() as loop:
+        chunks = [c async for c in chat.astream("Tell me a long story", max_tokens=40)]
+        message = await chat.ainvoke("Another one", max_tokens=40)
     assert len(chunks) >= 40
     assert message.usage_metadata["output_tokens"] == 40
-    assert ticks > 20
+    assert loop.ticks > 20
 
 
 def test_concurrent_streams_from_threads_stay_separate(chat: ChatSynthia) -> None:

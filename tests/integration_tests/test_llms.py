@@ -1,13 +1,11 @@
 """SynthiaLLM on the tiny checkpoint (LangChain has no standard LLM suite: these are ours)."""
 
-import asyncio
-
 import pytest
 
 from langchain_synthia import GenerationTimeoutError, SynthiaLLM, synthia_prompt_template
 from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE, TokenCounter
+from tests.conftest import DEVICE, LoopTicker, TokenCounter
 
 PROMPT = synthia_prompt_template().format(question="How is a rocket launched?")
 
@@ -103,20 +101,9 @@ async def test_async_invoke_stream_and_batch(llm: SynthiaLLM) -> None:
 
 
 async def test_async_does_not_block_the_loop(llm: SynthiaLLM) -> None:
-    ticks = 0
-    done = False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await asyncio.sleep(0.001)
-
-    task = asyncio.create_task(ticker())
-    await llm.ainvoke(PROMPT, max_tokens=40)
-    done = True
-    await task
-    assert ticks > 10
+    async with LoopTicker() as loop:
+        await llm.ainvoke(PROMPT, max_tokens=40)
+    assert loop.ticks > 10
 
 
 def test_timeout(llm: SynthiaLLM) -> None:
