@@ -1,12 +1,13 @@
 """Tokens in, token events out: the one generation path under every LangChain call.
 
-The engine knows nothing of LangChain. `Engine.submit` takes a `GenerationRequest` and returns
-a `TokenStream` at once; a worker thread decodes the request (alone, or padded together with the
-other requests of a batch) and pushes one `TokenEvent` per generated token into each request's
-stream, which a caller reads synchronously or with ``async for``.
+Engines know nothing of LangChain. `BaseEngine.submit` takes `GenerationRequest`s and returns
+their `TokenStream`s at once; the engine decodes them and pushes one `TokenEvent` per generated
+token into each stream, which a caller reads synchronously or with ``async for``. Each row is
+detokenized incrementally and cut at the first stop string to complete, without ever emitting
+part of one (`_Row`).
 
-Per step the worker samples a token for every row on the device, detokenizes it incrementally,
-and cuts the row at the earliest stop string without ever emitting part of one.
+Two engines share this: `Engine` here (transformers' model on any device; one worker thread per
+padded batch) and `langchain_synthia._fast_engine.FastEngine` (CUDA graphs, continuous batching).
 """
 
 import asyncio
