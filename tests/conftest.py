@@ -38,6 +38,22 @@ def tiny_model() -> str:
     return tiny_model_path()
 
 
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches the transformers engine starts during the test, in order."""
+    from langchain_synthia._engine import Engine
+
+    started: list[int] = []
+    original = Engine._start
+
+    def spy(self: Engine, rows: list) -> None:
+        started.append(len(rows))
+        original(self, rows)
+
+    monkeypatch.setattr(Engine, "_start", spy)
+    return started
+
+
 class TokenCounter(BaseCallbackHandler):
     """Records every ``on_llm_new_token`` call."""
 

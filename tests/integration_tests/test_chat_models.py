@@ -135,16 +135,8 @@ def test_per_call_overrides_and_seed_reproducibility(tiny_model: str) -> None:
         chat.invoke("Hi", maxtokens=3)
 
 
-def test_batch_is_one_padded_gpu_batch(chat: ChatSynthia, tiny_model: str, monkeypatch) -> None:
+def test_batch_is_one_padded_gpu_batch(chat: ChatSynthia, tiny_model: str, batches) -> None:
     engine = engine_of(tiny_model)
-    batches: list[int] = []
-    original = Engine._start
-
-    def spy(self, rows):
-        batches.append(len(rows))
-        return original(self, rows)
-
-    monkeypatch.setattr(Engine, "_start", spy)
     prompts = ["Hi", "Hello there, how are you today?", "Why?", "Tell me about AI", "x"]
     results = chat.batch(prompts)
     assert batches == [5]
@@ -157,12 +149,7 @@ def test_batch_is_one_padded_gpu_batch(chat: ChatSynthia, tiny_model: str, monke
     assert engine is engine_of(tiny_model)
 
 
-async def test_abatch_is_one_padded_batch(chat: ChatSynthia, monkeypatch) -> None:
-    batches: list[int] = []
-    original = Engine._start
-    monkeypatch.setattr(
-        Engine, "_start", lambda self, rows: (batches.append(len(rows)), original(self, rows))[1]
-    )
+async def test_abatch_is_one_padded_batch(chat: ChatSynthia, batches) -> None:
     results = await chat.abatch(["a", "b", "c"])
     assert batches == [3]
     assert len(results) == 3

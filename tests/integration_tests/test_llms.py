@@ -3,7 +3,6 @@
 import pytest
 
 from langchain_synthia import GenerationTimeoutError, SynthiaLLM, synthia_prompt_template
-from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
 from tests.conftest import DEVICE, LoopTicker, TokenCounter
 
@@ -71,15 +70,7 @@ def test_react_style_observation_stop(llm: SynthiaLLM) -> None:
     assert "Observation:" not in text
 
 
-def test_batch_is_one_padded_batch_with_usage_per_prompt(llm: SynthiaLLM, monkeypatch) -> None:
-    batches: list[int] = []
-    original = Engine._start
-
-    def spy(self, rows):
-        batches.append(len(rows))
-        return original(self, rows)
-
-    monkeypatch.setattr(Engine, "_start", spy)
+def test_batch_is_one_padded_batch_with_usage_per_prompt(llm: SynthiaLLM, batches) -> None:
     prompts = [PROMPT, "USER: Hi\nASSISTANT:", "Once upon a time"]
     texts = llm.batch(prompts)
     assert batches == [1 * 3]
