@@ -9,7 +9,6 @@ the same code runs with the plain-torch references instead of the Triton kernels
 """
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -395,8 +394,3 @@ def _read_safetensors(folder: Path, device: torch.device) -> dict[str, torch.Ten
             for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
                 tensors[name] = weights.get_tensor(name)
     return tensors
-
-
-def bandwidth_limit(weight_bytes: int, bytes_per_second: float) -> float:
-    """Tokens per second that memory bandwidth allows at batch 1."""
-    return bytes_per_second / weight_bytes if weight_bytes else math.inf

@@ -494,8 +494,3 @@ def rope_and_cache(
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, num_warps=1,
     )  # fmt: skip
     return q_out
-
-
-def kernel_info() -> dict[str, Any]:
-    """What kernels the engine runs here (for ``synthia info`` and the benchmarks)."""
-    return {"gptq": "triton" if triton is not None else "torch", "attention": "triton"}
