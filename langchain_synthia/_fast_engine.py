@@ -223,6 +223,5 @@ class FastEngine(BaseEngine):
                 pool = graph.pool()
                 self._graphs[size] = (graph, logits)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        with contextlib.suppress(Exception):
-            self.model.k_cache.zero_()
-            self.model.v_cache.zero_()
+        self.model.k_cache.zero_()  # the warm-up steps wrote into it
+        self.model.v_cache.zero_()

@@ -142,21 +142,14 @@ class FastMistral:
         column = 0
         for linear in linears:
             target = out[:, column : column + linear.out_features]
-            if isinstance(linear, _MarlinLinear):
-                source = x
-                if gated:
-                    half = x.shape[1] // 2
-                    source = torch.nn.functional.silu(x[:, :half].half()) * x[:, half:].half()
-                target += linear(source.half())
-            elif self.use_kernels:
+            if self.use_kernels and not isinstance(linear, _MarlinLinear):
                 K.gptq_linear(x, linear, target, gated=gated)
             else:
-                source = x.float()
-                if gated:
-                    half = source.shape[1] // 2
-                    gate = torch.nn.functional.silu(source[:, :half].half()).float()
-                    source = (gate.half() * source[:, half:].half()).float()
-                target += source.half().float() @ linear.reference_weight  # type: ignore[attr-defined]
+                source = K.gated_input(x) if gated else x.half()
+                if isinstance(linear, _MarlinLinear):
+                    target += linear(source)
+                else:  # CPU: the reference
+                    target += source.float() @ linear.reference_weight  # type: ignore[attr-defined]
             column += linear.out_features
         return out
 

@@ -40,6 +40,12 @@ def gptq_linear_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     return x.float() @ layer.dequantize().float()
 
 
+def gated_input(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in fp16 (transformers' rounding) from a fused gate/up ``[M, 2K]``."""
+    half = x.shape[1] // 2
+    return torch.nn.functional.silu(x[:, :half].half()) * x[:, half:].half()
+
+
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
@@ -201,7 +207,7 @@ def gptq_linear(
     k, n = layer.in_features, layer.out_features
     if rows > 64:  # prefill: compute-bound, so dequantise once and let cuBLAS multiply
         if gated:
-            x = torch.nn.functional.silu(x[:, :k].half()) * x[:, k:].half()
+            x = gated_input(x)
         x = x.half() if layer.perm is None else x.half()[:, layer.perm.long()]
         out += torch.matmul(x, _dequantized(layer))
         return out

@@ -57,8 +57,9 @@ class SynthiaParams(BaseModel):
     device: str = "auto"
     """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
     kernel: str | None = None
-    """GPTQ kernel. Fast engine: ``"triton"`` (ours, the default) or ``"gptq_marlin"``;
-    transformers engine: a gptqmodel backend, ``None`` picks per device (``KERNELS_BY_DEVICE``)."""
+    """GPTQ kernel. Fast engine: ``"gptq_marlin"`` or ``"triton"`` (ours); ``None`` takes Marlin
+    when gptqmodel can build it, else Triton. Transformers engine: a gptqmodel backend; ``None``
+    picks one per device (``KERNELS_BY_DEVICE``)."""
     cache_dir: str | None = None
     """Hugging Face cache folder; ``None`` uses ``HF_HOME``/``HF_HUB_CACHE`` or the default."""
     local_files_only: bool = False
