@@ -227,7 +227,7 @@ def agreement(model, engine, prompt_ids: list[int], steps: int = 32) -> dict:
     return {"max_rel_logit_err": max(errors), "greedy_equal_tokens": same, "steps": steps}
 
 
-def profile(engine, prompt_ids: list[int], kernel: str) -> dict:
+def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
     """Where a decode step's time goes: graph replays, each GEMV alone, prefill."""
     from triton.testing import do_bench
 
@@ -252,7 +252,88 @@ def profile(engine, prompt_ids: list[int], kernel: str) -> dict:
     with torch.inference_mode():
         result["prefill_512_ms"] = do_bench(lambda: fast.prefill(0, prompt_ids), warmup=3,
                                             rep=50, return_mode="median")  # fmt: skip
+        result["decode_b1_kernels"] = kernel_breakdown(
+            lambda: fast.decode(1, engine._tokens, engine._positions)
+        )
+        result["prefill_512_kernels"] = kernel_breakdown(lambda: fast.prefill(0, prompt_ids))
+    if kernel == "gptq_marlin":
+        try:
+            result["marlin_variants"] = marlin_variants(folder)
+        except Exception as error:  # a side measurement must not cost the rest of the run
+            result["marlin_variants"] = {"error": repr(error)}
     return result
+
+
+def marlin_variants(folder: Path) -> dict:
+    """Marlin on an act-order layer as gptqmodel runs it, against the same layer with its rows
+    sorted once at load (plain grouped Marlin) and the input permuted per call."""
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+    from gptqmodel.utils.backend import BACKEND
+    from triton.testing import do_bench
+
+    from langchain_synthia._fast_model import _MarlinLinear, _Tensors
+    from langchain_synthia._gptq import pack_rows, unpack_rows
+
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    bits, group = int(quant["bits"]), int(quant["group_size"])
+    tensors = _Tensors(folder, torch.device("cuda"))
+    result: dict = {}
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        part = {p: tensors[f"model.layers.0.{name}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")}  # fmt: skip
+        act = _MarlinLinear([part], bits, group)
+        k, n = act.in_features, act.out_features
+        perm = torch.argsort(part["g_idx"].long(), stable=True)
+        plain = MarlinLinear(bits=bits, group_size=group, desc_act=False, sym=True,
+                             in_features=k, out_features=n, bias=False,
+                             backend=BACKEND.GPTQ_MARLIN).cuda()  # fmt: skip
+        plain.qweight.data = pack_rows(unpack_rows(part["qweight"], bits)[perm], bits).contiguous()
+        plain.qzeros.data = part["qzeros"].contiguous()
+        plain.scales.data = part["scales"].half().contiguous()
+        plain.post_init()
+        for rows in (1, 32):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+            ref = act(x).float()
+            got = plain(x[:, perm]).float()
+            result[f"{name}_m{rows}_rel_err"] = float((got - ref).norm() / ref.norm())
+            xp = x[:, perm].contiguous()
+            for label, fn in (("act_order_us", lambda x=x: act(x)),
+                              ("sorted_with_permute_us", lambda x=x: plain(x[:, perm])),
+                              ("sorted_alone_us", lambda xp=xp: plain(xp))):  # fmt: skip
+                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                result[f"{name}_m{rows}_{label}"] = round(ms * 1000, 1)
+    tensors.close()
+    return result
+
+
+def kernel_breakdown(step, repeats: int = 5) -> dict:
+    """GPU kernel time of one eager `step`, by kernel name (microseconds, top 12)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    try:
+        return _kernel_breakdown(step, profiler, ProfilerActivity, repeats)
+    except Exception as error:  # a profiler quirk must not cost the rest of the run
+        return {"error": repr(error)}
+
+
+def _kernel_breakdown(step, profiler, activity, repeats: int) -> dict:
+    step()
+    torch.cuda.synchronize()
+    with profiler(activities=[activity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    launches = 0
+    for event in prof.events():
+        if "cuda" not in str(getattr(event, "device_type", "")).lower():
+            continue
+        name = event.name[:60]
+        totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us() / repeats
+        launches += 1
+    top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
+    return {"kernels_per_step": launches // repeats, "kernel_us_per_step":
+            round(sum(totals.values()), 1), "top_us": {k: round(v, 1) for k, v in top.items()}}  # fmt: skip
 
 
 def prefix_reuse(folder: Path, kernel: str) -> dict:
@@ -362,7 +443,7 @@ def main() -> None:
             ids = engine.encode(
                 ChatSynthia(model=str(folder))._prepare([_human(prompt)], None, {})[1]
             )
-            notes[f"{branch}_{kernel}_profile"] = profile(engine, ids, kernel)
+            notes[f"{branch}_{kernel}_profile"] = profile(engine, ids, kernel, folder)
             print(json.dumps(notes[f"{branch}_{kernel}_profile"]), flush=True)
         if args.quick:
             _release(engine, chat)
@@ -415,6 +496,8 @@ def main() -> None:
         if branch == "main":
             notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
             print(notes[f"main_{kernel}_memory"], flush=True)
+            notes[f"main_{kernel}_prefix_reuse"] = prefix_reuse(folder, kernel)
+            print(notes[f"main_{kernel}_prefix_reuse"], flush=True)
 
     stamp = datetime.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,24 +24,34 @@ logger = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
 
-PREFILL_TOKENS = 8192
-"""Most prompt tokens prefilled in one pass (bounds the activations of a burst of requests)."""
+PREFILL_TOKENS = 2048
+"""Most prompt tokens prefilled in one pass. A longer prompt, or a burst of requests, is
+prefilled in several passes: this bounds the activations' memory (a 4k context fits 6 GiB)."""
 
 _IDLE = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
 
 
-def _chunks(joining: list[tuple[int, _Row]], budget: int) -> list[list[tuple[int, _Row]]]:
-    """Split joining requests into groups of at most `budget` prompt tokens (at least one each)."""
-    groups: list[list[tuple[int, _Row]]] = []
+def _passes(
+    prompts: list[tuple[int, list[int], int]], budget: int
+) -> list[list[tuple[int, list[int], int]]]:
+    """Cut prompts ``(cache row, ids, start)`` into passes of at most `budget` tokens.
+
+    A prompt longer than what is left of a pass continues in the next one, from where it was
+    cut (its earlier pieces are already in its cache row by then).
+    """
+    passes: list[list[tuple[int, list[int], int]]] = [[]]
     size = 0
-    for item in joining:
-        tokens = len(item[1].prompt_ids)
-        if not groups or size + tokens > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += tokens
-    return groups
+    for slot, ids, start in prompts:
+        offset = 0
+        while offset < len(ids):
+            if size == budget:
+                passes.append([])
+                size = 0
+            piece = ids[offset : offset + budget - size]
+            passes[-1].append((slot, piece, start + offset))
+            size += len(piece)
+            offset += len(piece)
+    return passes
 
 
 class GenerationClosedError(RuntimeError):
@@ -86,6 +96,14 @@ class FastEngine(BaseEngine):
         self._sampler = BatchSampler(
             [_IDLE] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
         )
+        pinned = model.device.type == "cuda"
+        self._host = [
+            torch.zeros(model.max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
+        """Two host buffers for sampled tokens: one is filled while the other is read."""
+        self._flip = 0
+        self._pending: tuple[Any, torch.Tensor, list[_Row | None]] | None = None
+        """The step in flight: its ready event, its host tokens, the rows it decoded."""
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture()
@@ -116,7 +134,7 @@ class FastEngine(BaseEngine):
     def _serve(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not any(self._slots) and not self._closing:
+                while not (self._waiting or any(self._slots) or self._pending or self._closing):
                     self._wake.wait()
                 if self._closing:
                     self._fail_all(GenerationClosedError("The engine was closed."), locked=True)
@@ -124,12 +142,14 @@ class FastEngine(BaseEngine):
                 joining = self._take_waiting()
             try:
                 with torch.inference_mode():
-                    for group in _chunks(joining, PREFILL_TOKENS):
-                        self._prefill(group)
+                    if joining:
+                        self._prefill(joining)
                     self._release_finished()
                     if any(self._slots):
-                        self._step()
-                        self._release_finished()
+                        self._step()  # launches this step, then hands out the last one's tokens
+                    else:
+                        self._deliver()
+                    self._release_finished()
             except BaseException as error:
                 logger.exception("decode step failed")
                 self._fail_all(error)
@@ -148,7 +168,7 @@ class FastEngine(BaseEngine):
         return joining
 
     def _prefill(self, joining: list[tuple[int, _Row]]) -> None:
-        """Prefill new requests together (reusing cached prefixes); sample their first tokens."""
+        """Prefill new requests (reusing cached prefixes); sample their first tokens."""
         prompts = []
         for slot, row in joining:
             reused, keys, values = self.prefixes.longest(row.prompt_ids)
@@ -156,18 +176,27 @@ class FastEngine(BaseEngine):
                 self.model.k_cache[:, slot, :reused].copy_(keys)
                 self.model.v_cache[:, slot, :reused].copy_(values)
             prompts.append((slot, row.prompt_ids[reused:], reused))
-        logits = self.model.prefill_many(prompts)
-        for (slot, row), last in zip(joining, logits, strict=True):
+        last: dict[int, torch.Tensor] = {}
+        for part in _passes(prompts, PREFILL_TOKENS):
+            logits = self.model.prefill_many(part)
+            last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
+        for slot, row in joining:
             ids = row.prompt_ids
             self.prefixes.store(ids, self.model.k_cache[:, slot], self.model.v_cache[:, slot])
             self._sampler.assign(slot, row.stream.request.sampling, ids)
-            token = int(self._sampler.sample(last[None], row=slot)[0])
+            token = int(self._sampler.sample(last[slot][None], row=slot)[0])
             self._tokens[slot] = token
             self._positions[slot] = len(ids)
             self._busy[slot] = 1
             row.advance(token, self._eos_id)
 
     def _step(self) -> None:
+        """Launch one decode step, then hand out the previous step's tokens while it runs.
+
+        The device never waits for the host: the sampled tokens feed the next step on the
+        device, and their copy to the host is read one step later. A row that finished in the
+        previous step has decoded one token too many; it is dropped unread.
+        """
         busy = max(i for i, row in enumerate(self._slots) if row is not None) + 1
         size = next(s for s in self.sizes if s >= busy)
         graph = self._graphs.get(size)
@@ -179,8 +208,24 @@ class FastEngine(BaseEngine):
         chosen = self._sampler.sample(logits)
         self._tokens[:size] = chosen
         self._positions[:size] += self._busy[:size]
-        for slot, token in enumerate(chosen.tolist()):
-            row = self._slots[slot]
+        host = self._host[self._flip][:size]
+        self._flip ^= 1
+        host.copy_(chosen, non_blocking=True)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        self._deliver()
+        self._pending = (ready, host, self._slots[:size])
+
+    def _deliver(self) -> None:
+        """Send each row its token from the step launched last (waiting for it if needed)."""
+        if self._pending is None:
+            return
+        ready, host, rows = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()
+        for row, token in zip(rows, host.tolist(), strict=True):
             if row is not None and not row.done and not row.stream.cancelled.is_set():
                 row.advance(token, self._eos_id)
 
@@ -199,6 +244,7 @@ class FastEngine(BaseEngine):
             rows = [row for row in self._slots if row is not None] + self._waiting
             self._waiting.clear()
         self._slots = [None] * len(self._slots)
+        self._pending = None
         self._positions.zero_()
         self._busy.zero_()
         for row in rows:

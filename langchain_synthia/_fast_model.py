@@ -15,19 +15,20 @@ from typing import Any
 import torch
 
 from langchain_synthia import _kernels as K
-from langchain_synthia._gptq import PackedLinear, pack_gptq
+from langchain_synthia._gptq import pack_gptq
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
 Marlin (CUDA, built with nvcc on first use, about three minutes, then cached by gptqmodel)."""
 
 _ATTN = ("q_proj", "k_proj", "v_proj")
+_SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 _MLP = ("gate_proj", "up_proj")
 
 
 class _Layer:
     def __init__(
-        self, tensors: dict[str, torch.Tensor], prefix: str, bits: int, group: int, kernel: str
+        self, tensors: "_Tensors", prefix: str, bits: int, group: int, kernel: str
     ) -> None:
         def gptq(name: str) -> dict[str, torch.Tensor]:
             return {
@@ -103,7 +104,7 @@ class FastMistral:
         self.vocab_size = config["vocab_size"]
         self.eps = config["rms_norm_eps"]
         self.use_kernels = device.type == "cuda" and K.triton_available()
-        tensors = _read_safetensors(folder, device)
+        tensors = _Tensors(folder, device)
         bits, group = int(quant["bits"]), int(quant["group_size"])
         self.kernel = kernel or "triton"
         if self.kernel not in KERNELS:
@@ -119,7 +120,7 @@ class FastMistral:
         self.embed = tensors["model.embed_tokens.weight"].to(torch.float16)
         self.norm = tensors["model.norm.weight"].to(torch.float16)
         self.lm_head = tensors["lm_head.weight"].to(torch.float16)
-        del tensors
+        tensors.close()
         theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
             "rope_theta", 10000.0
         )
@@ -136,9 +137,19 @@ class FastMistral:
     # -- linear layers ------------------------------------------------------------------------
 
     def _linear(
-        self, x: torch.Tensor, linears: list[PackedLinear], out: torch.Tensor, gated: bool = False
-    ) -> torch.Tensor:
-        """``out = x @ W`` (fp32, `out` zeroed by the caller) for one or more packed layers."""
+        self, x: torch.Tensor, linears: list, out: torch.Tensor | None = None,
+        gated: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """``x @ W`` for one or more packed layers (`gated`: of ``silu(gate) * up`` of `x`).
+
+        Marlin returns its fp16 product as it is (what transformers + gptqmodel compute). Triton
+        and the CPU references accumulate in fp32 into `out` (zeroed; made when not given).
+        """
+        if self.kernel == "gptq_marlin" and len(linears) == 1:
+            return linears[0](K.gated_input(x) if gated else x.half())
+        if out is None:
+            width = sum(linear.out_features for linear in linears)
+            out = torch.zeros((x.shape[0], width), dtype=torch.float32, device=self.device)
         column = 0
         for linear in linears:
             target = out[:, column : column + linear.out_features]
@@ -199,7 +210,7 @@ class FastMistral:
                 self._norm(residual, None, layer.input_norm, normed)
             else:
                 self._norm(delta, residual, layer.input_norm, normed)
-            qkv = self._linear(normed, layer.qkv, self._zeros(count, self._qkv_width()))
+            qkv = self._linear(normed, layer.qkv)
             q = self._rope_and_cache(index, qkv, positions, cache_rows)
             attn = torch.empty_like(q)
             offset = 0
@@ -209,29 +220,32 @@ class FastMistral:
                     index, slot, q[offset:end], start + len(prompt)
                 )
                 offset = end
-            o = self._linear(attn.reshape(count, -1), [layer.o], self._zeros(count, self.hidden))
+            o = self._linear(attn.reshape(count, -1), [layer.o])
             self._norm(o, residual, layer.post_norm, normed)
-            width = sum(g.out_features for g in layer.gate_up)
-            gate_up = self._linear(normed, layer.gate_up, self._zeros(count, width))
-            delta = self._linear(gate_up, [layer.down], self._zeros(count, self.hidden), gated=True)
+            gate_up = self._linear(normed, layer.gate_up)
+            delta = self._linear(gate_up, [layer.down], gated=True)
         ends = torch.tensor([len(p) for _, p, _ in prompts], device=device).cumsum(0) - 1
         last = torch.empty((len(prompts), self.hidden), dtype=torch.float16, device=device)
         self._norm(delta[ends], residual[ends], self.norm, last)
         return (last @ self.lm_head.T).float()
 
     def _prefill_attention(self, index: int, slot: int, q: torch.Tensor, end: int) -> torch.Tensor:
+        """Causal attention of `q` (the last ``len(q)`` of ``end`` cached positions)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+
+        backends = [getattr(SDPBackend, name) for name in _SDPA_BACKENDS]
         count = q.shape[0]
         k = self.k_cache[index, slot, :end].transpose(0, 1)[None]  # [1, KVH, end, D]
         v = self.v_cache[index, slot, :end].transpose(0, 1)[None]
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         query = q.transpose(0, 1)[None]
-        if end == count:  # no cached prefix: plain causal attention (flash kernels on CUDA)
-            out = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=True)
-        else:
-            mask = torch.ones((count, end), dtype=torch.bool, device=self.device)
+        # Lower-right causal alignment covers a cached prefix (end > count) without building a
+        # mask. cuDNN's backend is left out: it plans each new shape anew (tens of ms each).
+        with sdpa_kernel(backends):
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, k, v, attn_mask=mask.tril(end - count)
+                query, k, v, attn_mask=causal_lower_right(count, end)
             )
         return out[0].transpose(0, 1)  # [count, H, D]
 
@@ -245,7 +259,8 @@ class FastMistral:
         """
         buf = self._decode_buffers(batch)
         tokens, positions = tokens[:batch], positions[:batch]
-        buf["work"].zero_()
+        if buf["work"] is not None:
+            buf["work"].zero_()
         residual = buf["residual"]
         residual.copy_(self.embed[tokens])
         normed = buf["normed"]
@@ -259,7 +274,7 @@ class FastMistral:
                 self._norm(residual, None, layer.input_norm, normed)
             else:
                 self._norm(delta, residual, layer.input_norm, normed)
-            self._linear(normed, layer.qkv, qkv)
+            qkv = self._linear(normed, layer.qkv, qkv)
             q = self._rope_and_cache(index, qkv, positions, rows, buf["q"])
             attn = buf["attn"]
             if self.use_kernels:
@@ -272,9 +287,9 @@ class FastMistral:
                         q, self.k_cache[index], self.v_cache[index], lengths
                     )
                 )
-            self._linear(attn.reshape(batch, -1), [layer.o], o)
+            o = self._linear(attn.reshape(batch, -1), [layer.o], o)
             self._norm(o, residual, layer.post_norm, normed)
-            self._linear(normed, layer.gate_up, gate_up)
+            gate_up = self._linear(normed, layer.gate_up, gate_up)
             delta = self._linear(gate_up, [layer.down], down, gated=True)
         self._norm(delta, residual, self.norm, normed)
         return torch.matmul(normed, self.lm_head.T, out=buf["logits"]).float()
@@ -290,16 +305,18 @@ class FastMistral:
             sum(g.out_features for g in layer.gate_up),
             self.hidden,
         ]
-        work = torch.zeros(
-            (len(self.layers), batch, sum(widths)), dtype=torch.float32, device=self.device
-        )
-        outs = []
-        for index in range(len(self.layers)):
-            column, parts = 0, []
-            for width in widths:
-                parts.append(work[index, :, column : column + width])
-                column += width
-            outs.append(parts)
+        work, outs = None, [[None] * len(widths)] * len(self.layers)
+        if self.kernel != "gptq_marlin":  # fp32 accumulators, zeroed at each step
+            work = torch.zeros(
+                (len(self.layers), batch, sum(widths)), dtype=torch.float32, device=self.device
+            )
+            outs = []
+            for index in range(len(self.layers)):
+                column, parts = 0, []
+                for width in widths:
+                    parts.append(work[index, :, column : column + width])
+                    column += width
+                outs.append(parts)
         buf = {
             "work": work,
             "outs": outs,
@@ -327,9 +344,6 @@ class FastMistral:
 
     def _qkv_width(self) -> int:
         return (self.heads + 2 * self.kv_heads) * self.head_dim
-
-    def _zeros(self, rows: int, width: int) -> torch.Tensor:
-        return torch.zeros((rows, width), dtype=torch.float32, device=self.device)
 
     def _rope_and_cache(
         self, index: int, qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
@@ -378,12 +392,27 @@ def _rotary_tables(theta: float, dim: int, length: int, device: torch.device) ->
     return emb.cos().to(torch.float16).to(device), emb.sin().to(torch.float16).to(device)
 
 
-def _read_safetensors(folder: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+class _Tensors:
+    """The checkpoint's tensors, each read onto the device only when asked for.
 
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, framework="pt", device=str(device)) as weights:
-            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[name] = weights.get_tensor(name)
-    return tensors
+    Layers are built one after the other, so the device holds the repacked layers plus one
+    layer's original tensors, never the whole checkpoint twice (the peak-memory figure of an
+    8 GB card depends on it).
+    """
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        from safetensors import safe_open
+
+        self._device = device
+        self._shards = [
+            safe_open(shard, framework="pt", device="cpu")
+            for shard in sorted(folder.glob("*.safetensors"))
+        ]
+        self._where = {name: shard for shard in self._shards for name in shard.keys()}  # noqa: SIM118
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name).to(self._device)
+
+    def close(self) -> None:
+        self._where.clear()
+        self._shards.clear()

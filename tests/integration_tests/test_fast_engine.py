@@ -7,6 +7,7 @@ scheduler (continuous batching, queueing, cancellation) behind ``ChatSynthia(eng
 """
 
 import asyncio
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -307,3 +308,43 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
     assert answer.content == plain.invoke(second).content
     assert answer.usage_metadata == plain.invoke(second).usage_metadata
     assert plain._engine_for(plain.model, plain.revision).prefixes.hits == 0
+
+
+def test_long_prompts_prefilled_in_pieces_give_the_same_logits(tiny_model: str) -> None:
+    """A prompt cut across passes (attention over its own earlier pieces) equals one pass."""
+    from langchain_synthia._fast_engine import _passes
+
+    model = fast_model(tiny_model, max_batch=2)
+    ids = prompt_ids(tiny_model, "Explain in detail how rockets reach orbit, stage by stage.")
+    whole = model.prefill(0, ids)
+    last = None
+    for part in _passes([(1, ids, 0)], budget=7):
+        assert sum(len(piece) for _, piece, _ in part) <= 7
+        last = model.prefill_many(part)[-1]
+    assert rel(last, whole) < LOGITS_REL
+    assert int(last.argmax()) == int(whole.argmax())
+
+
+def test_passes_keep_every_token_in_order_and_within_budget() -> None:
+    from langchain_synthia._fast_engine import _passes
+
+    prompts = [(0, list(range(10)), 0), (1, [100, 101, 102], 5), (2, list(range(200, 209)), 0)]
+    passes = _passes(prompts, budget=4)
+    assert all(sum(len(ids) for _, ids, _ in part) <= 4 for part in passes)
+    for slot, ids, start in prompts:
+        pieces = [(s, p) for part in passes for row, p, s in part if row == slot]
+        assert [token for _, p in pieces for token in p] == ids  # nothing lost or reordered
+        assert pieces[0][0] == start
+        assert all(b == a + len(p) for (a, p), (b, _) in itertools.pairwise(pieces))
+
+
+def test_a_long_prompt_answers_as_in_one_pass(tiny_model: str, monkeypatch) -> None:
+    from langchain_synthia import _fast_engine
+
+    question = "Explain in detail how rockets reach orbit, stage by stage, with numbers."
+    chat = fast_chat(tiny_model, max_tokens=12)
+    whole = chat.invoke(question)
+    monkeypatch.setattr(_fast_engine, "PREFILL_TOKENS", 5)  # read at each prefill: several passes
+    cut = chat.invoke(question)
+    assert cut.content == whole.content
+    assert cut.usage_metadata == whole.usage_metadata
