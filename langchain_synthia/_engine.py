@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from langchain_synthia._grammar import Constraint, allowed_tokens, bitmask_words
 from langchain_synthia._sampling import BatchSampler, SamplingParams
 from langchain_synthia._stops import StopMatcher
 
@@ -43,6 +44,9 @@ class GenerationRequest:
     """Seconds the whole generation may take; ``None`` waits as long as it runs."""
     context_window: int = 4096
     """Prompt plus answer may not exceed this many tokens (the prompt alone must fit)."""
+    grammar: str | None = None
+    """An llguidance grammar the answer must follow (`langchain_synthia._grammar`): each token
+    is sampled among those the grammar allows, and the answer ends when it is complete."""
 
 
 @dataclass(frozen=True)
@@ -191,14 +195,21 @@ class _Row:
         self.done = False
         self.detokenizer = _Detokenizer(tokenizer)
         self.stops = StopMatcher(stream.request.stops)
+        grammar = stream.request.grammar
+        self.constraint = None if grammar is None else Constraint(grammar, tokenizer)
 
     def advance(self, token_id: int, eos_id: int | None) -> None:
         """Account for one new token and send its event."""
         self.generated += 1
+        if self.constraint is not None and token_id != eos_id:
+            self.constraint.advance(token_id)
         text = self.stops.feed(self.detokenizer.push(token_id))
         finish: FinishReason | None = None
         if self.stops.stopped or token_id == eos_id:
             finish = "stop"
+        elif self.constraint is not None and self.constraint.complete:
+            finish = "stop"
+            text += self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
         elif self.generated >= self.budget:
             finish = "length"
             text += self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
@@ -327,7 +338,9 @@ class Engine(BaseEngine):
                     **{self._cache_arg: cache},
                 )
                 cache = out[self._cache_arg]
-                tokens = sampler.sample(out["logits"][:, -1, :])
+                logits = out["logits"][:, -1, :]
+                allowed = grammar_mask(rows, logits.shape[-1], self.device)
+                tokens = sampler.sample(logits, allowed=allowed)
             for row, token, alive in zip(rows, tokens.tolist(), live, strict=True):
                 if alive:
                     row.advance(token, self._eos_id)
@@ -345,6 +358,25 @@ class Engine(BaseEngine):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def grammar_mask(
+    rows: Sequence["_Row | None"], vocab_size: int, device: Any
+) -> "torch.Tensor | None":
+    """Tokens each row may take next under its grammar (``None`` when no row has one)."""
+    constrained = [
+        (index, row)
+        for index, row in enumerate(rows)
+        if row is not None and row.constraint is not None and not row.done
+    ]
+    if not constrained:
+        return None
+    import torch
+
+    bitmask = torch.full((len(rows), bitmask_words(vocab_size)), -1, dtype=torch.int32)
+    for index, row in constrained:
+        row.constraint.fill(bitmask, index)  # type: ignore[union-attr]
+    return allowed_tokens(bitmask.to(device), vocab_size)
 
 
 _workers: dict[threading.Thread, list[_Row]] = {}

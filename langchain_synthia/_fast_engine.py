@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from langchain_synthia._engine import BaseEngine, _Row
+from langchain_synthia._engine import BaseEngine, _Row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._prefix_cache import PrefixCache
 from langchain_synthia._sampling import BatchSampler, SamplingParams
@@ -184,7 +184,8 @@ class FastEngine(BaseEngine):
             ids = row.prompt_ids
             self.prefixes.store(ids, self.model.k_cache[:, slot], self.model.v_cache[:, slot])
             self._sampler.assign(slot, row.stream.request.sampling, ids)
-            token = int(self._sampler.sample(last[slot][None], row=slot)[0])
+            allowed = grammar_mask([row], self.model.vocab_size, self.device)
+            token = int(self._sampler.sample(last[slot][None], row=slot, allowed=allowed)[0])
             self._tokens[slot] = token
             self._positions[slot] = len(ids)
             self._busy[slot] = 1
@@ -195,7 +196,9 @@ class FastEngine(BaseEngine):
 
         The device never waits for the host: the sampled tokens feed the next step on the
         device, and their copy to the host is read one step later. A row that finished in the
-        previous step has decoded one token too many; it is dropped unread.
+        previous step has decoded one token too many; it is dropped unread. Rows under a
+        grammar need their previous token before this step's can be sampled: then the
+        previous step is handed out first, and the masks are computed while the step runs.
         """
         busy = max(i for i, row in enumerate(self._slots) if row is not None) + 1
         size = next(s for s in self.sizes if s >= busy)
@@ -205,7 +208,11 @@ class FastEngine(BaseEngine):
         else:
             graph[0].replay()
             logits = graph[1]
-        chosen = self._sampler.sample(logits)
+        allowed = None
+        if any(row is not None and row.constraint is not None for row in self._slots[:size]):
+            self._deliver()
+            allowed = grammar_mask(self._slots[:size], self.model.vocab_size, self.device)
+        chosen = self._sampler.sample(logits, allowed=allowed)
         self._tokens[:size] = chosen
         self._positions[:size] += self._busy[:size]
         host = self._host[self._flip][:size]

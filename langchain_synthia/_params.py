@@ -194,6 +194,7 @@ class SynthiaParams(BaseModel):
             stops=stops,
             timeout=options["timeout"],
             context_window=self.context_window,
+            grammar=options.get("grammar"),
         )
 
     def _ls_options(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> dict:

@@ -70,16 +70,24 @@ class BatchSampler:
             generator.manual_seed(params.seed)
         self._generators[row] = generator
 
-    def sample(self, logits: "torch.Tensor", row: int | None = None) -> "torch.Tensor":
+    def sample(
+        self,
+        logits: "torch.Tensor",
+        row: int | None = None,
+        allowed: "torch.Tensor | None" = None,
+    ) -> "torch.Tensor":
         """Choose the next token from last-position `logits`.
 
         `logits` ``[rows, vocab]`` belong to the first ``rows`` rows; with `row`, `logits` is
-        ``[1, vocab]`` and belongs to that one row.
+        ``[1, vocab]`` and belongs to that one row. `allowed` (bool, same shape): only those
+        tokens may be chosen (a grammar's mask).
         """
         import torch
 
         rows = range(logits.shape[0]) if row is None else range(row, row + 1)
         scores = self.penalise(logits.float(), rows)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -float("inf"))
         chosen = scores.argmax(dim=-1)
         if any(self._params[r].temperature > 0 for r in rows):
             probs = self.warp(scores, rows).softmax(dim=-1)

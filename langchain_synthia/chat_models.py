@@ -6,9 +6,9 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict
 
@@ -20,7 +20,9 @@ from langchain_synthia._engine import (
     open_stream,
 )
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
+from langchain_synthia._structured import AnswerPlan, plan_answer, structured_output
 from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, render_messages
+from langchain_synthia.tools import ToolCallReader, convert_tools, normalize_tool_choice
 
 
 class ChatSynthia(SynthiaParams, BaseChatModel):
@@ -144,26 +146,109 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         self, messages: list[BaseMessage], tools: Sequence | None = None
     ) -> int:
         """Tokens of the prompt these messages render to (what the model reads; loads it)."""
-        if tools:
-            msg = "ChatSynthia does not support tools yet; count messages without them."
-            raise ValueError(msg)
-        prompt = render_messages(messages, self.system_message)
+        plan = plan_answer(tools=convert_tools(tools) if tools else None)
+        prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
         return len(self._engine_for(self.model, self.revision).encode(prompt))
+
+    # -- tools and structured output --------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Let the model call `tools` (Pydantic classes, functions, LangChain tools, dicts).
+
+        Args:
+            tools: The tools; each becomes a JSON schema the model's calls must follow.
+            tool_choice: ``"auto"`` (default: answer in text or call tools), ``"any"`` or
+                ``"required"`` (call at least one), ``"none"`` (answer in text; the tools are
+                not shown), or a tool's name (call that one).
+            parallel_tool_calls: Allow several calls in one answer (one per line); by
+                default an answer holds at most one call.
+            **kwargs: Other call options to bind (``temperature=0``, ...).
+
+        Calls come back in ``AIMessage.tool_calls`` (streamed as ``tool_call_chunks``, one
+        chunk per whole call). Generation follows a grammar built from the tools' schemas,
+        so every call names a bound tool and its arguments validate.
+
+        Raises:
+            ValueError: For a tool that cannot be converted, a `tool_choice` naming no bound
+                tool, or a schema constrained decoding cannot enforce.
+        """
+        formatted = convert_tools(tools)
+        choice = normalize_tool_choice(tool_choice, formatted)
+        plan_answer(formatted, choice, parallel_tool_calls=parallel_tool_calls)  # checks schemas
+        if parallel_tool_calls:
+            kwargs["parallel_tool_calls"] = True
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: Any = None,
+        *,
+        method: str = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Answers as objects of `schema`, produced under its grammar so they always validate.
+
+        Args:
+            schema: A Pydantic class (answers are instances), a TypedDict or a JSON schema
+                (answers are dicts); may be ``None`` with ``method="json_mode"``.
+            method: ``"json_schema"`` (default: the answer is constrained to the schema),
+                ``"function_calling"`` (a forced call of a tool made from the schema) or
+                ``"json_mode"`` (any JSON object; the prompt must say which keys).
+            include_raw: Return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``.
+            strict: Accepted for compatibility; output is always held to the schema.
+            **kwargs: Not supported (an error names them).
+
+        An answer cut off by ``max_tokens`` before its JSON closes raises an
+        ``OutputParserException`` that says so (never a silently truncated object).
+        """
+        if kwargs:
+            msg = f"with_structured_output got unsupported arguments: {sorted(kwargs)}."
+            raise ValueError(msg)
+        return structured_output(
+            self, schema, method=method, include_raw=include_raw, strict=strict
+        )
 
     # -- one generation path: every method below goes through _prepare + the engine stream ---
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[dict, str]:
+    ) -> tuple[dict, str, AnswerPlan]:
+        kwargs = dict(kwargs)
+        plan = plan_answer(
+            tools=kwargs.pop("tools", None),
+            tool_choice=kwargs.pop("tool_choice", None),
+            response_format=kwargs.pop("response_format", None),
+            parallel_tool_calls=kwargs.pop("parallel_tool_calls", False),
+        )
         options = self._call_options(stop, kwargs)
-        return options, render_messages(messages, self.system_message)
+        options["grammar"] = plan.grammar
+        if plan.structured:  # the grammar decides where the answer ends
+            options["stop_at_user_turn"] = False
+        prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
+        return options, prompt, plan
 
-    def _chunk(self, event: TokenEvent, engine: BaseEngine) -> ChatGenerationChunk:
+    def _chunks(
+        self, event: TokenEvent, engine: BaseEngine, reader: ToolCallReader | None
+    ) -> ChatGenerationChunk:
+        """One token's chunk: its content, the tool calls it completes, the usage at the end."""
+        text, calls = (event.text, []) if reader is None else reader.feed(event.text)
         if event.finish_reason is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+            return ChatGenerationChunk(message=AIMessageChunk(content=text, tool_call_chunks=calls))
+        if reader is not None:
+            text += reader.finish()
         info = finish_info(event, engine)
         message = AIMessageChunk(
-            content=event.text,
+            content=text,
+            tool_call_chunks=calls,
             usage_metadata=usage_of(event),
             response_metadata=info,
             chunk_position="last",
@@ -177,12 +262,13 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        options, prompt = self._prepare(messages, stop, kwargs)
+        options, prompt, plan = self._prepare(messages, stop, kwargs)
         engine = self._engine_for(options["model"], options["revision"])
+        reader = plan.reader()
         for event in open_stream(engine, self._request(prompt, options)):
-            chunk = self._chunk(event, engine)
+            chunk = self._chunks(event, engine, reader)
             if run_manager is not None:
-                run_manager.on_llm_new_token(event.text, chunk=chunk)
+                run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
 
     async def _astream(
@@ -192,12 +278,13 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        options, prompt = self._prepare(messages, stop, kwargs)
+        options, prompt, plan = self._prepare(messages, stop, kwargs)
         engine = await self._aengine_for(options["model"], options["revision"])
+        reader = plan.reader()
         async for event in await aopen_stream(engine, self._request(prompt, options)):
-            chunk = self._chunk(event, engine)
+            chunk = self._chunks(event, engine, reader)
             if run_manager is not None:
-                await run_manager.on_llm_new_token(event.text, chunk=chunk)
+                await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
 
     def _generate(

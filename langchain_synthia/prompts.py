@@ -32,6 +32,7 @@ from langchain_core.messages import (
     ChatMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
 )
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 
@@ -104,17 +105,23 @@ def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> s
 
 
 def render_messages(
-    messages: Sequence[BaseMessage], default_system_message: str | None = DEFAULT_SYSTEM_MESSAGE
+    messages: Sequence[BaseMessage],
+    default_system_message: str | None = DEFAULT_SYSTEM_MESSAGE,
+    *,
+    tools_section: str = "",
 ) -> str:
     """Render LangChain messages in Synthia's format (what `ChatSynthia` sends to the model).
 
     System messages, wherever they stand, are merged (joined by a newline) into the one
     ``SYSTEM:`` line at the top; without any, ``default_system_message`` is used. Message names
-    are not rendered: the format has no place for them.
+    are not rendered: the format has no place for them. `tools_section` (see
+    `langchain_synthia.tools.tools_prompt`) ends the system turn. An assistant's tool calls
+    are rendered as it writes them (``<tool_call>...</tool_call>``, one per line) and each
+    `ToolMessage` as a ``<tool_result>`` block in the next ``USER:`` turn.
 
     Raises:
         ValueError: If there are no messages, only system messages, or a message that the
-            format cannot carry (tool messages and tool calls, non-text content, unknown roles).
+            format cannot carry (non-text content, unknown roles).
     """
     if not messages:
         msg = "ChatSynthia got an empty message list: pass at least one HumanMessage."
@@ -129,54 +136,60 @@ def render_messages(
         else:
             turns.append(Turn(role, text))
     system = "\n".join(systems) if systems else default_system_message
+    if tools_section:
+        system = f"{system}\n\n{tools_section}" if system else tools_section
     return render_prompt(turns, system)
 
 
 def _role_of(message: BaseMessage) -> Role | Literal["system"]:
     if isinstance(message, SystemMessage):
         return "system"
-    if isinstance(message, HumanMessage):
+    if isinstance(message, HumanMessage | ToolMessage):
         return "user"
     if isinstance(message, AIMessage):
-        if message.tool_calls or message.invalid_tool_calls:
-            msg = (
-                "ChatSynthia cannot render an AIMessage with tool calls: tool calling is not "
-                "supported yet. Pass the tool results as a HumanMessage instead."
-            )
-            raise ValueError(msg)
         return "assistant"
     if isinstance(message, ChatMessage) and message.role.lower() in _CHAT_MESSAGE_ROLES:
         return _CHAT_MESSAGE_ROLES[message.role.lower()]
     kind = message.role if isinstance(message, ChatMessage) else type(message).__name__
     msg = (
         f"ChatSynthia cannot render a {kind!r} message: Synthia's format has only SYSTEM, USER "
-        "and ASSISTANT turns. Use SystemMessage, HumanMessage or AIMessage"
-        + (" (tool calling is not supported yet)." if _is_tool(message) else ".")
+        "and ASSISTANT turns. Use SystemMessage, HumanMessage, AIMessage or ToolMessage."
     )
     raise ValueError(msg)
 
 
-def _is_tool(message: BaseMessage) -> bool:
-    role = message.role if isinstance(message, ChatMessage) else message.type
-    return role in ("tool", "function")
-
-
 def _text_of(message: BaseMessage) -> str:
+    from langchain_synthia.tools import render_tool_call, render_tool_result
+
+    calls = message.tool_calls if isinstance(message, AIMessage) else []
+    invalid = message.invalid_tool_calls if isinstance(message, AIMessage) else []
     if isinstance(message.content, str):
-        return message.content
-    parts: list[str] = []
-    for block in message.content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        else:
-            msg = (
-                f"ChatSynthia cannot render a {block.get('type')!r} content block: Synthia is a "
-                "text-only model. Send text blocks only."
-            )
-            raise ValueError(msg)
-    return "".join(parts)
+        text = message.content
+    else:
+        parts: list[str] = []
+        for block in message.content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif block.get("type") == "text":
+                parts.append(str(block.get("text", "")))
+            elif block.get("type") in _CALL_BLOCKS and (calls or invalid):
+                continue  # the same calls as `tool_calls`, rendered below
+            else:
+                msg = (
+                    f"ChatSynthia cannot render a {block.get('type')!r} content block: Synthia "
+                    "is a text-only model. Send text blocks only."
+                )
+                raise ValueError(msg)
+        text = "".join(parts)
+    if isinstance(message, ToolMessage):
+        return render_tool_result(message, text)
+    rendered = [render_tool_call(c["name"], c["args"]) for c in calls]
+    rendered += [render_tool_call(c["name"] or "", c["args"] or "{}") for c in invalid]
+    return "\n".join([text.strip(), *rendered] if text.strip() else rendered) if rendered else text
+
+
+_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
+"""Content blocks that repeat an AIMessage's tool calls (Anthropic's, LangChain's v1)."""
 
 
 def _chosen_system(system_message: str | None, *, tree_of_thought: bool) -> str | None:

@@ -1,0 +1,214 @@
+"""What a chat call's answer must look like (text, tool calls or JSON), and structured output.
+
+`plan_answer` turns a call's ``tools``/``tool_choice``/``response_format`` options into an
+`AnswerPlan`: the text added to the system turn, the grammar generation follows, and how the
+streamed text is read back. `structured_output` builds ``with_structured_output``'s runnable.
+"""
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from operator import itemgetter
+from typing import Any
+
+from langchain_core.exceptions import OutputParserException
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+)
+from langchain_core.outputs import Generation
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+
+from langchain_synthia._grammar import json_schema_grammar
+from langchain_synthia.tools import ToolCallReader, tool_grammar, tools_prompt
+
+METHODS = ("json_schema", "function_calling", "json_mode")
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How one call's answer is prompted for, constrained and read."""
+
+    prompt: str = ""
+    """Text that ends the ``SYSTEM:`` turn (the tools, or the JSON to answer with)."""
+    grammar: str | None = None
+    """The grammar generation follows (``None``: free text)."""
+    tools: bool = False
+    """The answer may hold tool calls (read them with `reader`)."""
+    structured: bool = False
+    """The grammar alone decides where the answer ends (no ``USER:`` stop needed)."""
+
+    def reader(self) -> ToolCallReader | None:
+        """A fresh reader of tool calls for one answer, when calls may come."""
+        return ToolCallReader() if self.tools else None
+
+
+def plan_answer(
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | None = None,
+    response_format: dict[str, Any] | None = None,
+    parallel_tool_calls: bool = False,
+) -> AnswerPlan:
+    """The plan for a call's options (tools already converted by `bind_tools`).
+
+    Raises:
+        ValueError: For both tools and a response format, or a response format that is not
+            ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or
+            ``{"type": "json_object"}``; `GrammarError` for a schema it cannot enforce.
+    """
+    if tools and response_format is not None:
+        msg = "Pass tools or response_format, not both."
+        raise ValueError(msg)
+    if tools:
+        choice = tool_choice or "auto"
+        if choice == "none":
+            return AnswerPlan()
+        key = json.dumps(tools, sort_keys=True)
+        return AnswerPlan(
+            prompt=tools_prompt(tools, choice),
+            grammar=_tool_grammar(key, choice, bool(parallel_tool_calls)),
+            tools=True,
+            structured=choice != "auto",
+        )
+    if tool_choice not in (None, "auto", "none"):
+        msg = f"tool_choice={tool_choice!r} needs tools: bind some with bind_tools(tools, ...)."
+        raise ValueError(msg)
+    if response_format is None:
+        return AnswerPlan()
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return AnswerPlan(
+            prompt="Answer with a single JSON object and nothing else.",
+            grammar=_json_grammar('{"type": "object"}'),
+            structured=True,
+        )
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind else None
+    if kind != "json_schema" or not isinstance(schema, dict):
+        msg = (
+            f"response_format={response_format!r} is not supported: use "
+            '{"type": "json_schema", "json_schema": {"schema": {...}}} or {"type": "json_object"}.'
+        )
+        raise ValueError(msg)
+    text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    return AnswerPlan(
+        prompt=f"Answer with a single JSON value that follows this JSON schema, and nothing "
+        f"else:\n{json.dumps(schema, ensure_ascii=False)}",
+        grammar=_json_grammar(text),
+        structured=True,
+    )
+
+
+@lru_cache(maxsize=256)
+def _tool_grammar(tools_json: str, choice: str, parallel: bool) -> str | None:
+    return tool_grammar(json.loads(tools_json), choice, parallel=parallel)
+
+
+@lru_cache(maxsize=256)
+def _json_grammar(schema_json: str) -> str:
+    return json_schema_grammar(json.loads(schema_json))
+
+
+def structured_output(
+    model: Any, schema: Any, *, method: str, include_raw: bool, strict: bool | None
+) -> Runnable:
+    """``with_structured_output`` of `model` (see `ChatSynthia.with_structured_output`)."""
+    if method not in METHODS:
+        msg = f"method={method!r} is not supported: use one of {', '.join(METHODS)}."
+        raise ValueError(msg)
+    if schema is None and method != "json_mode":
+        msg = f"method={method!r} needs a schema (a Pydantic class, TypedDict or JSON schema)."
+        raise ValueError(msg)
+    pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+    trace = {"kwargs": {"method": method, "strict": strict}}
+    parser: Runnable
+    if method == "function_calling":
+        tool = convert_to_openai_tool(schema)
+        name = tool["function"]["name"]
+        llm = model.bind_tools(
+            [schema], tool_choice=name, ls_structured_output_format={**trace, "schema": tool}
+        )
+        parser = (
+            _PydanticToolsAnswer(tools=[schema], first_tool_only=True)
+            if pydantic
+            else _JsonToolsAnswer(key_name=name, first_tool_only=True)
+        )
+    else:
+        if method == "json_schema":
+            json_schema = _json_schema_of(schema)
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": json_schema.get("title", "answer"), "schema": json_schema},
+            }
+            plan_answer(response_format=response_format)  # fails now on a schema it can't enforce
+        else:
+            json_schema = None if schema is None else _json_schema_of(schema)
+            response_format = {"type": "json_object"}
+        llm = model.bind(
+            response_format=response_format,
+            ls_structured_output_format={**trace, "schema": json_schema},
+        )
+        parser = _PydanticAnswer(pydantic_object=schema) if pydantic else _JsonAnswer()
+    if not include_raw:
+        return llm | parser
+    parsed = RunnablePassthrough.assign(
+        parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+    )
+    failed = RunnablePassthrough.assign(parsed=lambda _: None)
+    return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
+
+def _json_schema_of(schema: Any) -> dict[str, Any]:
+    if isinstance(schema, dict) and "function" in schema:  # an OpenAI tool
+        return schema["function"].get("parameters", {})
+    try:
+        return convert_to_json_schema(schema)
+    except Exception as error:
+        msg = f"Cannot turn {schema!r} into a JSON schema: {error}"
+        raise ValueError(msg) from error
+
+
+def _check_whole(result: list[Generation]) -> None:
+    """Refuse an answer cut off by ``max_tokens`` (its JSON never closed)."""
+    message = getattr(result[0], "message", None) if result else None
+    metadata = getattr(message, "response_metadata", None) or {}
+    if metadata.get("finish_reason") == "length":
+        msg = (
+            "The structured answer was cut off at max_tokens before its JSON was complete; "
+            "raise max_tokens (the answer is in the raw message)."
+        )
+        raise OutputParserException(msg, llm_output=str(getattr(message, "content", "")))
+
+
+class _JsonAnswer(JsonOutputParser):
+    """JSON of a whole answer (partial objects while streaming); a cut-off answer raises."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _check_whole(result)
+        return super().parse_result(result, partial=partial)
+
+
+class _PydanticAnswer(PydanticOutputParser):
+    """A Pydantic object from a whole answer; a cut-off answer raises."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _check_whole(result)
+        return super().parse_result(result, partial=partial)
+
+
+class _PydanticToolsAnswer(PydanticToolsParser):
+    """The forced call's arguments as a Pydantic object; a cut-off call raises."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _check_whole(result)
+        return super().parse_result(result, partial=partial)
+
+
+class _JsonToolsAnswer(JsonOutputKeyToolsParser):
+    """The forced call's arguments as a dict; a cut-off call raises."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _check_whole(result)
+        return super().parse_result(result, partial=partial)

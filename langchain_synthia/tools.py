@@ -1,0 +1,266 @@
+"""Tool calling in Synthia's format: how tools are shown, how calls are written and read back.
+
+Synthia has no tool-calling format of its own, so langchain-synthia defines one that fits its
+``SYSTEM:``/``USER:``/``ASSISTANT:`` turns (docs/agents.md):
+
+- the tools are listed at the end of the ``SYSTEM:`` turn, one JSON object per tool;
+- the assistant calls a tool by answering with one line per call,
+  ``<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>``;
+- each result comes back in the next ``USER:`` turn as
+  ``<tool_result name="get_weather" id="call_...">...</tool_result>``.
+
+The calls are not left to chance: generation follows a grammar built from the tools' JSON
+schemas (`tool_grammar`), so every call names a bound tool and its arguments validate.
+"""
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from langchain_core.messages import ToolMessage
+from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
+
+from langchain_synthia._grammar import GrammarError, json_rule, lark_grammar
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+ToolChoice = Literal["auto", "any", "none"] | str
+"""``"auto"`` (text or calls), ``"any"`` (at least one call), ``"none"``, or a tool's name."""
+
+
+def convert_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """Tools (Pydantic classes, functions, LangChain tools, OpenAI dicts) as OpenAI functions.
+
+    Raises:
+        ValueError: If a tool cannot be converted, its parameters are not a JSON schema of an
+            object, or two different tools share a name (the same tool given twice is kept once).
+    """
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    converted: list[dict[str, Any]] = []
+    for tool in tools:
+        try:
+            spec = convert_to_openai_tool(tool)
+        except Exception as error:
+            msg = f"Cannot use {tool!r} as a tool: {error}"
+            raise ValueError(msg) from error
+        function = spec.get("function") if spec.get("type") == "function" else None
+        if not function or not function.get("name"):
+            msg = f"Only function tools are supported; got {spec!r}."
+            raise ValueError(msg)
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            msg = (
+                f"Tool {function['name']!r}: its parameters must be a JSON schema of an object, "
+                f"got {parameters!r}."
+            )
+            raise ValueError(msg)
+        converted.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": function["name"],
+                    "description": function.get("description", ""),
+                    "parameters": parameters,
+                },
+            }
+        )
+    unique: dict[str, dict[str, Any]] = {}
+    for tool in converted:
+        name = tool["function"]["name"]
+        first = unique.setdefault(name, tool)
+        if _shape(first["function"]["parameters"]) != _shape(tool["function"]["parameters"]):
+            msg = f"Two different tools are named {name!r}: tool names must be unique."
+            raise ValueError(msg)
+    return list(unique.values())
+
+
+def _shape(schema: Any) -> Any:
+    """A schema without its titles and descriptions (the same tool given twice compares equal)."""
+    if isinstance(schema, dict):
+        return {k: _shape(v) for k, v in schema.items() if k not in ("title", "description")}
+    if isinstance(schema, list):
+        return [_shape(item) for item in schema]
+    return schema
+
+
+def normalize_tool_choice(choice: Any, tools: Sequence[dict[str, Any]]) -> ToolChoice:
+    """One of ``"auto"``, ``"any"``, ``"none"`` or a bound tool's name.
+
+    Accepts LangChain's spellings: ``None``/``"auto"``, ``"any"``/``"required"``/``True``,
+    ``"none"``/``False``, a name, or ``{"type": "function", "function": {"name": ...}}``.
+
+    Raises:
+        ValueError: For a tool name that is not bound, or a value that is not a tool choice.
+    """
+    names = [tool["function"]["name"] for tool in tools]
+    if choice is None or choice == "auto":
+        return "auto"
+    if choice is True or choice in ("any", "required"):
+        chosen: str = "any"
+    elif choice is False or choice == "none":
+        return "none"
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        chosen = str(choice["function"].get("name"))
+    elif isinstance(choice, dict) and choice.get("type") == "tool" and "name" in choice:
+        chosen = str(choice["name"])
+    elif isinstance(choice, str):
+        chosen = choice
+    else:
+        msg = (
+            f"tool_choice={choice!r} is not a tool choice: use 'auto', 'any' (or 'required'), "
+            "'none', or the name of a bound tool."
+        )
+        raise ValueError(msg)
+    if not names:
+        msg = f"tool_choice={choice!r} needs tools: bind some with bind_tools(tools, ...)."
+        raise ValueError(msg)
+    if chosen != "any" and chosen not in names:
+        msg = f"tool_choice={choice!r} names no bound tool; the tools are: {', '.join(names)}."
+        raise ValueError(msg)
+    return chosen
+
+
+def tools_prompt(tools: Sequence[dict[str, Any]], choice: ToolChoice) -> str:
+    """The tools section appended to the ``SYSTEM:`` turn (empty for ``"none"``)."""
+    if choice == "none" or not tools:
+        return ""
+    lines = [
+        "You can use tools. To call a tool, answer with this line and nothing else:",
+        f'{TOOL_CALL_OPEN}{{"name":"<tool name>","arguments":{{<arguments>}}}}{TOOL_CALL_CLOSE}',
+        "Each result comes back to you in a <tool_result> block; then answer the user.",
+    ]
+    if choice == "any":
+        lines.append("Call a tool now.")
+    elif choice != "auto":
+        lines.append(f"Call the tool {choice} now.")
+    lines.append("Tools:")
+    for tool in tools:
+        function = tool["function"]
+        lines.append(_compact(function))
+    return "\n".join(lines)
+
+
+def tool_grammar(
+    tools: Sequence[dict[str, Any]], choice: ToolChoice, *, parallel: bool = False
+) -> str | None:
+    """The grammar an answer follows under `choice` (``None``: unconstrained text).
+
+    ``"auto"``: free text (not starting with ``<``) or a call; ``"any"``: a call of any tool;
+    a name: a call of that tool. With `parallel`, one or more calls (one per line). Each call's
+    arguments follow its tool's JSON schema.
+
+    Raises:
+        GrammarError: If a tool's schema cannot be enforced (the message names the tool).
+    """
+    if choice == "none" or not tools:
+        return None
+    chosen = [t for t in tools if choice in ("auto", "any") or t["function"]["name"] == choice]
+    rules = []
+    for index, tool in enumerate(chosen):
+        function = tool["function"]
+        properties = {"name": {"const": function["name"]}, "arguments": function["parameters"]}
+        schema = {"type": "object", "properties": properties, "required": ["name", "arguments"]}
+        rules.append(f"call{index}: {json_rule(schema)}")
+    calls = " | ".join(f"call{index}" for index in range(len(chosen)))
+    answer = "(calls | TEXT)?" if choice == "auto" else "calls"
+    lark = "\n".join(
+        [
+            f'start: " "? {answer}',
+            r'calls: call ("\n" call)*' if parallel else "calls: call",
+            f'call: "{TOOL_CALL_OPEN}" ({calls}) "{TOOL_CALL_CLOSE}"',
+            r"TEXT: /[^<\s][\s\S]*/",
+            *rules,
+        ]
+    )
+    try:
+        return lark_grammar(lark)
+    except GrammarError as error:
+        names = ", ".join(t["function"]["name"] for t in chosen)
+        msg = f"The tools' schemas ({names}) cannot be enforced: {error}"
+        raise GrammarError(msg) from None
+
+
+def render_tool_call(name: str, arguments: Any) -> str:
+    """One call as the model writes it: ``<tool_call>{"name":...,"arguments":...}</tool_call>``."""
+    body = (
+        f'{{"name":{json.dumps(name, ensure_ascii=False)},"arguments":'
+        f"{arguments if isinstance(arguments, str) else _compact(arguments)}}}"
+    )
+    return f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
+
+
+def render_tool_result(message: ToolMessage, text: str) -> str:
+    """A tool's result as the model reads it in the next ``USER:`` turn."""
+    name = f' name="{message.name}"' if message.name else ""
+    status = ' status="error"' if message.status == "error" else ""
+    return f'<tool_result{name} id="{message.tool_call_id}"{status}>\n{text}\n</tool_result>'
+
+
+class ToolCallReader:
+    """Turns the streamed text of an answer into content and whole tool calls.
+
+    An answer that begins with ``<tool_call>`` is a list of calls (the grammar guarantees their
+    form); each is handed out as one tool-call chunk as soon as it closes. Anything else is
+    content, streamed as it comes. A call cut off by ``max_tokens`` is never returned as a call:
+    its raw text becomes content (and the finish reason says ``"length"``).
+    """
+
+    def __init__(self) -> None:
+        """Read one answer."""
+        self._mode: Literal["undecided", "text", "calls"] = "undecided"
+        self._buffer = ""
+        self._index = 0
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallChunk]]:
+        """Take the next piece of text; return the content and the calls it completes."""
+        if self._mode == "text":
+            return text, []
+        self._buffer += text
+        if self._mode == "undecided":
+            start = self._buffer.lstrip()
+            if start.startswith(TOOL_CALL_OPEN):
+                self._mode = "calls"
+            elif not start or TOOL_CALL_OPEN.startswith(start):
+                return "", []
+            else:
+                self._mode = "text"
+                content, self._buffer = self._buffer, ""
+                return content, []
+        return "", self._complete_calls()
+
+    def finish(self) -> str:
+        """The text left over at the end (an unfinished call's raw text, or held-back text)."""
+        rest, self._buffer = self._buffer, ""
+        return rest if rest.strip() else ""
+
+    @property
+    def calls_made(self) -> int:
+        """Tool calls handed out so far."""
+        return self._index
+
+    def _complete_calls(self) -> list[ToolCallChunk]:
+        chunks = []
+        while True:
+            start = self._buffer.find(TOOL_CALL_OPEN)
+            end = self._buffer.find(TOOL_CALL_CLOSE, start + 1)
+            if start < 0 or end < 0:
+                return chunks
+            body = self._buffer[start + len(TOOL_CALL_OPEN) : end]
+            self._buffer = self._buffer[end + len(TOOL_CALL_CLOSE) :]
+            call = json.loads(body)
+            chunks.append(
+                tool_call_chunk(
+                    name=call["name"],
+                    args=_compact(call.get("arguments", {})),
+                    id=f"call_{uuid.uuid4().hex[:24]}",
+                    index=self._index,
+                )
+            )
+            self._index += 1
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
