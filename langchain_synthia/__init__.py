@@ -5,6 +5,7 @@ generation, and the model loads once per process.
 """
 
 from langchain_synthia._engine import GenerationTimeoutError
+from langchain_synthia._grammar import GrammarError
 from langchain_synthia._version import __version__
 from langchain_synthia.chat_models import ChatSynthia
 from langchain_synthia.llms import SynthiaLLM
@@ -27,6 +28,7 @@ __all__ = [
     "VARIANTS",
     "ChatSynthia",
     "GenerationTimeoutError",
+    "GrammarError",
     "SynthiaLLM",
     "SynthiaOutputParser",
     "SynthiaVariant",

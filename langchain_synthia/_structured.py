@@ -163,6 +163,8 @@ def structured_output(
 def _json_schema_of(schema: Any) -> dict[str, Any]:
     if isinstance(schema, dict) and "function" in schema:  # an OpenAI tool
         return schema["function"].get("parameters", {})
+    if isinstance(schema, dict):  # a JSON schema (a title is not required)
+        return schema
     try:
         return convert_to_json_schema(schema)
     except Exception as error:

@@ -94,3 +94,35 @@ def test_one_event_per_token_and_usage_on_the_last(tokenizer) -> None:
     last = events[-1]
     assert (last.token_id, last.finish_reason, last.output_tokens) == (2, "stop", len(script) + 1)
     assert last.input_tokens == len(tokenizer("USER: hi\nASSISTANT:").input_ids)
+
+
+def test_text_react_stops_at_observation(tokenizer) -> None:
+    """SynthiaLLM's text ReAct loops: the answer ends before the model invents an observation."""
+    answer = (
+        " Thought: I need the weather.\nAction: get_weather\nAction Input: Paris\nObservation: sun"
+    )
+    script, model, events = run(tokenizer, answer, stops=("Observation:",))
+    text = "".join(e.text for e in events)
+    assert text == "Thought: I need the weather.\nAction: get_weather\nAction Input: Paris\n"
+    assert events[-1].finish_reason == "stop"
+    assert model.calls < len(script)  # stopped at the stop, not at the end of the script
+
+
+def test_a_grammar_overrules_the_model(tokenizer) -> None:
+    """The model wants to write prose; under a JSON-schema grammar only valid JSON comes out."""
+    import json
+
+    from langchain_synthia._grammar import json_schema_grammar
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    script = tokenizer(" I would rather write prose.", add_special_tokens=False).input_ids
+    engine = Engine(ScriptedLM(script), tokenizer, name="scripted")
+    request = GenerationRequest(
+        "USER: hi\nASSISTANT:", 40, GREEDY, (), grammar=json_schema_grammar(schema)
+    )
+    (stream,) = engine.submit([request])
+    events = list(stream)
+    answer = json.loads("".join(e.text for e in events))
+    assert set(answer) == {"ok"}
+    assert isinstance(answer["ok"], bool)
+    assert events[-1].finish_reason == "stop"  # the grammar completed: no EOS needed
