@@ -336,6 +336,35 @@ def _kernel_breakdown(step, profiler, activity, repeats: int) -> dict:
             round(sum(totals.values()), 1), "top_us": {k: round(v, 1) for k, v in top.items()}}  # fmt: skip
 
 
+def grammar_overhead(chat: ChatSynthia, prompt: str, new_tokens: int) -> dict:
+    """Decode rate with and without a grammar (a JSON object whose one string never closes,
+    so both runs decode `new_tokens` tokens), at batch 1 and with 8 concurrent streams."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    schema = {"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"]}
+    constrained = chat.bind(
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    )
+    result: dict = {}
+    for label, runnable in (("free", chat), ("grammar", constrained)):
+        runnable.invoke(prompt, max_tokens=4)  # warm: grammar compile, tokenizer bridge
+        rates = [time_stream(runnable, prompt, new_tokens) for _ in range(2)]
+        result[f"{label}_b1_decode_tok_s"] = round(max(r["decode_tok_s"] for r in rates), 1)
+        result[f"{label}_b1_ttft_ms"] = round(min(r["ttft_ms"] for r in rates), 1)
+        with ThreadPoolExecutor(8) as pool:
+            started = time.perf_counter()
+            counts = list(pool.map(
+                lambda _, r=runnable: r.invoke(prompt, max_tokens=new_tokens)
+                .usage_metadata["output_tokens"], range(8)))  # fmt: skip
+            result[f"{label}_8_threads_tok_s"] = round(
+                sum(counts) / (time.perf_counter() - started), 1
+            )
+    result["b1_overhead_pct"] = round(
+        100 * (1 - result["grammar_b1_decode_tok_s"] / result["free_b1_decode_tok_s"]), 1
+    )
+    return result
+
+
 def prefix_reuse(folder: Path, kernel: str) -> dict:
     """First-token time of a call sharing a 1,500-token prefix with the one before, and alone."""
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -395,6 +424,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="time graphs and kernels alone")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--kernels", nargs="+", default=["triton"], help="fast-engine kernels")
+    parser.add_argument("--grammar", action="store_true", help="constrained-decoding overhead")
     args = parser.parse_args()
     card = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
     bandwidth = copy_bandwidth()
@@ -445,6 +475,9 @@ def main() -> None:
             )
             notes[f"{branch}_{kernel}_profile"] = profile(engine, ids, kernel, folder)
             print(json.dumps(notes[f"{branch}_{kernel}_profile"]), flush=True)
+        if args.grammar:
+            notes[f"{branch}_{kernel}_grammar"] = grammar_overhead(chat, prompt, args.new_tokens)
+            print("grammar:", notes[f"{branch}_{kernel}_grammar"], flush=True)
         if args.quick:
             _release(engine, chat)
             continue
