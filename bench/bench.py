@@ -224,7 +224,9 @@ def agreement(model, engine, prompt_ids: list[int], steps: int = 32) -> dict:
     greedy = [int(l.argmax()) for l in ours]
     expected = ref_tokens[len(prompt_ids) :]
     same = next((i for i, (a, b) in enumerate(zip(greedy, expected)) if a != b), len(greedy))
-    return {"max_rel_logit_err": max(errors), "greedy_equal_tokens": same, "steps": steps}
+    worst = max(range(len(errors)), key=errors.__getitem__)
+    return {"max_rel_logit_err": max(errors), "worst_step": worst, "greedy_equal_tokens": same,
+            "steps": steps}  # fmt: skip
 
 
 def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
@@ -517,6 +519,8 @@ def main() -> None:
             continue
         try:
             base = baseline(folder, args.baseline_kernel, ids, args.new_tokens)
+            notes["agreement_first"] = agreement(base["model"], engine, ids)
+            print("agreement (first):", notes["agreement_first"], flush=True)
             row(f"transformers generate ({args.baseline_kernel})", branch, 1,
                 {**base, "new_tokens": args.new_tokens, "prompt_tokens": len(ids)}, limit)  # fmt: skip
             notes["agreement"] = agreement(base["model"], engine, ids)
