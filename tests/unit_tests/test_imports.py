@@ -10,6 +10,7 @@ EXPECTED_ALL = [
     "VARIANTS",
     "ChatSynthia",
     "GenerationTimeoutError",
+    "GrammarError",
     "SynthiaLLM",
     "SynthiaOutputParser",
     "SynthiaVariant",

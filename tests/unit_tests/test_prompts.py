@@ -2,6 +2,7 @@ import pytest
 from langchain_core.messages import (
     AIMessage,
     ChatMessage,
+    FunctionMessage,
     HumanMessage,
     SystemMessage,
     ToolMessage,
@@ -133,15 +134,11 @@ def test_chat_message_roles_and_text_blocks() -> None:
 @pytest.mark.parametrize(
     ("message", "match"),
     [
-        (ToolMessage("42", tool_call_id="1"), "cannot render a 'ToolMessage'.*tool calling"),
+        (FunctionMessage("42", name="f"), "cannot render a 'FunctionMessage'"),
         (ChatMessage(role="critic", content="x"), "cannot render a 'critic' message"),
         (
             HumanMessage(content=[{"type": "image_url", "image_url": {"url": "x"}}]),
             "'image_url' content block.*text-only",
-        ),
-        (
-            AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}]),
-            "AIMessage with tool calls",
         ),
     ],
 )
@@ -196,4 +193,24 @@ def test_string_template_renders_through_the_same_renderer() -> None:
     assert text == "SYSTEM: Use {curly} braces.\nUSER: Why {x}?\nASSISTANT:"
     assert synthia_prompt_template(tree_of_thought=True).format(question="q") == (
         f"SYSTEM: {CARD_TOT}\nUSER: q\nASSISTANT:"
+    )
+
+
+def test_tool_calls_and_results_render_in_synthia_turns() -> None:
+    messages = [
+        HumanMessage("What is 1 + 2?"),
+        AIMessage(
+            [{"type": "text", "text": "Let me add."}, {"type": "tool_use", "id": "c1"}],
+            tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"}],
+        ),
+        ToolMessage("3", name="add", tool_call_id="c1"),
+        ToolMessage("oops", tool_call_id="c2", status="error"),
+    ]
+    assert render_messages(messages, "s", tools_section="TOOLS") == (
+        "SYSTEM: s\n\nTOOLS\n"
+        "USER: What is 1 + 2?\n"
+        'ASSISTANT: Let me add.\n<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>\n'
+        'USER: <tool_result name="add" id="c1">\n3\n</tool_result>\n'
+        '<tool_result id="c2" status="error">\noops\n</tool_result>\n'
+        "ASSISTANT:"
     )
