@@ -25,9 +25,12 @@ def test_chat_streams_answers_and_keeps_the_conversation(tiny_model: str, monkey
 
     prompts: list[str] = []
     original = chat_models.render_messages
-    monkeypatch.setattr(
-        chat_models, "render_messages", lambda m, s: prompts.append(original(m, s)) or prompts[-1]
-    )
+
+    def spy(*args, **kwargs) -> str:
+        prompts.append(original(*args, **kwargs))
+        return prompts[-1]
+
+    monkeypatch.setattr(chat_models, "render_messages", spy)
     result = CliRunner().invoke(
         main,
         [
