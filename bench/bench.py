@@ -509,26 +509,19 @@ def main() -> None:
             {"decode_tok_s": rate, "total_tok_s": rate, "new_tokens": args.new_tokens,
              "prompt_tokens": 512}, limit * 16)  # fmt: skip
         ids = engine.encode(ChatSynthia(model=str(folder))._prepare([_human(prompt)], None, {})[1])
-        if args.no_baseline or run_index != len(runs) - 1:
-            _release(engine, chat)
-            if branch == "main":
-                notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
-                print(notes[f"main_{kernel}_memory"], flush=True)
-                notes[f"main_{kernel}_prefix_reuse"] = prefix_reuse(folder, kernel)
-                print(notes[f"main_{kernel}_prefix_reuse"], flush=True)
-            continue
-        try:
-            base = baseline(folder, args.baseline_kernel, ids, args.new_tokens)
-            notes["agreement_first"] = agreement(base["model"], engine, ids)
-            print("agreement (first):", notes["agreement_first"], flush=True)
-            row(f"transformers generate ({args.baseline_kernel})", branch, 1,
-                {**base, "new_tokens": args.new_tokens, "prompt_tokens": len(ids)}, limit)  # fmt: skip
-            notes["agreement"] = agreement(base["model"], engine, ids)
-            print("agreement:", notes["agreement"], flush=True)
-            del base
-        except Exception as error:
-            notes["baseline_error"] = repr(error)
-            print("baseline failed:", repr(error), flush=True)
+        if not args.no_baseline and run_index == len(runs) - 1:
+            try:
+                base = baseline(folder, args.baseline_kernel, ids, args.new_tokens)
+                notes["agreement_first"] = agreement(base["model"], engine, ids)
+                print("agreement (first):", notes["agreement_first"], flush=True)
+                row(f"transformers generate ({args.baseline_kernel})", branch, 1,
+                    {**base, "new_tokens": args.new_tokens, "prompt_tokens": len(ids)}, limit)  # fmt: skip
+                notes["agreement"] = agreement(base["model"], engine, ids)
+                print("agreement:", notes["agreement"], flush=True)
+                del base
+            except Exception as error:
+                notes["baseline_error"] = repr(error)
+                print("baseline failed:", repr(error), flush=True)
         _release(engine, chat)
         if branch == "main":
             notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)

@@ -205,13 +205,12 @@ class _Row:
             self.constraint.advance(token_id)
         text = self.stops.feed(self.detokenizer.push(token_id))
         finish: FinishReason | None = None
-        if self.stops.stopped or token_id == eos_id:
+        ended = self.stops.stopped or token_id == eos_id
+        if ended or (self.constraint is not None and self.constraint.complete):
             finish = "stop"
-        elif self.constraint is not None and self.constraint.complete:
-            finish = "stop"
-            text += self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
         elif self.generated >= self.budget:
             finish = "length"
+        if finish is not None and not ended:  # no token follows: release the held-back text
             text += self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
         if finish is None:
             self.stream._put(TokenEvent(text, token_id))

@@ -96,11 +96,16 @@ class FastEngine(BaseEngine):
         self._sampler = BatchSampler(
             [_IDLE] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
         )
-        pinned = model.device.type == "cuda"
+        cuda = model.device.type == "cuda"
         self._host = [
-            torch.zeros(model.max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+            (
+                torch.zeros(model.max_batch, dtype=torch.long, pin_memory=cuda),
+                torch.cuda.Event() if cuda else None,
+            )
+            for _ in range(2)
         ]
-        """Two host buffers for sampled tokens: one is filled while the other is read."""
+        """Two host buffers for sampled tokens, each with the event that says it is filled: one
+        is filled while the other is read."""
         self._flip = 0
         self._pending: tuple[Any, torch.Tensor, list[_Row | None]] | None = None
         """The step in flight: its ready event, its host tokens, the rows it decoded."""
@@ -215,10 +220,10 @@ class FastEngine(BaseEngine):
         chosen = self._sampler.sample(logits, allowed=allowed)
         self._tokens[:size] = chosen
         self._positions[:size] += self._busy[:size]
-        host = self._host[self._flip][:size]
+        buffer, ready = self._host[self._flip]
         self._flip ^= 1
+        host = buffer[:size]
         host.copy_(chosen, non_blocking=True)
-        ready = torch.cuda.Event() if self.device.type == "cuda" else None
         if ready is not None:
             ready.record()
         self._deliver()

@@ -8,6 +8,7 @@ within fp16 noise; `tests/integration_tests/test_fast_engine.py` checks that on 
 the same code runs with the plain-torch references instead of the Triton kernels.
 """
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,22 +23,18 @@ KERNELS = ("triton", "gptq_marlin")
 Marlin (CUDA, built with nvcc on first use, about three minutes, then cached by gptqmodel)."""
 
 _ATTN = ("q_proj", "k_proj", "v_proj")
+_MLP = ("gate_proj", "up_proj")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 """Prefill attention backends on CUDA; cuDNN's is left out. (With it allowed and a boolean mask
 built, a call reusing a cached prefix took 0.8 s on an H200; without either, about 30 ms.)"""
 
 
 def _attention_backends(device: torch.device) -> Any:
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_BACKENDS])
-
-
-_MLP = ("gate_proj", "up_proj")
 
 
 class _Layer:

@@ -75,8 +75,6 @@ def _closed(schema: Any) -> Any:
 def lark_grammar(lark: str) -> str:
     """Compile-check a Lark grammar (JSON schemas embedded with ``%json``); return the grammar.
 
-    JSON inside is compact (no optional whitespace): a model cannot stall in endless spaces.
-
     Raises:
         GrammarError: With llguidance's reason, if the grammar or a schema in it is unsupported.
     """

@@ -236,7 +236,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
         return options, prompt, plan
 
-    def _chunks(
+    def _chunk(
         self, event: TokenEvent, engine: BaseEngine, reader: ToolCallReader | None
     ) -> ChatGenerationChunk:
         """One token's chunk: its content, the tool calls it completes, the usage at the end."""
@@ -266,7 +266,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         engine = self._engine_for(options["model"], options["revision"])
         reader = plan.reader()
         for event in open_stream(engine, self._request(prompt, options)):
-            chunk = self._chunks(event, engine, reader)
+            chunk = self._chunk(event, engine, reader)
             if run_manager is not None:
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk
@@ -282,7 +282,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         engine = await self._aengine_for(options["model"], options["revision"])
         reader = plan.reader()
         async for event in await aopen_stream(engine, self._request(prompt, options)):
-            chunk = self._chunks(event, engine, reader)
+            chunk = self._chunk(event, engine, reader)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
             yield chunk

@@ -236,11 +236,6 @@ class ToolCallReader:
         rest, self._buffer = self._buffer, ""
         return rest if rest.strip() else ""
 
-    @property
-    def calls_made(self) -> int:
-        """Tool calls handed out so far."""
-        return self._index
-
     def _complete_calls(self) -> list[ToolCallChunk]:
         chunks = []
         while True:
