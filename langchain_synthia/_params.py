@@ -5,6 +5,7 @@ repetition_penalty 1.1, 512 new tokens).
 """
 
 import asyncio
+import os
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal
 from langchain_core.messages import UsageMetadata
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
@@ -50,12 +52,19 @@ _CALL_OPTIONS = (
 class SynthiaParams(BaseModel):
     """Loading and generation settings of Synthia (a base of both LangChain classes)."""
 
-    model: str = DEFAULT_REPO
-    """A Hub repo id (downloaded once into the Hugging Face cache) or a local checkpoint folder."""
-    revision: str = DEFAULT_BRANCH
-    """Branch of the Hub repo (see `langchain_synthia.VARIANTS`) or a commit hash (pin one)."""
-    device: str = "auto"
-    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    model: str = Field(default_factory=lambda: os.environ.get("SYNTHIA_MODEL") or DEFAULT_REPO)
+    """A Hub repo id (downloaded once into the Hugging Face cache) or a local checkpoint folder;
+    ``SYNTHIA_MODEL`` in the environment changes the default."""
+    revision: str = Field(
+        default_factory=lambda: os.environ.get("SYNTHIA_REVISION") or DEFAULT_BRANCH
+    )
+    """Branch of the Hub repo (see `langchain_synthia.VARIANTS`) or a commit hash (pin one);
+    ``SYNTHIA_REVISION`` in the environment changes the default."""
+    device: str = Field(default_factory=lambda: os.environ.get("SYNTHIA_DEVICE") or "auto")
+    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+    ``SYNTHIA_DEVICE`` in the environment changes the default."""
     kernel: str | None = None
     """GPTQ kernel. Fast engine: ``"gptq_marlin"`` or ``"triton"`` (ours); ``None`` takes Marlin
     when gptqmodel can build it, else Triton. Transformers engine: a gptqmodel backend; ``None``
