@@ -1,8 +1,10 @@
-"""Keeping the GPTQ stack's banners and progress bars off the user's terminal."""
+"""The terminal: the GPTQ stack's banners kept off it, and our own progress shown on it."""
 
 import contextlib
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 
@@ -37,3 +39,41 @@ def quiet_output(*, enabled: bool = True) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def progress(message: str) -> Iterator[None]:
+    """Show `message` with a running count of seconds on the terminal until the block ends.
+
+    It writes to its own copy of the stderr descriptor, so the count stays visible while
+    `quiet_output` silences the loading stack. Off a terminal it writes one line at the start
+    and one at the end.
+    """
+    try:
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (OSError, ValueError):  # no descriptor (a captured stderr): write to it as it is
+        stream = sys.stderr
+    live = stream.isatty()
+    start = time.monotonic()
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.25):
+            stream.write(f"\r\x1b[K{message}... {time.monotonic() - start:.0f} s")
+
+    stream.write(f"{message}...{'' if live else chr(10)}")
+    ticker = threading.Thread(target=tick, daemon=True) if live else None
+    if ticker:
+        ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if ticker:
+            ticker.join()
+            stream.write("\r\x1b[K")
+        elapsed = time.monotonic() - start
+        outcome = "done" if sys.exc_info()[0] is None else "stopped"
+        stream.write(f"{message}: {outcome} in {elapsed:.1f} s\n")
+        if stream is not sys.stderr:
+            stream.close()

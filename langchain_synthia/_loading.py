@@ -10,6 +10,7 @@ on Hopper cards, and nothing may download at load time. Safetensors only; remote
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 import warnings
@@ -137,12 +138,17 @@ def resolve_checkpoint(settings: ModelSettings) -> Path:
 
 
 def download(
-    repo_id: str, revision: str, cache_dir: str | None = None, local_files_only: bool = False
+    repo_id: str,
+    revision: str,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    local_dir: str | None = None,
 ) -> Path:
     """Fetch a branch's safetensors, configs and tokenizer into the Hugging Face cache.
 
     Honours ``HF_HUB_OFFLINE``/``local_files_only`` (cache only), shows huggingface-hub's
-    progress bars, and resumes an interrupted download.
+    progress bars, and resumes an interrupted download. With `local_dir`, the files land in
+    that folder instead (a checkpoint folder that ``model=`` can point at).
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -152,6 +158,7 @@ def download(
             repo_id,
             revision=revision,
             cache_dir=cache_dir,
+            local_dir=local_dir,
             local_files_only=local_files_only,
             allow_patterns=_CHECKPOINT_FILES,
         )
@@ -246,6 +253,22 @@ def resolve_engine(engine: str, device: str) -> str:
     return "transformers"
 
 
+def default_fast_kernel(device: str) -> str:
+    """The fast engine's GPTQ kernel when none is named: Marlin where gptqmodel can build it.
+
+    Marlin was measured faster on Hopper (docs/benchmarks.md); our Triton kernels are the
+    fallback, also when Marlin's build fails at load.
+    """
+    marlin = device.startswith("cuda") and importlib.util.find_spec("gptqmodel") is not None
+    return "gptq_marlin" if marlin else "triton"
+
+
+def kernel_build_cache() -> Path:
+    """Where gptqmodel keeps its compiled kernels (Marlin): built once, reused by later loads."""
+    root = os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache/gptqmodel/torch_extensions"
+
+
 def _load(settings: ModelSettings) -> BaseEngine:
     folder = resolve_checkpoint(settings)
     quant = validate_checkpoint(folder)
@@ -312,10 +335,7 @@ def _load_fast(settings: ModelSettings, folder: Path, device: str) -> BaseEngine
     target = torch.device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
-    kernel = settings.kernel
-    if kernel is None:  # measured faster on Hopper (docs/benchmarks.md); Triton is the fallback
-        marlin = target.type == "cuda" and importlib.util.find_spec("gptqmodel") is not None
-        kernel = "gptq_marlin" if marlin else "triton"
+    kernel = settings.kernel or default_fast_kernel(target.type)
     try:
         model = _fast_model(settings, folder, target, kernel)
     except Exception as error:

@@ -226,14 +226,19 @@ def _to_thebloke_layout(folder: Path) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
-def demo_checkpoint() -> Path:
-    """The tiny checkpoint used by ``synthia chat --demo``, built once into the user's cache.
+def demo_checkpoint_folder() -> Path:
+    """Where ``synthia chat --demo`` keeps its tiny checkpoint.
 
-    The folder is ``$SYNTHIA_DEMO_DIR`` if set, else ``langchain-synthia/tiny-checkpoint`` under
+    ``$SYNTHIA_DEMO_DIR`` if set, else ``langchain-synthia/tiny-checkpoint`` under
     ``$XDG_CACHE_HOME`` (default ``~/.cache``).
     """
     folder = os.environ.get("SYNTHIA_DEMO_DIR")
     if folder is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        folder = str(cache / "langchain-synthia" / "tiny-checkpoint")
-    return make_tiny_checkpoint(folder)
+        return cache / "langchain-synthia" / "tiny-checkpoint"
+    return Path(folder)
+
+
+def demo_checkpoint() -> Path:
+    """The tiny checkpoint of demo mode (``--demo``), built once in `demo_checkpoint_folder`."""
+    return make_tiny_checkpoint(demo_checkpoint_folder())

@@ -10,6 +10,11 @@ DEFAULT_BRANCH = "main"
 
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
+_KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2
+"""Mistral-7B's KV cache per token: 32 layers, keys and values, 8 heads of 128, fp16."""
+_WORKING_GIB = 0.35
+"""Activations, logits and kernel workspaces at batch 1, from the measured peak."""
+
 
 @dataclass(frozen=True)
 class SynthiaVariant:
@@ -24,6 +29,17 @@ class SynthiaVariant:
     size_gb: float
     """Download size in GB (10^9 bytes), from the model card."""
     description: str
+
+    def gpu_memory_gib(self, context_window: int = 4096, max_batch_size: int = 1) -> float:
+        """GPU memory the fast engine needs for this branch, in GiB (2^30 bytes), estimated.
+
+        The weights (about the download size), the static KV cache (128 KiB per token of
+        `context_window`, for each of `max_batch_size` rows) and working memory. The estimate
+        for ``main`` at 4,096 tokens and one row, 4.7 GiB, matches the 4.75 GiB peak measured
+        on an H200 (docs/benchmarks.md). The CUDA context (a few hundred MiB) comes on top.
+        """
+        kv_cache = context_window * max_batch_size * _KV_BYTES_PER_TOKEN
+        return (self.size_gb * 1e9 + kv_cache) / 2**30 + _WORKING_GIB
 
 
 VARIANTS: dict[str, SynthiaVariant] = {

@@ -1,0 +1,224 @@
+"""The interactive chat of ``synthia chat``: reading messages, slash commands, the conversation.
+
+The session holds the conversation as LangChain messages and answers through `stream_answer`,
+the same `ChatSynthia.stream` and `SynthiaOutputParser` a user's own chain would use. Each
+exchange is appended to a JSONL log, as the model card's own loop does.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+
+from langchain_synthia.chat_models import ChatSynthia
+from langchain_synthia.output_parsers import SynthiaOutputParser
+from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, TREE_OF_THOUGHT_SYSTEM_MESSAGE
+
+PROMPT = "You: "
+MORE = "...  "
+BLOCK = '"""'
+
+HELP = f"""\
+Type a message and press Enter. A line that ends in \\ continues on the next line; a line that
+starts with {BLOCK} opens a block that a line ending in {BLOCK} closes.
+  /tot [on|off]          the card's Tree-of-Thought system message on or off
+  /system [TEXT]         show the system message, or set it (/system default, /system none)
+  /reset                 forget the conversation (the system message stays)
+  /save [FILE]           write the conversation to FILE as JSON
+  /help                  this list
+  /exit, /quit, Ctrl-D   leave (Ctrl-C stops an answer; at the prompt it leaves)"""
+
+
+def read_message(read_line: Callable[[str], str]) -> str:
+    """Read one message: a line, lines joined by a trailing backslash, or a triple-quote block.
+
+    Raises:
+        EOFError: When input ends before a message is complete.
+    """
+    first = read_line(PROMPT)
+    if first.lstrip().startswith(BLOCK):
+        lines = []
+        line = first.lstrip()[len(BLOCK) :]
+        while not line.rstrip().endswith(BLOCK):
+            lines.append(line)
+            line = read_line(MORE)
+        lines.append(line.rstrip()[: -len(BLOCK)])
+        return "\n".join(lines).strip("\n")
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read_line(MORE))
+    return "\n".join(lines)
+
+
+@dataclass
+class Answer:
+    """What the model answered: the parsed text, and the last chunk's metadata."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+
+def stream_answer(
+    model: ChatSynthia, messages: list[BaseMessage], write: Callable[[str], None]
+) -> Answer:
+    """Stream the model's answer to `messages` through the output parser, piece by piece.
+
+    The one way the CLI gets an answer, for ``chat`` and ``generate`` alike. If `write` or the
+    wait is interrupted (Ctrl-C), the stream is closed, which ends the request in the engine.
+    """
+    whole: list[AIMessageChunk] = []
+    source = model.stream(messages)
+
+    def chunks() -> Any:
+        for chunk in source:
+            whole.append(chunk)
+            yield chunk
+
+    inner = chunks()
+    pieces = SynthiaOutputParser().transform(inner)
+    text = []
+    try:
+        for piece in pieces:
+            text.append(piece)
+            write(piece)
+    finally:
+        for generator in (pieces, inner, source):
+            generator.close()
+    last = sum(whole[1:], whole[0]) if whole else None
+    return Answer(
+        text="".join(text),
+        finish_reason=last.response_metadata.get("finish_reason") if last else None,
+        usage=dict(last.usage_metadata) if last and last.usage_metadata else None,
+    )
+
+
+class ChatSession:
+    """A conversation with the model, driven by the lines a user types."""
+
+    def __init__(
+        self,
+        model: ChatSynthia,
+        *,
+        system_message: str | None,
+        log_path: Path | None,
+        write: Callable[..., None],
+    ) -> None:
+        """Start an empty conversation with `system_message` (``None``: no ``SYSTEM:`` line).
+
+        The session sends its system message itself: give it a `model` whose own
+        ``system_message`` is ``None``, or "none" would fall back to the model's.
+        """
+        self.model = model
+        self.system_message = system_message
+        self.history: list[BaseMessage] = []
+        self.log_path = log_path
+        self._write = write
+        self._before_tree_of_thought: str | None = DEFAULT_SYSTEM_MESSAGE
+
+    def handle(self, message: str) -> bool:
+        """Answer a message or run a command; ``False`` when the user asked to leave."""
+        text = message.strip()
+        if not text:
+            return True
+        if text.startswith("/"):
+            return self._command(*text.split(maxsplit=1))
+        self._write("Synthia: ", nl=False)
+        try:
+            answer = stream_answer(self.model, self._messages(message), self._piece)
+        except KeyboardInterrupt:
+            self._write("\n[answer stopped; it is not kept in the conversation]")
+            return True
+        self._write("")
+        if answer.finish_reason == "length":
+            self._write(f"[cut off at {self.model.max_tokens} tokens: --max-tokens raises it]")
+        self.history += [HumanMessage(message), AIMessage(answer.text)]
+        self._log(message, answer.text)
+        return True
+
+    def _piece(self, piece: str) -> None:
+        self._write(piece, nl=False)
+
+    def _messages(self, question: str) -> list[BaseMessage]:
+        from langchain_core.messages import SystemMessage
+
+        system = [SystemMessage(self.system_message)] if self.system_message else []
+        return [*system, *self.history, HumanMessage(question)]
+
+    def _command(self, name: str, argument: str = "") -> bool:
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            self._write(HELP)
+        elif name == "/reset":
+            self.history.clear()
+            self._write("[conversation cleared]")
+        elif name == "/tot":
+            self._tree_of_thought(argument.lower())
+        elif name == "/system":
+            self._system(argument)
+        elif name == "/save":
+            self._save(argument)
+        else:
+            self._write(f"[unknown command {name}: /help lists the commands]")
+        return True
+
+    def _tree_of_thought(self, argument: str) -> None:
+        if argument not in ("", "on", "off"):
+            self._write("[/tot takes on or off]")
+            return
+        on = self.system_message == TREE_OF_THOUGHT_SYSTEM_MESSAGE
+        if not on and argument in ("", "on"):
+            self._before_tree_of_thought = self.system_message
+            self.system_message = TREE_OF_THOUGHT_SYSTEM_MESSAGE
+        elif on and argument in ("", "off"):
+            self.system_message = self._before_tree_of_thought
+        state = "on" if self.system_message == TREE_OF_THOUGHT_SYSTEM_MESSAGE else "off"
+        self._write(f"[Tree-of-Thought system message {state}]")
+
+    def _system(self, argument: str) -> None:
+        if argument == "default":
+            self.system_message = DEFAULT_SYSTEM_MESSAGE
+        elif argument == "none":
+            self.system_message = None
+        elif argument:
+            self.system_message = argument
+        shown = "(none)" if self.system_message is None else self.system_message
+        self._write(f"[system message: {shown}]")
+
+    def _save(self, argument: str) -> None:
+        path = Path(argument or time.strftime("synthia-chat-%Y%m%d-%H%M%S.json")).expanduser()
+        turns = [
+            {"role": "user" if isinstance(m, HumanMessage) else "assistant", "content": m.text}
+            for m in self.history
+        ]
+        document = {"system": self.system_message, "messages": turns}
+        try:
+            path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        except OSError as error:
+            self._write(f"[not saved: {error}]")
+            return
+        self._write(f"[saved {len(turns)} messages to {path}]")
+
+    def _log(self, prompt: str, answer: str) -> None:
+        if self.log_path is None:
+            return
+        record = {
+            "prompt": prompt,
+            "answer": answer,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "system": self.system_message,
+            "model": self.model.model,
+            "revision": self.model.revision,
+        }
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as error:
+            self._write(f"[conversation log {self.log_path} not written: {error}]")
