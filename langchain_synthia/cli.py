@@ -352,9 +352,10 @@ def variants(context_window: int, max_batch_size: int, as_json: bool) -> None:
     for line in lines:
         cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
         click.echo("  ".join(cells).rstrip())
+    calls = "1 call at a time" if max_batch_size == 1 else f"{max_batch_size} calls at once"
     click.echo(
-        f"\nGPU memory: the fast engine's estimate for a {context_window}-token context and "
-        f"{max_batch_size} call(s) at once (--context-window, --max-batch-size)."
+        f"\nGPU memory: estimated for {context_window} tokens of context, {calls}\n"
+        "(--context-window and --max-batch-size change it; the CUDA context comes on top)."
     )
     if found:
         gpu = found[0]
