@@ -18,10 +18,11 @@ Demo form (tiny offline random-weight checkpoint, CPU: the call is valid, the wo
 """
 
 import os
+from collections.abc import Callable
 from typing import Literal
 
 from langchain.agents import create_agent
-from langchain.agents.middleware import wrap_model_call
+from langchain.agents.middleware import ModelRequest, ModelResponse, wrap_model_call
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import tool
 
@@ -39,7 +40,9 @@ def get_weather(city: Literal["Paris", "Tokyo", "Lima"]) -> str:
 
 
 @wrap_model_call
-def one_tool_round(request, handler):
+def one_tool_round(
+    request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
+) -> ModelResponse:
     """Call a tool first; answer in words once a tool result is in the conversation."""
     used_a_tool = any(isinstance(m, ToolMessage) for m in request.messages)
     return handler(request.override(tool_choice="none" if used_a_tool else "any"))

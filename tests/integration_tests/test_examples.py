@@ -17,9 +17,10 @@ def test_examples_exist() -> None:
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script: Path, tiny_model: str) -> None:
+def test_example_runs(script: Path, tiny_model: str, tmp_path: Path) -> None:
     env = {
         **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path),  # example 07's index: one per run, never shared
         "SYNTHIA_MODEL": tiny_model,
         "SYNTHIA_DEVICE": DEVICE,
         "SYNTHIA_MAX_TOKENS": "12",
