@@ -1,6 +1,7 @@
 """The terminal: the GPTQ stack's banners kept off it, and our own progress shown on it."""
 
 import contextlib
+import io
 import os
 import sys
 import threading
@@ -13,12 +14,27 @@ def verbose() -> bool:
     return os.environ.get("SYNTHIA_VERBOSE", "").lower() in ("1", "true", "yes")
 
 
+class _Discard(io.TextIOBase):
+    """A text stream that drops what is written (it stays usable if a library keeps it)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+_DISCARD = _Discard()
+
+
 @contextlib.contextmanager
 def quiet_output(*, enabled: bool = True) -> Iterator[None]:
-    """Silence whatever writes to the stdout/stderr file descriptors inside the block.
+    """Silence what the loading stack writes inside the block, at both levels.
 
-    gptqmodel prints a banner and live progress bars straight to the terminal. Exceptions still
-    propagate (and are printed after the descriptors are restored). ``SYNTHIA_VERBOSE=1`` or
+    gptqmodel prints a banner and live progress bars, and torchao and transformers print
+    warnings. In a terminal they go to the stdout/stderr file descriptors; in a notebook
+    kernel, to Python's ``sys.stdout``/``sys.stderr`` objects. Both are silenced. Exceptions
+    still propagate (and are shown after the block). ``SYNTHIA_VERBOSE=1`` or
     ``enabled=False`` lets everything through.
     """
     if not enabled or verbose():
@@ -28,7 +44,11 @@ def quiet_output(*, enabled: bool = True) -> Iterator[None]:
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     try:
-        with open(os.devnull, "w") as devnull:
+        with (
+            open(os.devnull, "w") as devnull,
+            contextlib.redirect_stdout(_DISCARD),
+            contextlib.redirect_stderr(_DISCARD),
+        ):
             os.dup2(devnull.fileno(), 1)
             os.dup2(devnull.fileno(), 2)
             yield
