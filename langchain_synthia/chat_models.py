@@ -33,13 +33,16 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
     shared by every instance with the same loading settings.
 
     Setup:
+        From a checkout of the repository:
+
         ```bash
-        pip install langchain-synthia
+        pip install .
         ```
 
-        A CUDA GPU with about 6 GB free runs the default ``main`` branch (4.16 GB download,
-        fetched into the Hugging Face cache on first use). Without a GPU, ``device="auto"``
-        falls back to the CPU, which is slow for a 7B model.
+        On a CUDA GPU the default ``main`` branch (a 4.16 GB download into the Hugging Face
+        cache on first use) takes about 8.5 GiB of GPU memory with the default 8 concurrent
+        requests, about 5 GiB with ``max_batch_size=1``. Without a GPU, ``device="auto"`` falls
+        back to the CPU, which is slow for a 7B model.
 
     Key init args — generation params:
         temperature: float
@@ -49,7 +52,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         top_k: int
             Top-k sampling (40; 0 disables).
         repetition_penalty: float
-            Penalty on repeated tokens (1.1).
+            Penalty on repeated tokens (1.1; 1.0 disables).
         max_tokens: int
             Most new tokens (512).
         seed: int | None
@@ -59,20 +62,31 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
             new ``USER:`` turn (``stop_at_user_turn=False`` turns that off).
         timeout: float | None
             Seconds a generation may run before `GenerationTimeoutError`.
-
-    Key init args — loading params:
-        model: str
-            Hub repo id (default ``TheBloke/Synthia-7B-v1.3-GPTQ``) or a local folder.
-        revision: str
-            Branch (``main``, ``gptq-4bit-32g-actorder_True``, ... see ``VARIANTS``) or a
-            commit hash.
-        device: str
-            ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        kernel: str | None
-            gptqmodel kernel; chosen per device when unset.
         system_message: str | None
             Used when the conversation has no system message (the card's "You are Synthia..."
             sentence by default; ``None`` leaves the ``SYSTEM:`` line out).
+
+    Key init args — loading params:
+        model: str
+            Hub repo id (default ``TheBloke/Synthia-7B-v1.3-GPTQ``, or ``$SYNTHIA_MODEL``) or a
+            local folder.
+        revision: str
+            Branch (``main``, ``gptq-4bit-32g-actorder_True``, ... see ``VARIANTS``) or a
+            commit hash (default ``main``, or ``$SYNTHIA_REVISION``).
+        device: str
+            ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (default ``"auto"``, or
+            ``$SYNTHIA_DEVICE``).
+        context_window: int
+            Tokens of prompt plus answer (4096); a longer prompt is refused, never truncated.
+        max_batch_size: int
+            Fast engine: requests decoded at once (8), each with a 512 MiB KV-cache row.
+        engine: str
+            ``"auto"`` (the fast engine on CUDA, transformers elsewhere), ``"fast"`` or
+            ``"transformers"``.
+        kernel: str | None
+            GPTQ kernel; chosen per engine and device when unset.
+
+        Every parameter: docs/chat-model.md.
 
     Instantiate:
         ```python
@@ -105,7 +119,44 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         await chat.ainvoke("Hello")
         async for chunk in chat.astream("Hello"):
             print(chunk.content, end="")
-        await chat.abatch(["Hello", "Bonjour"])  # decoded together as one padded batch
+        await chat.abatch(["Hello", "Bonjour"])  # decoded together as one batch
+        ```
+
+    Tool calling:
+        ```python
+        from typing import Literal
+
+        from langchain_core.tools import tool
+
+
+        @tool
+        def get_weather(city: Literal["Paris", "Tokyo", "Lima"]) -> str:
+            '''Today's weather in a city.'''
+            return "sunny"
+
+
+        chat.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?").tool_calls
+        ```
+
+        ```txt
+        [{'name': 'get_weather', 'args': {'city': 'Paris'}, 'id': 'call_...', 'type': 'tool_call'}]
+        ```
+
+    Structured output:
+        ```python
+        from pydantic import BaseModel, Field
+
+
+        class Answer(BaseModel):
+            city: Literal["Paris", "Lyon", "Nice"]
+            reason: str = Field(max_length=100)
+
+
+        chat.with_structured_output(Answer).invoke("Which city is the capital of France?")
+        ```
+
+        ```txt
+        Answer(city='Paris', reason='Paris is the capital and largest city of France.')
         ```
 
     Token usage:

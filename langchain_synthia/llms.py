@@ -21,16 +21,30 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
     the same loading settings.
 
     Setup:
+        From a checkout of the repository:
+
         ```bash
-        pip install langchain-synthia
+        pip install .
         ```
+
+        GPU memory and the first download are as for `ChatSynthia`.
 
     Key init args — generation params:
         temperature, top_p, top_k, repetition_penalty, max_tokens, seed, stop, timeout:
             as in `ChatSynthia` (card defaults 0.7 / 0.95 / 40 / 1.1 / 512).
+        stop_at_user_turn: bool
+            Stop when the completion starts a new ``USER:`` turn (default ``True``).
 
     Key init args — loading params:
-        model, revision, device, kernel, cache_dir, local_files_only: as in `ChatSynthia`.
+        model, revision, device:
+            as in `ChatSynthia`; they default to ``$SYNTHIA_MODEL``, ``$SYNTHIA_REVISION`` and
+            ``$SYNTHIA_DEVICE`` when those are set.
+        engine, kernel, context_window, max_batch_size, prefix_cache_tokens:
+            as in `ChatSynthia`.
+        cache_dir, local_files_only:
+            as in `ChatSynthia`.
+
+        Every parameter: docs/llm.md.
 
     Instantiate:
         ```python
@@ -57,8 +71,11 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     Async:
         ```python
+        prompt = synthia_prompt_template().format(question="Name a moon of Mars.")
         await llm.ainvoke(prompt)
-        await llm.abatch([prompt_a, prompt_b])  # one padded GPU batch
+        async for text in llm.astream(prompt):
+            print(text, end="")
+        await llm.abatch([prompt, prompt])  # decoded together as one batch
         ```
 
     Token usage:
@@ -72,7 +89,8 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         {'input_tokens': 38, 'output_tokens': 57, 'total_tokens': 95}
         ```
 
-    ReAct-style text agents work too: pass ``stop=["Observation:"]``.
+    Text ReAct agents work too: bind ``stop=["Observation:"]`` so that the completion ends
+    before the model invents a tool's result (docs/llm.md).
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

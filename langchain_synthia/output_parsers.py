@@ -10,7 +10,7 @@ from langchain_synthia.prompts import USER_MARKER
 
 
 class SynthiaOutputParser(BaseTransformOutputParser[str]):
-    """Keep Synthia's answer, drop a ``USER:`` continuation, strip surrounding whitespace.
+    r"""Keep Synthia's answer, drop a ``USER:`` continuation, strip surrounding whitespace.
 
     `parse` is the model card's ``answer.split("USER:")[0].strip()``. Streamed, the parser gives
     the same text piece by piece: it never emits a partial ``USER:`` (a tail such as ``"US"`` is
@@ -27,6 +27,12 @@ class SynthiaOutputParser(BaseTransformOutputParser[str]):
         chain = synthia_chat_prompt() | ChatSynthia() | SynthiaOutputParser()
         for piece in chain.stream({"question": "Name three moons of Jupiter."}):
             print(piece, end="", flush=True)
+
+        SynthiaOutputParser().parse("  Paris.\nUSER: And Germany?\nASSISTANT: Berlin.")
+        ```
+
+        ```txt
+        'Paris.'
         ```
     """
 

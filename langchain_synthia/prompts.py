@@ -72,7 +72,7 @@ class Turn:
 
 
 def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> str:
-    """Render a conversation in Synthia's format: the one renderer every class uses.
+    r"""Render a conversation in Synthia's format: the one renderer every class uses.
 
     Args:
         turns: The conversation, oldest first. Consecutive turns of one role are merged into one
@@ -85,6 +85,18 @@ def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> s
 
     Raises:
         ValueError: If there are no turns.
+
+    Example:
+        ```python
+        from langchain_synthia import Turn, render_prompt
+
+        turns = [Turn("user", "What is 2+2?"), Turn("assistant", "4."), Turn("user", "And 3+3?")]
+        render_prompt(turns)
+        ```
+
+        ```txt
+        'USER: What is 2+2?\nASSISTANT: 4.\nUSER: And 3+3?\nASSISTANT:'
+        ```
     """
     if not turns:
         msg = "Nothing to render: the conversation has no USER or ASSISTANT turn. Add a message."
@@ -122,6 +134,21 @@ def render_messages(
     Raises:
         ValueError: If there are no messages, only system messages, or a message that the
             format cannot carry (non-text content, unknown roles).
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+
+        from langchain_synthia import render_messages
+
+        print(render_messages([HumanMessage("Tell me about AI")]))
+        ```
+
+        ```txt
+        SYSTEM: You are Synthia. As a an AI intelligence, give helpful, detailed, accurate, ...
+        USER: Tell me about AI
+        ASSISTANT:
+        ```
     """
     if not messages:
         msg = "ChatSynthia got an empty message list: pass at least one HumanMessage."
@@ -217,10 +244,20 @@ def synthia_chat_prompt(
         history_variable: The name of an optional list of earlier messages placed between the
             system message and the question; ``None`` for no history slot.
 
+    Raises:
+        ValueError: If both `system_message` and ``tree_of_thought=True`` are given.
+
     Example:
         ```python
+        from langchain_core.messages import AIMessage, HumanMessage
+
+        from langchain_synthia import ChatSynthia, SynthiaOutputParser, synthia_chat_prompt
+
         chain = synthia_chat_prompt(tree_of_thought=True) | ChatSynthia() | SynthiaOutputParser()
         chain.invoke({"question": "How is a rocket launched to Low Earth Orbit?"})
+
+        history = [HumanMessage("Name a planet with rings."), AIMessage("Saturn.")]
+        chain.invoke({"question": "How far is it from the Sun?", "history": history})
         ```
     """
     system = _chosen_system(system_message, tree_of_thought=tree_of_thought)
@@ -239,8 +276,27 @@ def synthia_prompt_template(
 ) -> PromptTemplate:
     r"""A string prompt for `SynthiaLLM`, rendered by `render_prompt` with one user turn.
 
-    ``synthia_prompt_template().format(question="Hi")`` is
-    ``"SYSTEM: You are Synthia. ...\\nUSER: Hi\\nASSISTANT:"``.
+    Args:
+        system_message: The text of the ``SYSTEM:`` line, literal (braces are escaped, so they
+            reach the model as written); ``None`` uses `DEFAULT_SYSTEM_MESSAGE`.
+        tree_of_thought: Use the card's `TREE_OF_THOUGHT_SYSTEM_MESSAGE`.
+        input_variable: The name of the variable that holds the user's message.
+
+    Raises:
+        ValueError: If both `system_message` and ``tree_of_thought=True`` are given.
+
+    Example:
+        ```python
+        from langchain_synthia import SynthiaLLM, synthia_prompt_template
+
+        synthia_prompt_template().format(question="Hi")
+        chain = synthia_prompt_template(tree_of_thought=True) | SynthiaLLM()
+        chain.invoke({"question": "How is a rocket launched to Low Earth Orbit?"})
+        ```
+
+        ```txt
+        'SYSTEM: You are Synthia. ...\nUSER: Hi\nASSISTANT:'
+        ```
     """
     system = _chosen_system(system_message, tree_of_thought=tree_of_thought)
     if system is None:
