@@ -56,6 +56,8 @@ napoleon_custom_sections = [
     ("Invoke", "example"),
     ("Stream", "example"),
     ("Async", "example"),
+    ("Tool calling", "example"),
+    ("Structured output", "example"),
     ("Token usage", "example"),
     ("Response metadata", "example"),
 ]
