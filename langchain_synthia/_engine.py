@@ -494,16 +494,24 @@ def batch_group(expected: int) -> Iterator[BatchGroup]:
         _ACTIVE_GROUP.reset(token)
 
 
-def open_stream(engine: BaseEngine, request: GenerationRequest) -> TokenStream:
-    """Start one request (through the active batch group, if any) and return its stream."""
+def open_stream(engine: Any, request: GenerationRequest) -> Iterator[TokenEvent]:
+    """Start one request (through the active batch group, if any) and return its stream.
+
+    A remote engine (`langchain_synthia._remote.RemoteEngine`) streams its own way, and its
+    server batches concurrent requests itself.
+    """
+    if not getattr(engine, "batches_locally", True):
+        return engine.open(request)
     group = _ACTIVE_GROUP.get()
     if group is None:
         return engine.submit([request])[0]
     return group.join(engine, request).wait()
 
 
-async def aopen_stream(engine: BaseEngine, request: GenerationRequest) -> TokenStream:
+async def aopen_stream(engine: Any, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
     """`open_stream` for async callers: waiting for the batch never blocks the event loop."""
+    if not getattr(engine, "batches_locally", True):
+        return engine.aopen(request)
     group = _ACTIVE_GROUP.get()
     if group is None:
         return engine.submit([request])[0]

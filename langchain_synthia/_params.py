@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -26,6 +27,7 @@ from typing_extensions import Self
 
 from langchain_synthia._engine import BaseEngine, GenerationRequest, TokenEvent
 from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
+from langchain_synthia._remote import RemoteEngine, RemoteSettings, Server, remote_engine
 from langchain_synthia._sampling import SamplingParams
 from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, check_revision
 
@@ -89,6 +91,22 @@ class SynthiaParams(BaseModel):
     """Fast engine: requests decoded together at most (each holds a KV-cache row of
     ``context_window`` tokens: 512 MiB at 4096 tokens)."""
 
+    base_url: str | None = Field(default_factory=lambda: os.environ.get("SYNTHIA_BASE_URL") or None)
+    """Remote mode: the ``/v1`` URL of an OpenAI-compatible server that serves Synthia (vLLM,
+    SGLang, TGI, llama.cpp), e.g. ``"http://localhost:8000/v1"``. Nothing loads locally;
+    ``model`` is the served model's name. ``SYNTHIA_BASE_URL`` in the environment sets it."""
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: _secret(os.environ.get("SYNTHIA_API_KEY"))
+    )
+    """Remote mode: the server's API key, sent as a bearer token (``SYNTHIA_API_KEY``)."""
+    server: Server = "auto"
+    """Remote mode: ``"vllm"``, ``"sglang"``, ``"tgi"``, ``"llama.cpp"`` or ``"openai"`` (only
+    the standard options); ``"auto"`` reads it from ``/v1/models``. It decides how sampling
+    options and grammars (tool calls, structured output) are sent."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    """Remote mode: retries of a request that could not connect or got 408/429/5xx, with
+    exponential backoff, before the first token (never after)."""
+
     temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     """Sampling temperature; 0 is greedy decoding."""
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -126,14 +144,28 @@ class SynthiaParams(BaseModel):
         check_revision(self.model, self.revision)
         return self
 
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"https?://[^/\s]+", url):
+            msg = f"base_url={url!r} is not an http(s) URL, e.g. 'http://localhost:8000/v1'."
+            raise ValueError(msg)
+        return url
+
     def load(self) -> Self:
-        """Load the model now (it otherwise loads on the first call); returns ``self``."""
-        self._engine_for(self.model, self.revision)
+        """Load the model now (it otherwise loads on the first call); returns ``self``.
+
+        In remote mode, check that the server answers instead.
+        """
+        engine = self._engine_for(self.model, self.revision)
+        if isinstance(engine, RemoteEngine):
+            engine.check()
         return self
 
     def get_token_ids(self, text: str) -> list[int]:
         """Synthia's token ids of `text` (no BOS); loads the model if needed."""
-        return self._engine_for(self.model, self.revision).encode(text)[1:]
+        ids = self._engine_for(self.model, self.revision).encode(text)
+        return ids[1:] if ids and ids[0] == _BOS else ids
 
     # -- turning a call into engine requests ------------------------------------------------
 
@@ -158,10 +190,23 @@ class SynthiaParams(BaseModel):
             prefix_cache_tokens=self.prefix_cache_tokens if fast else 0,
         )
 
-    def _engine_for(self, model: str, revision: str) -> BaseEngine:
+    def _engine_for(self, model: str, revision: str) -> "BaseEngine | RemoteEngine":
+        if self.base_url:
+            return remote_engine(self._remote_settings(model))
         return get_engine(self._settings(model, revision))
 
-    async def _aengine_for(self, model: str, revision: str) -> BaseEngine:
+    def _remote_settings(self, model: str) -> RemoteSettings:
+        return RemoteSettings(
+            base_url=self.base_url or "",
+            model=model,
+            api_key=self.api_key.get_secret_value() if self.api_key else None,
+            server=self.server,
+            max_retries=self.max_retries,
+        )
+
+    async def _aengine_for(self, model: str, revision: str) -> "BaseEngine | RemoteEngine":
+        if self.base_url:
+            return remote_engine(self._remote_settings(model))
         settings = self._settings(model, revision)
         if settings in loaded_engines():
             return get_engine(settings)
@@ -223,9 +268,18 @@ class SynthiaParams(BaseModel):
             "revision": self.revision,
             "device": self.device,
             "kernel": self.kernel,
+            "base_url": self.base_url,
             **{name: getattr(self, name) for name in _CALL_OPTIONS[2:]},
             "stop": self.stop,
         }
+
+
+_BOS = 1
+"""Synthia's (Mistral's) beginning-of-sequence token id."""
+
+
+def _secret(value: str | None) -> SecretStr | None:
+    return SecretStr(value) if value else None
 
 
 def _stop_list(stop: Any) -> list[str] | None:

@@ -8,7 +8,7 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from langchain_synthia._engine import BaseEngine, TokenEvent
+from langchain_synthia._engine import BaseEngine, TokenEvent, aopen_stream, open_stream
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 
 
@@ -129,8 +129,9 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        engine, (stream,) = self._start([prompt], stop, kwargs)
-        for event in stream:
+        options = self._call_options(stop, kwargs)
+        engine = self._engine_for(options["model"], options["revision"])
+        for event in open_stream(engine, self._request(prompt, options)):
             chunk = self._chunk(event, engine)
             if run_manager is not None:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -143,8 +144,9 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        engine, (stream,) = await self._astart([prompt], stop, kwargs)
-        async for event in stream:
+        options = self._call_options(stop, kwargs)
+        engine = await self._aengine_for(options["model"], options["revision"])
+        async for event in await aopen_stream(engine, self._request(prompt, options)):
             chunk = self._chunk(event, engine)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)

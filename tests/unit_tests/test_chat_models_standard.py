@@ -12,14 +12,9 @@ class TestChatSynthiaUnit(ChatModelUnitTests):
         return ChatSynthia
 
     @property
-    def standard_chat_model_params(self) -> dict:
-        # The suite adds `api_key` and `max_retries`, which a local model does not have.
-        # ChatSynthia forbids unknown arguments (a misspelt option is an error, not a no-op),
-        # so they are left out here; `timeout`, `temperature`, `max_tokens`, `stop` are kept.
-        params = dict(super().standard_chat_model_params)
-        params.pop("api_key", None)
-        params.pop("max_retries", None)
-        return params
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        env = {"SYNTHIA_BASE_URL": "http://gpu-box:8000/v1", "SYNTHIA_API_KEY": "sk-test"}
+        return env, {}, {"base_url": "http://gpu-box:8000/v1", "api_key": "sk-test"}
 
     @property
     def chat_model_params(self) -> dict:
@@ -32,6 +27,12 @@ def test_standard_params_really_include_timeout() -> None:
     assert ChatSynthia(**params).timeout == 60
 
 
-def test_unknown_standard_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="api_key"):
-        ChatSynthia(api_key="test")
+def test_standard_params_include_the_remote_ones() -> None:
+    chat = ChatSynthia(**TestChatSynthiaUnit().standard_chat_model_params)
+    assert chat.max_retries == 2
+    assert chat.api_key.get_secret_value() == "test"  # used only in remote mode
+
+
+def test_unknown_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="apikey"):
+        ChatSynthia(apikey="test")

@@ -1,0 +1,155 @@
+"""Remote mode's pure parts: server-sent events, stop cutting, backoff, GBNF translation."""
+
+import json
+
+import pytest
+from pydantic import BaseModel, Field
+
+from langchain_synthia import ChatSynthia
+from langchain_synthia._engine import GenerationRequest
+from langchain_synthia._gbnf import json_schema_to_gbnf, lark_to_gbnf
+from langchain_synthia._grammar import GrammarError, json_schema_grammar
+from langchain_synthia._remote import (
+    RemoteEngine,
+    RemoteEngineError,
+    RemoteSettings,
+    _Answer,
+    _backoff,
+    _Lines,
+)
+from langchain_synthia._sampling import SamplingParams
+from langchain_synthia.tools import convert_tools, tool_grammar
+
+GREEDY = SamplingParams(0.0, 1.0, 0, 1.0, None)
+
+
+def sse(text: str = "", finish: str | None = None, usage: dict | None = None) -> str:
+    event = {"choices": [{"text": text, "finish_reason": finish}]}
+    if usage:
+        event["usage"] = usage
+    return f"data: {json.dumps(event)}"
+
+
+def run(stops: tuple[str, ...], lines: list[str]) -> list:
+    answer, parsed = _Answer(GenerationRequest("p", 8, GREEDY, stops=stops)), _Lines()
+    events = []
+    for line in lines:
+        events += answer.feed(parsed.parse(line))
+        if answer.done:
+            break
+    events += answer.end(
+        RemoteEngine(RemoteSettings("http://x/v1", "m")), parsed, parsed.usage or {}
+    )
+    return events
+
+
+def test_text_usage_and_finish_come_from_the_events() -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    events = run(
+        (), [sse("Hel"), "", ": keep-alive", sse("lo"), sse("!", "length"), sse(usage=usage),
+             "data: [DONE]"],
+    )  # fmt: skip
+    assert "".join(e.text for e in events) == "Hello!"
+    assert events[-1].finish_reason == "length"
+    assert (events[-1].input_tokens, events[-1].output_tokens) == (7, 3)
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_a_stop_split_across_events_is_cut_exactly(cut: int) -> None:
+    text = "one, two\nUSER: three"
+    events = run(("\nUSER:",), [sse(text[:cut]), sse(text[cut:]), sse("", "stop"), "data: [DONE]"])
+    assert "".join(e.text for e in events) == "one, two"
+    assert events[-1].finish_reason == "stop"
+
+
+def test_a_server_that_ignores_the_stop_is_left() -> None:
+    lines = [sse("a."), *(sse("more") for _ in range(500))]
+    events = run((".",), lines)
+    assert "".join(e.text for e in events) == "a"
+    assert events[-1].finish_reason == "stop"
+
+
+def test_a_stream_that_ends_without_a_finish_is_an_error() -> None:
+    with pytest.raises(RemoteEngineError, match="closed the connection before the answer"):
+        run((), [sse("Hel")])
+
+
+def test_an_error_event_is_raised_with_its_message() -> None:
+    with pytest.raises(RemoteEngineError, match="out of memory"):
+        run((), [sse("a"), 'data: {"error": {"message": "out of memory"}}'])
+
+
+def test_backoff_doubles_with_jitter_up_to_eight_seconds() -> None:
+    for attempt, base in enumerate([0.5, 1, 2, 4, 8, 8]):
+        assert 0.75 * base <= _backoff(attempt) <= 1.25 * base
+
+
+def test_remote_fields_are_validated_and_the_key_is_secret(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="is not an http"):
+        ChatSynthia(base_url="localhost:8000")
+    monkeypatch.setenv("SYNTHIA_BASE_URL", "http://gpu:8000/v1")
+    monkeypatch.setenv("SYNTHIA_API_KEY", "sk-123")
+    chat = ChatSynthia()
+    assert chat.base_url == "http://gpu:8000/v1"
+    assert "sk-123" not in repr(chat)
+    assert chat._remote_settings(chat.model).api_key == "sk-123"
+
+
+# -- GBNF --------------------------------------------------------------------------------------
+
+
+class Weather(BaseModel):
+    city: str = Field(max_length=20)
+    days: int = 1
+
+
+def test_a_tool_grammar_translates_rule_for_rule() -> None:
+    lark = tool_grammar(convert_tools([Weather]), "auto")
+    gbnf = lark_to_gbnf(lark)
+    assert gbnf.startswith('root ::= " "? (calls | TEXT)?\n')
+    assert 'call ::= "<tool_call>" (call0) "</tool_call>"' in gbnf
+    assert "TEXT ::= ([^<\\x20\\t\\r\\n] [^\\x00]*)" in gbnf
+    assert '"{" "\\"city\\"" ":" ' in gbnf  # required key first, optional days after
+    assert '("," "\\"days\\"" ":" json-integer)?' in gbnf
+
+
+def test_schemas_translate_to_compact_json_rules() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["a", "b"]},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+            "note": {"type": ["string", "null"]},
+        },
+    }
+    gbnf = json_schema_to_gbnf(schema)
+    assert '"\\"a\\"" | "\\"b\\""' in gbnf
+    assert '"[" ' in gbnf
+    assert "{0,2}" in gbnf  # one item, then at most two more
+    assert "json-string | json-null" in gbnf.replace("value-", "").replace("  ", " ") or (
+        "json-null" in gbnf
+    )
+
+
+def test_recursive_models_terminate() -> None:
+    class Node(BaseModel):
+        name: str
+        children: list["Node"] = []
+
+    gbnf = lark_to_gbnf(json_schema_grammar(Node.model_json_schema()))
+    assert gbnf.count("::=") < 30
+
+
+def test_unsupported_lark_is_a_clear_error() -> None:
+    with pytest.raises(GrammarError, match="regex"):
+        lark_to_gbnf("start: /[a-z]+/")
+
+
+def test_gbnf_parses_in_llama_cpp_when_it_is_installed() -> None:
+    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    for lark in (
+        tool_grammar(convert_tools([Weather]), "auto"),
+        tool_grammar(convert_tools([Weather]), "any", parallel=True),
+        json_schema_grammar({"type": "object"}),
+    ):
+        llama_grammar.LlamaGrammar.from_string(lark_to_gbnf(lark), verbose=False)
