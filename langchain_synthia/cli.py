@@ -78,6 +78,11 @@ _MODEL_OPTIONS = (
         help="Never download: use the Hugging Face cache only.",
     ),
     click.option("--cache-dir", help="Hugging Face cache folder. [default: HF_HUB_CACHE]"),
+    click.option(
+        "--base-url",
+        help="Remote mode: the /v1 URL of a server that serves Synthia (vLLM, llama.cpp, ...); "
+        "--model is then the served name. [default: $SYNTHIA_BASE_URL]",
+    ),
 )
 
 _SAMPLING_OPTIONS = (
@@ -148,6 +153,12 @@ def _load(chat_model: Any) -> None:
     from langchain_synthia._console import progress
     from langchain_synthia._loading import download
 
+    if chat_model.base_url:
+        try:
+            chat_model.load()  # asks the server for its models
+        except RuntimeError as error:
+            raise _Failure(str(error), EXIT_UNAVAILABLE) from None
+        return
     try:
         if not Path(chat_model.model).expanduser().is_dir():
             download(

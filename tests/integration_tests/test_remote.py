@@ -290,3 +290,18 @@ def test_concurrent_streams_are_held(server_url: str) -> None:
         if question in alone:
             assert text == alone[question]
     print(f"16 concurrent streams held in {elapsed:.1f} s")
+
+
+def test_the_cli_generates_remotely_with_one_option(server_url: str) -> None:
+    from click.testing import CliRunner
+
+    from langchain_synthia.cli import main
+
+    args = ["--base-url", server_url, "--model", SERVED, "--temperature", "0", "--max-tokens", "8"]
+    result = CliRunner().invoke(main, ["generate", *args, "--json", "Say hello."])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["text"]
+    assert answer["usage"]["output_tokens"] > 0
+    gone = f"http://127.0.0.1:{_free_port()}/v1"
+    assert CliRunner().invoke(main, ["generate", "--base-url", gone, "hi"]).exit_code == 3
