@@ -208,7 +208,7 @@ class RemoteEngine:
                 completion = request.max_new_tokens
             else:
                 completion = len(self.encode("".join(answer.raw))) - (1 if prompt else 0)
-        except RemoteEngineError:
+        except (RemoteEngineError, ValueError):  # no tokenizer endpoint, or not JSON
             return {}
         except Exception as error:  # the connection: usage is not worth failing an answer for
             if type(error).__module__.startswith(("httpx", "httpcore")):
@@ -313,20 +313,14 @@ class RemoteEngine:
             )
             try:
                 response = client.send(request, stream=True)
-            except httpx.TimeoutException as error:
-                raise _timeout_for(body) from error
             except httpx.TransportError as error:
-                if attempt == self.settings.max_retries:
-                    raise self._unreachable(error) from error
+                self._after_failure(attempt, body, error=error)
             else:
                 if response.status_code < 400:
                     return response
                 response.read()
                 response.close()
-                if response.status_code not in _RETRY_STATUS or (
-                    attempt == self.settings.max_retries
-                ):
-                    raise self._http_error(response)
+                self._after_failure(attempt, body, response=response)
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -340,22 +334,31 @@ class RemoteEngine:
             )
             try:
                 response = await client.send(request, stream=True)
-            except httpx.TimeoutException as error:
-                raise _timeout_for(body) from error
             except httpx.TransportError as error:
-                if attempt == self.settings.max_retries:
-                    raise self._unreachable(error) from error
+                self._after_failure(attempt, body, error=error)
             else:
                 if response.status_code < 400:
                     return response
                 await response.aread()
                 await response.aclose()
-                if response.status_code not in _RETRY_STATUS or (
-                    attempt == self.settings.max_retries
-                ):
-                    raise self._http_error(response)
+                self._after_failure(attempt, body, response=response)
             await asyncio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _after_failure(
+        self, attempt: int, body: dict[str, Any], *, error: Any = None, response: Any = None
+    ) -> None:
+        """Return to retry a failed attempt, or raise what the caller should see."""
+        import httpx
+
+        last = attempt == self.settings.max_retries
+        if isinstance(error, httpx.TimeoutException):
+            raise _timeout_for(body) from error
+        if error is not None:
+            if last:
+                raise self._unreachable(error) from error
+        elif response.status_code not in _RETRY_STATUS or last:
+            raise self._http_error(response)
 
     # -- errors -------------------------------------------------------------------------------
 

@@ -153,3 +153,81 @@ def test_gbnf_parses_in_llama_cpp_when_it_is_installed() -> None:
         json_schema_grammar({"type": "object"}),
     ):
         llama_grammar.LlamaGrammar.from_string(lark_to_gbnf(lark), verbose=False)
+
+
+# -- retries, against a scripted HTTP server on loopback ---------------------------------------
+
+
+class _Scripted:
+    """A loopback HTTP server that answers POSTs with the given statuses, then a stream."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        import http.server
+        import threading
+
+        self.statuses = list(statuses)
+        self.posts = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._send(200, "application/json", b'{"data": [{"owned_by": "vllm"}]}')
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if not self.path.endswith("/completions"):
+                    self._send(404, "application/json", b"{}")
+                    return
+                outer.posts += 1
+                if outer.statuses:
+                    body = json.dumps({"error": {"message": "busy, try later"}}).encode()
+                    self._send(outer.statuses.pop(0), "application/json", body)
+                    return
+                events = [sse("Hi"), sse(" there", "stop"), "data: [DONE]"]
+                self._send(200, "text/event-stream", "\n\n".join(events).encode() + b"\n\n")
+
+            def _send(self, status: int, kind: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_busy_answers_are_retried_before_the_first_token(use_async: bool) -> None:
+    import asyncio
+
+    server = _Scripted([503, 429])
+    try:
+        chat = ChatSynthia(base_url=server.url, model="m", max_retries=2, max_tokens=4)
+        text = asyncio.run(chat.ainvoke("x")).text if use_async else chat.invoke("x").text
+        assert text == "Hi there"
+        assert server.posts == 3
+    finally:
+        server.close()
+
+
+def test_a_client_error_is_not_retried_and_a_busy_server_gives_up() -> None:
+    server = _Scripted([400, 503, 503, 503])
+    try:
+        chat = ChatSynthia(base_url=server.url, model="m", max_retries=2, max_tokens=4)
+        with pytest.raises(RemoteEngineError, match="answered 400: busy, try later"):
+            chat.invoke("x")
+        assert server.posts == 1
+        with pytest.raises(RemoteEngineError, match="answered 503") as caught:
+            chat.invoke("x")
+        assert caught.value.status == 503
+        assert server.posts == 4
+    finally:
+        server.close()
