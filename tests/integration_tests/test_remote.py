@@ -305,3 +305,15 @@ def test_the_cli_generates_remotely_with_one_option(server_url: str) -> None:
     assert answer["usage"]["output_tokens"] > 0
     gone = f"http://127.0.0.1:{_free_port()}/v1"
     assert CliRunner().invoke(main, ["generate", "--base-url", gone, "hi"]).exit_code == 3
+
+
+def test_a_timeout_is_a_clear_error_and_the_next_call_is_unaffected(server_url: str) -> None:
+    from langchain_synthia import GenerationTimeoutError
+
+    slow = ChatSynthia(base_url=server_url, model=SERVED, max_tokens=400, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(GenerationTimeoutError, match="timeout"):
+        slow.invoke("Write a long story about a lighthouse.")
+    assert time.monotonic() - started < 5
+    quick = ChatSynthia(base_url=server_url, model=SERVED, max_tokens=4, temperature=0)
+    assert quick.invoke("Hi").usage_metadata["output_tokens"] > 0
