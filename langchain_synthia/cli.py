@@ -235,7 +235,8 @@ def chat(
 
     system_message = _system_message(system, tree_of_thought)
     chat_model = _chat_model(fields, demo=demo)
-    if no_log and log_path is not None:
+    from_command_line = click.get_current_context().get_parameter_source("log_path")
+    if no_log and from_command_line == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--log and --no-log contradict each other: pick one.")
     log = None if no_log else (log_path or _default_log())
     _load(chat_model)

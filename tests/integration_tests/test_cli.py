@@ -175,6 +175,12 @@ def test_chat_log_is_on_by_default_and_off_with_no_log(model_args, tmp_path) -> 
     assert result.exit_code == 0, result.output
     assert len(default.read_text().splitlines()) == 1
     assert run(["chat", "--log", "x", "--no-log"], input="").exit_code == 2
+    env_log = tmp_path / "from-env.jsonl"  # --no-log overrules $SYNTHIA_CHAT_LOG
+    result = run(["chat", *model_args, "--no-log"], input="Hi\n", SYNTHIA_CHAT_LOG=str(env_log))
+    assert result.exit_code == 0, result.output
+    assert not env_log.exists()
+    result = run(["chat", *model_args], input="Hi\n", SYNTHIA_CHAT_LOG=str(env_log))
+    assert len(env_log.read_text().splitlines()) == 1
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_model: str, tmp_path) -> None:
