@@ -229,6 +229,8 @@ class BaseEngine:
     """
 
     kind = "base"
+    batches_locally = True
+    """Requests opened inside a ``.batch()`` call join one engine batch (`BatchGroup`)."""
 
     def __init__(self, tokenizer: Any, *, name: str, device: Any, max_len: int) -> None:
         """Serve `tokenizer`'s model under `name` on `device`, prompts + answers <= `max_len`."""
@@ -500,7 +502,7 @@ def open_stream(engine: Any, request: GenerationRequest) -> Iterator[TokenEvent]
     A remote engine (`langchain_synthia._remote.RemoteEngine`) streams its own way, and its
     server batches concurrent requests itself.
     """
-    if not getattr(engine, "batches_locally", True):
+    if not engine.batches_locally:
         return engine.open(request)
     group = _ACTIVE_GROUP.get()
     if group is None:
@@ -510,7 +512,7 @@ def open_stream(engine: Any, request: GenerationRequest) -> Iterator[TokenEvent]
 
 async def aopen_stream(engine: Any, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
     """`open_stream` for async callers: waiting for the batch never blocks the event loop."""
-    if not getattr(engine, "batches_locally", True):
+    if not engine.batches_locally:
         return engine.aopen(request)
     group = _ACTIVE_GROUP.get()
     if group is None:
