@@ -206,8 +206,8 @@ class RemoteEngine:
             prompt = len(self.encode(request.prompt))
             if lines.finish_reason == "length" and not answer.stops.stopped:
                 completion = request.max_new_tokens
-            else:
-                completion = len(self.encode("".join(answer.raw))) - (1 if prompt else 0)
+            else:  # without the BOS the tokenizer adds, if it adds one
+                completion = len(self.encode("".join(answer.raw))) - self._added_tokens()
         except (RemoteEngineError, ValueError):  # no tokenizer endpoint, or not JSON
             return {}
         except Exception as error:  # the connection: usage is not worth failing an answer for
@@ -215,6 +215,11 @@ class RemoteEngine:
                 return {}
             raise
         return {"prompt_tokens": prompt, "completion_tokens": max(completion, 0)}
+
+    @functools.cache  # noqa: B019 - one engine per settings, kept for the process
+    def _added_tokens(self) -> int:
+        """Tokens the server's tokenizer adds to any text (its BOS, or none)."""
+        return len(self.encode(""))
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -260,9 +265,8 @@ class RemoteEngine:
         return body
 
     def _constraint(self, grammar: str, server: str) -> dict[str, Any]:
-        if (
-            server == "vllm"
-        ):  # vLLM >= 0.12, served with --structured-outputs-config.backend guidance
+        # vLLM >= 0.12, served with --structured-outputs-config.backend guidance
+        if server == "vllm":
             return {"structured_outputs": {"grammar": grammar}}
         if server in ("llama.cpp", "sglang"):
             from langchain_synthia._gbnf import lark_to_gbnf
@@ -444,7 +448,6 @@ class _Answer:
     """
 
     def __init__(self, request: GenerationRequest) -> None:
-        self.request = request
         self.stops = StopMatcher(request.stops)
         self.pieces = 0
         self.raw: list[str] = []
