@@ -72,12 +72,13 @@ def stream_answer(
     The one way the CLI gets an answer, for ``chat`` and ``generate`` alike. If `write` or the
     wait is interrupted (Ctrl-C), the stream is closed, which ends the request in the engine.
     """
-    whole: list[AIMessageChunk] = []
+    last: AIMessageChunk | None = None  # the final chunk carries finish_reason and usage
     source = model.stream(messages)
 
     def chunks() -> Any:
+        nonlocal last
         for chunk in source:
-            whole.append(chunk)
+            last = chunk
             yield chunk
 
     inner = chunks()
@@ -90,7 +91,6 @@ def stream_answer(
     finally:
         for generator in (pieces, inner, source):
             generator.close()
-    last = sum(whole[1:], whole[0]) if whole else None
     return Answer(
         text="".join(text),
         finish_reason=last.response_metadata.get("finish_reason") if last else None,
