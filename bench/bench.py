@@ -258,52 +258,6 @@ def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
             lambda: fast.decode(1, engine._tokens, engine._positions)
         )
         result["prefill_512_kernels"] = kernel_breakdown(lambda: fast.prefill(0, prompt_ids))
-    if kernel == "gptq_marlin":
-        try:
-            result["marlin_variants"] = marlin_variants(folder)
-        except Exception as error:  # a side measurement must not cost the rest of the run
-            result["marlin_variants"] = {"error": repr(error)}
-    return result
-
-
-def marlin_variants(folder: Path) -> dict:
-    """Marlin on an act-order layer as gptqmodel runs it, against the same layer with its rows
-    sorted once at load (plain grouped Marlin) and the input permuted per call."""
-    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
-    from gptqmodel.utils.backend import BACKEND
-    from triton.testing import do_bench
-
-    from langchain_synthia._fast_model import _MarlinLinear, _Tensors
-    from langchain_synthia._gptq import pack_rows, unpack_rows
-
-    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
-    bits, group = int(quant["bits"]), int(quant["group_size"])
-    tensors = _Tensors(folder, torch.device("cuda"))
-    result: dict = {}
-    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-        part = {p: tensors[f"model.layers.0.{name}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")}  # fmt: skip
-        act = _MarlinLinear([part], bits, group)
-        k, n = act.in_features, act.out_features
-        perm = torch.argsort(part["g_idx"].long(), stable=True)
-        plain = MarlinLinear(bits=bits, group_size=group, desc_act=False, sym=True,
-                             in_features=k, out_features=n, bias=False,
-                             backend=BACKEND.GPTQ_MARLIN).cuda()  # fmt: skip
-        plain.qweight.data = pack_rows(unpack_rows(part["qweight"], bits)[perm], bits).contiguous()
-        plain.qzeros.data = part["qzeros"].contiguous()
-        plain.scales.data = part["scales"].half().contiguous()
-        plain.post_init()
-        for rows in (1, 32):
-            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
-            ref = act(x).float()
-            got = plain(x[:, perm]).float()
-            result[f"{name}_m{rows}_rel_err"] = float((got - ref).norm() / ref.norm())
-            xp = x[:, perm].contiguous()
-            for label, fn in (("act_order_us", lambda x=x: act(x)),
-                              ("sorted_with_permute_us", lambda x=x: plain(x[:, perm])),
-                              ("sorted_alone_us", lambda xp=xp: plain(xp))):  # fmt: skip
-                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                result[f"{name}_m{rows}_{label}"] = round(ms * 1000, 1)
-    tensors.close()
     return result
 
 
@@ -336,6 +290,49 @@ def _kernel_breakdown(step, profiler, activity, repeats: int) -> dict:
     top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:12])
     return {"kernels_per_step": launches // repeats, "kernel_us_per_step":
             round(sum(totals.values()), 1), "top_us": {k: round(v, 1) for k, v in top.items()}}  # fmt: skip
+
+
+class _TimedEvent:
+    """A CUDA event whose waits are timed (how long the scheduler waits for the device)."""
+
+    def __init__(self, event, spent: dict) -> None:
+        self.event, self.spent = event, spent
+
+    def record(self) -> None:
+        self.event.record()
+
+    def synchronize(self) -> None:
+        start = time.perf_counter()
+        self.event.synchronize()
+        self.spent["device_wait_s"] += time.perf_counter() - start
+
+
+def scheduler_split(engine, run) -> dict:
+    """Where the scheduler thread's time goes while `run()` executes: prefills, waits for the
+    device, and everything else (host work: sampling launches, detokenizing, handing out)."""
+    spent = {"prefill_s": 0.0, "device_wait_s": 0.0, "steps": 0}
+    prefill, step, host = engine._prefill, engine._step, engine._host
+
+    def timed_prefill(joining) -> None:
+        start = time.perf_counter()
+        prefill(joining)
+        spent["prefill_s"] += time.perf_counter() - start
+
+    def counted_step() -> None:
+        spent["steps"] += 1
+        step()
+
+    engine._prefill, engine._step = timed_prefill, counted_step
+    engine._host = [(buffer, _TimedEvent(event, spent)) for buffer, event in host]
+    start = time.perf_counter()
+    try:
+        run()
+    finally:
+        spent["wall_s"] = time.perf_counter() - start
+        del engine._prefill, engine._step
+        engine._host = host
+    spent["other_s"] = spent["wall_s"] - spent["prefill_s"] - spent["device_wait_s"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in spent.items()}
 
 
 def grammar_overhead(chat: ChatSynthia, prompt: str, new_tokens: int) -> dict:
@@ -484,9 +481,14 @@ def main() -> None:
             _release(engine, chat)
             continue
         prompts = [prompt_of(512 - 7 * i, engine.tokenizer) for i in range(32)]
+        answers: list = []
         start = time.perf_counter()
-        answers = chat.batch(prompts, max_tokens=args.new_tokens)
+        split = scheduler_split(
+            engine, lambda: answers.extend(chat.batch(prompts, max_tokens=args.new_tokens))
+        )
         seconds = time.perf_counter() - start
+        notes[f"{branch}_{kernel}_batch32_scheduler"] = split
+        print("batch of 32, scheduler time:", split, flush=True)
         total = sum(a.usage_metadata["output_tokens"] for a in answers)
         row(f"synthia[{kernel}] ChatSynthia.batch", branch, 32,
             {"decode_tok_s": total / seconds, "total_tok_s": total / seconds,

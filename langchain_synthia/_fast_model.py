@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from langchain_synthia import _kernels as K
-from langchain_synthia._gptq import pack_gptq
+from langchain_synthia._gptq import pack_gptq, permute_columns, sort_rows
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
@@ -37,7 +37,30 @@ def _attention_backends(device: torch.device) -> Any:
     return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_BACKENDS])
 
 
+class _Order:
+    """An act-order layer's input order, folded into whatever writes that input."""
+
+    def __init__(self, perm: torch.Tensor, norm: torch.Tensor | None = None) -> None:
+        self.gather = perm.long()
+        """Input column of each sorted row (what the layer reads: ``x[:, gather]``)."""
+        self.gather32 = self.gather.to(torch.int32)
+        self.scatter = torch.argsort(self.gather).to(torch.int32)
+        """Sorted position of each input column (where attention writes o_proj's input)."""
+        self.norm = None if norm is None else norm[self.gather].contiguous()
+        """The weight of the norm that writes this input, in this order."""
+
+
 class _Layer:
+    """One decoder layer's weights, with every act-order permutation folded away.
+
+    GPTQ act order scatters each group's rows, so gptqmodel's kernels gather the input with the
+    layer's ``g_idx`` order on every call (a kernel launch per layer, 20% of a batch-1 step
+    with Marlin). Here the rows are sorted once at load (`sort_rows`) and the inputs arrive
+    sorted: the norms before q/k/v and gate/up write their output in that order, gate/up
+    write their output columns in down's order (`permute_columns`), and o_proj's input is
+    gathered once (attention's output has no cheaper place to do it).
+    """
+
     def __init__(
         self, tensors: "_Tensors", prefix: str, bits: int, group: int, kernel: str
     ) -> None:
@@ -47,13 +70,28 @@ class _Layer:
                 for part in ("qweight", "qzeros", "scales", "g_idx")
             }
 
+        def sort(
+            parts: list[dict[str, torch.Tensor]], norm: torch.Tensor | None = None
+        ) -> tuple[list, _Order | None]:
+            if any(not torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
+                return parts, None  # layers of their own, each gathering its input
+            parts, perm = sort_rows(parts, bits, group)
+            return parts, None if perm is None else _Order(perm, norm)
+
         self.input_norm = tensors[f"{prefix}.input_layernorm.weight"]
         self.post_norm = tensors[f"{prefix}.post_attention_layernorm.weight"]
         pack = _marlin if kernel == "gptq_marlin" else pack_gptq
-        self.qkv = _fused([gptq(f"self_attn.{n}") for n in _ATTN], bits, group, pack)
-        self.o = pack([gptq("self_attn.o_proj")], bits, group)
-        self.gate_up = _fused([gptq(f"mlp.{n}") for n in _MLP], bits, group, pack)
-        self.down = pack([gptq("mlp.down_proj")], bits, group)
+        (down,), down_order = sort([gptq("mlp.down_proj")])
+        gate_up = [gptq(f"mlp.{n}") for n in _MLP]
+        if down_order is not None:
+            gate_up = [permute_columns(p, down_order.gather, bits) for p in gate_up]
+        qkv, self.qkv_order = sort([gptq(f"self_attn.{n}") for n in _ATTN], self.input_norm)
+        (o,), self.o_order = sort([gptq("self_attn.o_proj")])
+        gate_up, self.gate_up_order = sort(gate_up, self.post_norm)
+        self.qkv = _fused(qkv, bits, group, pack)
+        self.o = pack([o], bits, group)
+        self.gate_up = _fused(gate_up, bits, group, pack)
+        self.down = pack([down], bits, group)
 
 
 def _fused(parts: list[dict[str, torch.Tensor]], bits: int, group: int, pack: Any) -> list:
@@ -73,15 +111,19 @@ class _MarlinLinear:
         device = parts[0]["qweight"].device
         self.in_features = parts[0]["qweight"].shape[0] * (32 // bits)
         self.out_features = sum(int(p["scales"].shape[1]) for p in parts)
+        size = self.in_features if group in (-1, 0) else group
+        in_order = torch.arange(self.in_features, device=device) // size
+        act_order = not torch.equal(parts[0]["g_idx"].to(device).long(), in_order)
         module = MarlinLinear(
-            bits=bits, group_size=group, desc_act=True, sym=True,
+            bits=bits, group_size=group, desc_act=act_order, sym=True,
             in_features=self.in_features, out_features=self.out_features, bias=False,
             backend=BACKEND.GPTQ_MARLIN,
         ).to(device)  # fmt: skip
         module.qweight.data = torch.cat([p["qweight"] for p in parts], dim=1).contiguous()
         module.qzeros.data = torch.cat([p["qzeros"] for p in parts], dim=1).contiguous()
         module.scales.data = torch.cat([p["scales"] for p in parts], dim=1).half().contiguous()
-        module.g_idx.data = parts[0]["g_idx"].to(torch.int32).contiguous()
+        if act_order:
+            module.g_idx.data = parts[0]["g_idx"].to(torch.int32).contiguous()
         module.post_init()
         self.module = module
 
@@ -181,15 +223,30 @@ class FastMistral:
         residual: torch.Tensor | None,
         weight: torch.Tensor,
         out: torch.Tensor,
+        order: _Order | None = None,
     ) -> torch.Tensor:
+        """Residual add and RMSNorm; the result in the next layer's input `order` if given."""
         if self.use_kernels:
-            return K.add_rms_norm(x, residual, weight, self.eps, out)
+            if order is None:
+                return K.add_rms_norm(x, residual, weight, self.eps, out)
+            return K.add_rms_norm(x, residual, order.norm, self.eps, out, order.gather32)
         h = x.half()
         if residual is not None:
             residual.copy_((residual.float() + h.float()).half())
             h = residual
-        out.copy_(K.rms_norm_reference(h, weight, self.eps))
+        normed = K.rms_norm_reference(h, weight, self.eps)
+        out.copy_(normed if order is None else normed[:, order.gather])
         return out
+
+    @staticmethod
+    def _attention_out(
+        attn: torch.Tensor, order: _Order | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention's output ``[rows, H * D]`` in o_proj's input order."""
+        flat = attn.reshape(attn.shape[0], -1)
+        if order is None:
+            return flat
+        return torch.index_select(flat, 1, order.gather, out=out)
 
     # -- prefill ------------------------------------------------------------------------------
 
@@ -205,7 +262,6 @@ class FastMistral:
         """
         device = self.device
         ids = [token for _, prompt, _ in prompts for token in prompt]
-        count = len(ids)
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
         positions = torch.cat(
             [torch.arange(start, start + len(p), device=device) for _, p, start in prompts]
@@ -219,9 +275,9 @@ class FastMistral:
         with _attention_backends(device):
             for index, layer in enumerate(self.layers):
                 if delta is None:
-                    self._norm(residual, None, layer.input_norm, normed)
+                    self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
                 else:
-                    self._norm(delta, residual, layer.input_norm, normed)
+                    self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
                 qkv = self._linear(normed, layer.qkv)
                 q = self._rope_and_cache(index, qkv, positions, cache_rows)
                 attn = torch.empty_like(q)
@@ -232,8 +288,8 @@ class FastMistral:
                         index, slot, q[offset:end], start + len(prompt)
                     )
                     offset = end
-                o = self._linear(attn.reshape(count, -1), [layer.o])
-                self._norm(o, residual, layer.post_norm, normed)
+                o = self._linear(self._attention_out(attn, layer.o_order), [layer.o])
+                self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
                 gate_up = self._linear(normed, layer.gate_up)
                 delta = self._linear(gate_up, [layer.down], gated=True)
         ends = torch.tensor([len(p) for _, p, _ in prompts], device=device).cumsum(0) - 1
@@ -280,24 +336,24 @@ class FastMistral:
         for index, layer in enumerate(self.layers):
             qkv, o, gate_up, down = buf["outs"][index]
             if delta is None:
-                self._norm(residual, None, layer.input_norm, normed)
+                self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
             else:
-                self._norm(delta, residual, layer.input_norm, normed)
+                self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
             qkv = self._linear(normed, layer.qkv, qkv)
             q = self._rope_and_cache(index, qkv, positions, rows, buf["q"])
-            attn = buf["attn"]
-            if self.use_kernels:
-                K.decode_attention(
-                    q, self.k_cache[index], self.v_cache[index], lengths, buf["attn_work"], attn
-                )
+            caches = (self.k_cache[index], self.v_cache[index], lengths)
+            if self.use_kernels and layer.o_order is not None:  # written in o_proj's order
+                o_in = buf["o_in"]
+                K.decode_attention(q, *caches, buf["attn_work"], o_in, layer.o_order.scatter)
             else:
-                attn.copy_(
-                    K.decode_attention_reference(
-                        q, self.k_cache[index], self.v_cache[index], lengths
-                    )
-                )
-            o = self._linear(attn.reshape(batch, -1), [layer.o], o)
-            self._norm(o, residual, layer.post_norm, normed)
+                attn = buf["attn"]
+                if self.use_kernels:
+                    K.decode_attention(q, *caches, buf["attn_work"], attn)
+                else:
+                    attn.copy_(K.decode_attention_reference(q, *caches))
+                o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
+            o = self._linear(o_in, [layer.o], o)
+            self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
             gate_up = self._linear(normed, layer.gate_up, gate_up)
             delta = self._linear(gate_up, [layer.down], down, gated=True)
         self._norm(delta, residual, self.norm, normed)
@@ -331,6 +387,9 @@ class FastMistral:
             "outs": outs,
             "residual": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
             "normed": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
+            "o_in": torch.empty(
+                (batch, self.heads * self.head_dim), dtype=torch.float16, device=self.device
+            ),
             "q": torch.empty(
                 (batch, self.heads, self.head_dim), dtype=torch.float16, device=self.device
             ),

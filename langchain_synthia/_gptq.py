@@ -10,8 +10,13 @@ A GPTQ (v1, AutoGPTQ) linear layer of ``K`` inputs and ``N`` outputs is stored a
 
 ``W[k, n] = scales[g_idx[k], n] * (code[k, n] - zero[g_idx[k], n])``. With act order, rows of
 one group are scattered; we sort the rows by group once at load (``perm``), so that every group
-is a run of ``group_size`` consecutive rows, and the kernels read the input as ``x[perm]``.
+is a run of ``group_size`` consecutive rows, and the input is read as ``x[perm]``.
 Layers that read the same input with the same ``perm`` (q/k/v, gate/up) are fused along ``N``.
+
+`sort_rows` and `permute_columns` rewrite a checkpoint's tensors so that the network itself
+produces its inputs in sorted order (the fast model folds each ``perm`` into the norm before
+the layer, or into the output columns of the layer before), and the kernels need no act-order
+gather at all.
 """
 
 from collections.abc import Sequence
@@ -77,6 +82,75 @@ def unpack_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.reshape(packed.shape[0], packed.shape[1] * pack)
 
 
+def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[G, N]`` -> int32 ``[G, N / pack]`` (inverse of `unpack_columns`)."""
+    pack = 32 // bits
+    grouped = values.to(torch.int32).reshape(values.shape[0], values.shape[1] // pack, pack)
+    shifts = torch.arange(0, 32, bits, device=values.device, dtype=torch.int32)
+    return (grouped << shifts[None, None, :]).sum(dim=-1, dtype=torch.int32)
+
+
+def sort_rows(
+    tensors: Sequence[dict[str, torch.Tensor]], bits: int, group_size: int
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+    """The same layers with their input rows sorted by group, and the order that did it.
+
+    Every returned layer computes ``x[:, perm] @ W'`` = ``x @ W``, with plain (not act-order)
+    groups; ``perm`` is ``None`` when the rows were already in order.
+
+    Raises:
+        ValueError: If the layers disagree on ``g_idx``, or a group is not exactly
+            ``group_size`` rows (not a GPTQ act-order layout).
+    """
+    perm = _group_order(tensors, bits, group_size)
+    if perm is None:
+        return list(tensors), None
+    size = _group_rows(tensors[0], bits, group_size)
+    rows = torch.arange(perm.numel(), device=perm.device) // size
+    out = []
+    for layer in tensors:
+        codes = unpack_rows(layer["qweight"], bits)[perm]
+        out.append({**layer, "qweight": pack_rows(codes, bits), "g_idx": rows.to(torch.int32)})
+    return out, perm
+
+
+def permute_columns(
+    layer: dict[str, torch.Tensor], order: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor]:
+    """The layer whose output ``n`` is the original output ``order[n]``."""
+    order = order.to(layer["qweight"].device)
+    zeros = pack_columns(unpack_columns(layer["qzeros"], bits)[:, order], bits)
+    return {
+        **layer,
+        "qweight": layer["qweight"][:, order].contiguous(),
+        "scales": layer["scales"][:, order].contiguous(),
+        "qzeros": zeros,
+    }
+
+
+def _group_rows(layer: dict[str, torch.Tensor], bits: int, group_size: int) -> int:
+    in_features = layer["qweight"].shape[0] * (32 // bits)
+    return in_features if group_size in (-1, 0) else group_size
+
+
+def _group_order(
+    tensors: Sequence[dict[str, torch.Tensor]], bits: int, group_size: int
+) -> torch.Tensor | None:
+    """The row order that makes every group a run of rows (``None``: already so)."""
+    size = _group_rows(tensors[0], bits, group_size)
+    g_idx = tensors[0]["g_idx"].to(torch.int64)
+    for other in tensors[1:]:
+        if not torch.equal(other["g_idx"].to(torch.int64), g_idx):
+            msg = "Layers to fuse must share their act-order row permutation (g_idx)."
+            raise ValueError(msg)
+    perm = torch.argsort(g_idx, stable=True)
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // size
+    if not torch.equal(g_idx[perm], expected):
+        msg = f"g_idx does not form groups of {size} rows: not a GPTQ layout this engine reads."
+        raise ValueError(msg)
+    return None if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)) else perm
+
+
 def pack_gptq(
     tensors: Sequence[dict[str, torch.Tensor]], bits: int, group_size: int
 ) -> PackedLinear:
@@ -91,20 +165,10 @@ def pack_gptq(
         ValueError: If fused layers disagree on the row order, or a group is not exactly
             ``group_size`` rows (not a GPTQ act-order layout).
     """
-    pack = 32 // bits
-    in_features = tensors[0]["qweight"].shape[0] * pack
-    size = in_features if group_size in (-1, 0) else group_size
-    g_idx = tensors[0]["g_idx"].to(torch.int64)
-    for other in tensors[1:]:
-        if not torch.equal(other["g_idx"].to(torch.int64), g_idx):
-            msg = "Layers to fuse must share their act-order row permutation (g_idx)."
-            raise ValueError(msg)
-    perm = torch.argsort(g_idx, stable=True)
-    expected = torch.arange(in_features, device=g_idx.device) // size
-    if not torch.equal(g_idx[perm], expected):
-        msg = f"g_idx does not form groups of {size} rows: not a GPTQ layout this engine reads."
-        raise ValueError(msg)
-    identity = torch.equal(perm, torch.arange(in_features, device=perm.device))
+    in_features = tensors[0]["qweight"].shape[0] * (32 // bits)
+    size = _group_rows(tensors[0], bits, group_size)
+    perm = _group_order(tensors, bits, group_size)
+    identity = perm is None
     qweights, scales, zeros = [], [], []
     for layer in tensors:
         codes = unpack_rows(layer["qweight"], bits)
@@ -120,7 +184,7 @@ def pack_gptq(
         qweight=torch.cat(qweights, dim=1).contiguous(),
         scales=torch.cat(scales, dim=1).contiguous(),
         zeros=torch.cat(zeros, dim=1).contiguous(),
-        perm=None if identity else perm.to(torch.int32).contiguous(),
+        perm=None if perm is None else perm.to(torch.int32).contiguous(),
         bits=bits,
         group_size=size,
         in_features=in_features,

@@ -303,10 +303,12 @@ if triton is not None:
         out_ptr,
         stride_ob,
         stride_oh,
+        scatter_ptr,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         SPLITS: tl.constexpr,
+        HAS_SCATTER: tl.constexpr,
     ):
         batch = tl.program_id(0)
         head = tl.program_id(1)
@@ -322,7 +324,10 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         acc = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
         out = tl.sum(acc * weight[:, None], axis=0) / total
-        tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d, out.to(tl.float16))
+        dst = head * stride_oh + offs_d
+        if HAS_SCATTER:
+            dst = tl.load(scatter_ptr + head * HEAD_DIM + offs_d)
+        tl.store(out_ptr + batch * stride_ob + dst, out.to(tl.float16))
 
 
 class AttentionWorkspace:
@@ -353,8 +358,13 @@ def decode_attention(
     lengths: torch.Tensor,
     work: AttentionWorkspace,
     out: torch.Tensor,
+    scatter: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`decode_attention_reference`, on the GPU, into `out` ``[B, H, D]``."""
+    """`decode_attention_reference`, on the GPU, into `out` ``[B, H, D]``.
+
+    With `scatter` (int32 ``[H * D]``), `out` is ``[B, H * D]`` and element ``h * D + d`` goes
+    to column ``scatter[h * D + d]``: o_proj's act-order input order.
+    """
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     _decode_attention_kernel[(batch, kv_heads, work.splits)](
@@ -383,11 +393,13 @@ def decode_attention(
         work.stats,
         out,
         out.stride(0),
-        out.stride(1),
+        dim if scatter is not None else out.stride(1),
+        scatter if scatter is not None else lengths,
         GROUP=work.group,
         GROUP_PAD=work.group_pad,
         HEAD_DIM=dim,
         SPLITS=work.splits,
+        HAS_SCATTER=scatter is not None,
         num_warps=4,
     )
     return out
@@ -408,7 +420,9 @@ if triton is not None:
         stride_x,
         stride_r,
         stride_o,
+        gather_ptr,
         HAS_RESIDUAL: tl.constexpr,
+        HAS_GATHER: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -420,7 +434,16 @@ if triton is not None:
             x = (x.to(tl.float32) + res.to(tl.float32)).to(tl.float16)
             tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
         h = x.to(tl.float32)
-        h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        scale = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        if HAS_GATHER:  # the same values again, read in the next layer's order (from cache)
+            src = tl.load(gather_ptr + offs, mask=mask, other=0)
+            if HAS_RESIDUAL:
+                tl.debug_barrier()  # every thread's residual store is visible to the block
+                h = tl.load(residual_ptr + row * stride_r + src, mask=mask, other=0.0)
+            else:
+                h = tl.load(x_ptr + row * stride_x + src, mask=mask, other=0.0).to(tl.float16)
+            h = h.to(tl.float32)
+        h = h * scale
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         tl.store(out_ptr + row * stride_o + offs, (h.to(tl.float16) * w).to(tl.float16), mask=mask)
 
@@ -431,9 +454,13 @@ def add_rms_norm(
     weight: torch.Tensor,
     eps: float,
     out: torch.Tensor,
+    gather: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``residual += x`` (fp16, when given); ``out = rms_norm(residual or x)``.
 
+    With `gather` (int32 ``[N]``, a permutation), column ``j`` of `out` is column
+    ``gather[j]`` of the result (the next layer's act-order input order), and `weight` must
+    be given in that order too.
     Rows may be strided (column slices of a wider buffer); columns must be contiguous.
     """
     rows, n = x.shape
@@ -447,7 +474,9 @@ def add_rms_norm(
         x.stride(0),
         (residual if residual is not None else x).stride(0),
         out.stride(0),
+        gather if gather is not None else weight,
         HAS_RESIDUAL=residual is not None,
+        HAS_GATHER=gather is not None,
         BLOCK=triton.next_power_of_2(n),
         num_warps=8,
     )

@@ -220,6 +220,12 @@ def check_attention(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -
     out = torch.full_like(q, float("nan"))
     K.decode_attention(q, k_cache, v_cache, lengths, work, out)
     ref = K.decode_attention_reference(q, k_cache, v_cache, lengths)
+    # o_proj's act-order input order: element h * D + d lands in column scatter[h * D + d]
+    scatter = torch.randperm(heads * dim, generator=gen).to(torch.int32)
+    scattered = torch.full((batch, heads * dim), float("nan"), dtype=torch.float16)
+    K.decode_attention(q, k_cache, v_cache, lengths, work, scattered, scatter)
+    in_order = torch.empty_like(scattered)
+    in_order[:, scatter.long()] = out.reshape(batch, -1)
     # the GQA mapping itself, written out: head h reads kv head h // (heads / kv_heads)
     group = heads // kv_heads
     manual = torch.empty(batch, heads, dim)
@@ -234,6 +240,7 @@ def check_attention(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -
         "rel_vs_definition": rel(out, manual),
         "rel_per_row": {int(lengths[b]): rel(out[b], manual[b]) for b in range(batch)},
         "finite": bool(torch.isfinite(out).all()),
+        "scattered_equal": bool(torch.equal(scattered, in_order)),
     }
 
 
@@ -252,8 +259,14 @@ def check_norm(n: int, residual: bool, strided: bool, gen: torch.Generator) -> d
         x = torch.randn(rows, n, generator=gen).half()
         res, updated, before = None, x.clone(), x.clone()
     out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    x_before, res_before = x.clone(), None if res is None else res.clone()
     K.add_rms_norm(x, res, weight, eps, out)
     ref = K.rms_norm_reference(updated, weight, eps)
+    # the next layer's act-order input order: column j is column gather[j] (weight given so)
+    gather = torch.randperm(n, generator=gen)
+    gathered = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    res_again = None if res_before is None else res_before.clone()
+    K.add_rms_norm(x_before, res_again, weight[gather], eps, gathered, gather.to(torch.int32))
     h = updated.float()
     definition = weight.float() * (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps))
     return {
@@ -261,6 +274,8 @@ def check_norm(n: int, residual: bool, strided: bool, gen: torch.Generator) -> d
         "rel_vs_definition": rel(out, definition),
         "residual_max_diff": float((res.float() - updated.float()).abs().max()) if residual else 0,
         "input_changed": bool(not torch.equal(x, before)),
+        "gathered_equal": bool(torch.equal(gathered, out[:, gather])),
+        "gathered_residual_equal": res is None or bool(torch.equal(res_again, res)),
     }
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from langchain_synthia._gptq import pack_gptq, pack_rows, unpack_rows
+from langchain_synthia._gptq import (
+    pack_gptq,
+    pack_rows,
+    permute_columns,
+    sort_rows,
+    unpack_rows,
+)
 from tests.conftest import tiny_model_path
 from tests.integration_tests._kernel_checks import (
     case_names,
@@ -112,6 +118,7 @@ def test_decode_attention_matches_the_reference(kernel_runs, case: str) -> None:
     """Batch 3 with lengths 1, 1000 and 2100 (ragged, not block multiples), GQA and MHA."""
     where, m = metrics_of(kernel_runs, case)
     assert m["finite"], where
+    assert m["scattered_equal"], where  # written straight into o_proj's act-order input order
     assert m["rel_vs_reference"] < FP16_REL, where
     assert m["rel_vs_definition"] < FP16_REL, where
     assert sorted(int(length) for length in m["rel_per_row"]) == [1, 1000, 2100], where
@@ -125,6 +132,8 @@ def test_add_rms_norm_updates_the_residual_and_normalises(kernel_runs, case: str
     assert m["rel_vs_reference"] < FP16_REL, where
     assert m["rel_vs_definition"] < FP16_REL, where
     assert not m["input_changed"], where
+    assert m["gathered_equal"], where  # written in the next layer's act-order input order
+    assert m["gathered_residual_equal"], where
 
 
 @pytest.mark.parametrize("case", cases("rope-"))
@@ -209,3 +218,39 @@ def test_pack_gptq_refuses_layouts_it_cannot_read() -> None:
         pack_gptq([a, b], 4, 32)
     with pytest.raises(ValueError, match="does not form groups of 64 rows"):
         pack_gptq([a], 4, 64)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, -1])
+def test_sorted_rows_compute_the_layer_from_the_input_in_their_order(bits: int, group: int) -> None:
+    """`sort_rows`: plain groups, and ``x[:, perm] @ W'`` is exactly ``x @ W``."""
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(3), "little"))
+    g_idx = group_index(256, group, act_order=True, generator=generator)
+    layers = [random_gptq(256, n, bits, group, generator=generator, g_idx=g_idx) for n in (64, 32)]
+    sorted_layers, perm = sort_rows(layers, bits, group)
+    if group == -1:  # one group: any row order is already "sorted"
+        assert perm is None
+        assert sorted_layers == layers
+        return
+    assert perm is not None
+    assert sorted(perm.tolist()) == list(range(256))
+    for layer, done in zip(layers, sorted_layers, strict=True):
+        assert torch.equal(done["g_idx"].long(), torch.arange(256) // group)
+        assert torch.equal(done["scales"], layer["scales"])
+        weight = dequantize_reference(layer, bits)
+        assert torch.equal(dequantize_reference(done, bits), weight[perm])
+    other = random_gptq(256, 32, bits, group, generator=generator)  # its own row order
+    with pytest.raises(ValueError, match="share their act-order row permutation"):
+        sort_rows([layers[0], other], bits, group)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_permuted_columns_are_the_outputs_in_that_order(bits: int) -> None:
+    """`permute_columns`: output ``n`` is the original output ``order[n]`` (zero points too)."""
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(3), "little"))
+    layer = random_gptq(256, 96, bits, 32, generator=generator)
+    order = torch.randperm(96, generator=generator)
+    done = permute_columns(layer, order, bits)
+    weight = dequantize_reference(layer, bits)
+    assert torch.equal(dequantize_reference(done, bits), weight[:, order])
+    assert torch.equal(done["g_idx"], layer["g_idx"])

@@ -1,0 +1,219 @@
+"""Kernel probe: one GPTQ act-order layer of each Mistral-7B shape, timed per call inside a CUDA
+graph (no launch overhead), for gptqmodel's Marlin (act order), ExLlamaV2 and GemLite (rows
+sorted by group once, input gathered). Prints µs, GB/s and the error against the dequantised
+reference.   python bench/kernel_probe.py [--bits 4] [--group 128] [--rows 1 2 4 8 16 32]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import _gptq_tensors
+from langchain_synthia._gptq import pack_gptq, unpack_rows
+
+PRESORTED = ("gemlite", "marlin_sorted")
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+
+
+def graph_time(fn, x, calls=20, replays=20) -> float:
+    for _ in range(3):
+        fn(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def marlin(part, bits, group):
+    from langchain_synthia._fast_model import _MarlinLinear
+
+    return _MarlinLinear([part], bits, group)
+
+
+def exllama(part, bits, group, k, n):
+    from gptqmodel.nn_modules.qlinear.exllamav2 import ExllamaV2Linear
+    from gptqmodel.utils.exllamav2 import ScratchSpace
+
+    module = ExllamaV2Linear(
+        bits=bits,
+        group_size=group,
+        desc_act=True,
+        sym=True,
+        in_features=k,
+        out_features=n,
+        bias=False,
+    ).cuda()
+    module.qweight.data = part["qweight"].contiguous()
+    module.qzeros.data = part["qzeros"].contiguous()
+    module.scales.data = part["scales"].half().contiguous()
+    module.g_idx.data = part["g_idx"].contiguous()
+    module.post_init(ScratchSpace(k * n * 2 + 256, module.qweight.device))
+    return module
+
+
+def marlin_plain(qweight, qzeros, scales, bits, group, k, n):
+    """Marlin without act order, on rows already sorted by group."""
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+    from gptqmodel.utils.backend import BACKEND
+
+    module = MarlinLinear(
+        bits=bits,
+        group_size=group,
+        desc_act=False,
+        sym=True,
+        in_features=k,
+        out_features=n,
+        bias=False,
+        backend=BACKEND.GPTQ_MARLIN,
+    ).cuda()
+    module.qweight.data = qweight.contiguous()
+    module.qzeros.data = qzeros.contiguous()
+    module.scales.data = scales.half().contiguous()
+    module.post_init()
+    return module
+
+
+def gemlite(packed):
+    import gemlite
+    from gemlite import DType, GemLiteLinear
+
+    codes = unpack_rows(packed.qweight, packed.bits)  # [K, N], rows sorted
+    layer = GemLiteLinear(
+        packed.bits,
+        group_size=packed.group_size,
+        in_features=packed.in_features,
+        out_features=packed.out_features,
+        input_dtype=DType.FP16,
+        output_dtype=DType.FP16,
+    )
+    layer.pack(
+        codes.t().contiguous(),
+        packed.scales.t().contiguous(),
+        packed.zeros.t().contiguous(),
+        bias=None,
+    )
+    return layer, gemlite
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--impls", nargs="+", default=["marlin", "exllama", "gemlite"])
+    parser.add_argument("--gemlite-config", default="h100")
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    results = {}
+    for name, (k, n) in SHAPES.items():
+        perm = torch.randperm(k, device="cuda", generator=gen)
+        part = {
+            key: v.cuda()
+            for key, v in _gptq_tensors(k, n, args.bits, args.group, perm, gen).items()
+        }
+        packed = pack_gptq([part], args.bits, args.group)
+        weight = packed.dequantize().float()
+        nbytes = (
+            part["qweight"].numel() * 4 + part["scales"].numel() * 2 + part["qzeros"].numel() * 4
+        )
+        impls = {}
+        for impl in args.impls:
+            try:
+                if impl == "marlin":
+                    m = marlin(part, args.bits, args.group)
+                    impls["marlin"] = lambda x, m=m: m(x)
+                elif impl == "exllama":
+                    e = exllama(part, args.bits, args.group, k, n)
+                    impls["exllama"] = lambda x, e=e: e(x)
+                elif impl == "marlin_sorted":
+                    ms = marlin_plain(
+                        packed.qweight, part["qzeros"], part["scales"], args.bits, args.group, k, n
+                    )
+                    p = packed.perm.long()
+                    impls["marlin_sorted"] = lambda x, m=ms: m(x)
+                    impls["marlin_sorted+gather"] = lambda x, m=ms, p=p: m(x[:, p])
+                    ident = torch.arange(k, device="cuda")
+                    part_i = {
+                        key: v.cuda()
+                        for key, v in _gptq_tensors(k, n, args.bits, args.group, ident, gen).items()
+                    }
+                    mi = marlin_plain(
+                        part_i["qweight"],
+                        part_i["qzeros"],
+                        part_i["scales"],
+                        args.bits,
+                        args.group,
+                        k,
+                        n,
+                    )
+                    wi = pack_gptq([part_i], args.bits, args.group).dequantize().float()
+                    xi = torch.randn(2, k, device="cuda", dtype=torch.float16)
+                    ri = xi.float() @ wi
+                    results[f"{name}/marlin_plain_identity_rel_err"] = float(
+                        (mi(xi).float() - ri).norm() / ri.norm()
+                    )
+                    print(
+                        name,
+                        "plain identity rel_err",
+                        results[f"{name}/marlin_plain_identity_rel_err"],
+                        flush=True,
+                    )
+                elif impl == "gemlite":
+                    layer, gl = gemlite(packed)
+                    if args.gemlite_config:
+                        path = os.path.join(
+                            os.path.dirname(gl.__file__), "configs", args.gemlite_config + ".json"
+                        )
+                        gl.core.GemLiteLinear.load_config(path)
+                    p = packed.perm.long() if packed.perm is not None else None
+                    impls["gemlite+gather"] = (
+                        (lambda x, l=layer, p=p: l(x[:, p]))
+                        if p is not None
+                        else (lambda x, l=layer: l(x))
+                    )
+                    impls["gemlite"] = lambda x, l=layer: l(x)
+            except Exception as error:
+                results[f"{name}/{impl}/error"] = repr(error)[:300]
+                print(name, impl, "ERROR", repr(error)[:300], flush=True)
+        for rows in args.rows:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+            ref = x.float() @ weight
+            xs = x[:, packed.perm.long()] if packed.perm is not None else x
+            for label, fn in impls.items():
+                try:
+                    got = (fn(xs) if label in PRESORTED else fn(x)).float()
+                    err = float((got - ref).norm() / ref.norm())
+                    us = graph_time(fn, xs if label in PRESORTED else x)
+                    row = {
+                        "us": round(us, 2),
+                        "GBps": round(nbytes / us / 1e3, 1),
+                        "rel_err": round(err, 5),
+                    }
+                except Exception as error:
+                    row = {"error": repr(error)[:300]}
+                results[f"{name}/m{rows}/{label}"] = row
+                print(f"{name:8s} m={rows:3d} {label:16s} {row}", flush=True)
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, f"kernel_probe_{args.bits}b_g{args.group}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
