@@ -364,7 +364,7 @@ def grammar_overhead(chat: ChatSynthia, prompt: str, new_tokens: int) -> dict:
     return result
 
 
-def prefix_reuse(folder: Path, kernel: str) -> dict:
+def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dict:
     """First-token time of a call sharing a 1,500-token prefix with the one before, and alone."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
@@ -381,6 +381,23 @@ def prefix_reuse(folder: Path, kernel: str) -> dict:
         times.append((time.perf_counter() - started) * 1000)
     result = {"first_call_ttft_ms": round(times[0], 1), "shared_prefix_ttft_ms":
               [round(t, 1) for t in times[1:]], "reused_tokens": engine.prefixes.reused_tokens}  # fmt: skip
+    if profile_suffix:  # where the time of a call that reuses the prefix goes (GPU kernels)
+        prompt = ChatSynthia(model=str(folder))._prepare(
+            [SystemMessage(docs), HumanMessage("Why is drag a problem?")], None, {}
+        )[1]
+        ids = engine.encode(prompt)
+        reused = len(ids) // 64 * 64 if len(ids) % 64 else len(ids) - 64
+        reused = min(reused, result["reused_tokens"] // 2)
+        with torch.inference_mode():
+            result["suffix_prefill_kernels"] = kernel_breakdown(
+                lambda: engine.model.prefill(0, ids[reused:], reused)
+            )
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            engine.model.prefill(0, ids[reused:], reused)
+            torch.cuda.synchronize()
+            result["suffix_prefill_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            result["suffix_tokens"] = len(ids) - reused
     _release(engine, chat)
     return result
 
@@ -424,6 +441,12 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--kernels", nargs="+", default=["triton"], help="fast-engine kernels")
     parser.add_argument("--grammar", action="store_true", help="constrained-decoding overhead")
+    parser.add_argument("--prefix-only", action="store_true", help="only prefix reuse, profiled")
+    parser.add_argument(
+        "--batch-only",
+        action="store_true",
+        help="only the 32-prompt batch and 16 concurrent streams (host profiling)",
+    )
     args = parser.parse_args()
     card = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
     bandwidth = copy_bandwidth()
@@ -441,6 +464,10 @@ def main() -> None:
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
 
+    if args.prefix_only:
+        folder = build_checkpoint(args.work / "main", "main", args.tokenizer_from)
+        print(json.dumps(prefix_reuse(folder, args.kernels[0], profile_suffix=True)), flush=True)
+        return
     runs = [(b, k) for b in args.branches for k in args.kernels]
     for run_index, (branch, kernel) in enumerate(runs):
         started = time.perf_counter()
@@ -461,9 +488,12 @@ def main() -> None:
         limit = bandwidth / engine.model.weight_bytes()
         notes[f"{branch}_weight_gb"] = engine.model.weight_bytes() / 1e9
         notes[f"{branch}_{kernel}_load_to_first_token_s"] = load_s
-        result = time_stream(chat, prompt, args.new_tokens)
-        row(f"synthia[{kernel}] ChatSynthia.stream", branch, 1, result, limit)
-        if not args.quick:  # rows of one batch must decode as each would alone
+        if not args.batch_only:
+            result = time_stream(chat, prompt, args.new_tokens)
+            row(f"synthia[{kernel}] ChatSynthia.stream", branch, 1, result, limit)
+        if (
+            not args.quick and not args.batch_only
+        ):  # rows of one batch must decode as each would alone
             alone = chat.invoke(prompt, max_tokens=32).content
             together = [m.content for m in chat.batch([prompt] * 4, max_tokens=32)]
             notes[f"{branch}_{kernel}_batch_rows_equal_alone"] = [t == alone for t in together]
@@ -494,6 +524,8 @@ def main() -> None:
             {"decode_tok_s": total / seconds, "total_tok_s": total / seconds,
              "new_tokens": args.new_tokens, "prompt_tokens": 512}, limit * 32)  # fmt: skip
 
+        rates: list[float] = []
+
         async def concurrent(n: int) -> float:
             async def one(p: str) -> int:
                 count = 0
@@ -506,10 +538,18 @@ def main() -> None:
             counts = await asyncio.gather(*(one(p) for p in prompts[:n]))
             return sum(counts) / (time.perf_counter() - start)
 
-        rate = asyncio.run(concurrent(16))
+        concurrent_split = scheduler_split(
+            engine, lambda: rates.append(asyncio.run(concurrent(16)))
+        )
+        notes[f"{branch}_{kernel}_astream16_scheduler"] = concurrent_split
+        print("16 concurrent astream, scheduler time:", concurrent_split, flush=True)
+        rate = rates[0]
         row(f"synthia[{kernel}] 16 concurrent astream", branch, 16,
             {"decode_tok_s": rate, "total_tok_s": rate, "new_tokens": args.new_tokens,
              "prompt_tokens": 512}, limit * 16)  # fmt: skip
+        if args.batch_only:
+            _release(engine, chat)
+            continue
         ids = engine.encode(ChatSynthia(model=str(folder))._prepare([_human(prompt)], None, {})[1])
         if not args.no_baseline and run_index == len(runs) - 1:
             try:
@@ -528,7 +568,7 @@ def main() -> None:
         if branch == "main":
             notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
             print(notes[f"main_{kernel}_memory"], flush=True)
-            notes[f"main_{kernel}_prefix_reuse"] = prefix_reuse(folder, kernel)
+            notes[f"main_{kernel}_prefix_reuse"] = prefix_reuse(folder, kernel, args.profile)
             print(notes[f"main_{kernel}_prefix_reuse"], flush=True)
 
     stamp = datetime.date.today().isoformat()

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_synthia._grammar import Constraint, allowed_tokens, bitmask_words
@@ -63,6 +63,16 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+
+
+def whole_answer(events: Sequence[TokenEvent]) -> TokenEvent:
+    """A finished stream's events as one: all the text, the last event's finish and usage.
+
+    Calls that do not stream (``invoke`` with no token callbacks, ``batch``) read their answer
+    this way: nothing is built per token on the caller's side, which is what keeps a batch of
+    32 from being bound by Python work in 32 threads.
+    """
+    return replace(events[-1], text="".join(event.text for event in events))
 
 
 class GenerationTimeoutError(TimeoutError):
@@ -159,6 +169,10 @@ class _Detokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = (  # the Rust tokenizer itself: the same text, a third of the time
+            backend if not getattr(tokenizer, "clean_up_tokenization_spaces", True) else None
+        )
         self._ids: list[int] = []
         self._prefix = 0  # decoding starts here, so the first token's space is handled alike
         self._read = 0  # text up to here has been returned
@@ -179,7 +193,11 @@ class _Detokenizer:
         return text[len(done) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        if not ids:
+            return ""
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class _Row:

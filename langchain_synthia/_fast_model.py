@@ -304,14 +304,13 @@ class FastMistral:
         count = q.shape[0]
         k = self.k_cache[index, slot, :end].transpose(0, 1)[None]  # [1, KVH, end, D]
         v = self.v_cache[index, slot, :end].transpose(0, 1)[None]
-        group = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         query = q.transpose(0, 1)[None]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         if end == count:  # no cached prefix: plain causal attention
-            out = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=True)
+            out = sdpa(query, k, v, is_causal=True, enable_gqa=True)
         else:  # after a cached prefix: lower-right alignment, no mask built
             mask = causal_lower_right(count, end)
-            out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask)
+            out = sdpa(query, k, v, attn_mask=mask, enable_gqa=True)
         return out[0].transpose(0, 1)  # [count, H, D]
 
     # -- decode -------------------------------------------------------------------------------

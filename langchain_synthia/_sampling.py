@@ -100,7 +100,9 @@ class BatchSampler:
                 ]
             )
             chosen = torch.where(self._temperature[rows.start : rows.stop] == 0, chosen, sampled)
-        self._seen[torch.arange(rows.start, rows.stop, device=chosen.device), chosen] = True
+        # scatter_, not ``seen[rows, chosen] = True``: advanced-index assignment waits for the
+        # device on CUDA, which stalled every decode step until its tokens were ready
+        self._seen[rows.start : rows.stop].scatter_(1, chosen[:, None], True)
         return chosen
 
     def penalise(self, scores: "torch.Tensor", rows: range | None = None) -> "torch.Tensor":

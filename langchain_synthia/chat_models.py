@@ -18,6 +18,7 @@ from langchain_synthia._engine import (
     aopen_stream,
     batch_group,
     open_stream,
+    whole_answer,
 )
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 from langchain_synthia._structured import AnswerPlan, plan_answer, structured_output
@@ -345,7 +346,14 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        """The whole answer; token callbacks, when any are attached, fire as it streams."""
+        if run_manager is not None and run_manager.handlers:
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        options, prompt, plan = self._prepare(messages, stop, kwargs)
+        engine = self._engine_for(options["model"], options["revision"])
+        events = list(open_stream(engine, self._request(prompt, options)))
+        chunk = self._chunk(whole_answer(events), engine, plan.reader())
+        return generate_from_stream(iter([chunk]))
 
     async def _agenerate(
         self,
@@ -354,7 +362,15 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        """`_generate` for async callers."""
+        if run_manager is not None and run_manager.handlers:
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        options, prompt, plan = self._prepare(messages, stop, kwargs)
+        engine = await self._aengine_for(options["model"], options["revision"])
+        stream = await aopen_stream(engine, self._request(prompt, options))
+        events = [event async for event in stream]
+        chunk = self._chunk(whole_answer(events), engine, plan.reader())
+        return generate_from_stream(iter([chunk]))
 
     # -- batches decode together ------------------------------------------------------------
 

@@ -8,7 +8,13 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from langchain_synthia._engine import BaseEngine, TokenEvent, aopen_stream, open_stream
+from langchain_synthia._engine import (
+    BaseEngine,
+    TokenEvent,
+    aopen_stream,
+    open_stream,
+    whole_answer,
+)
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 
 
@@ -165,14 +171,16 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         of the first prompt only, so a batch's tokens are not attributed to runs.
         """
         engine, streams = self._start(prompts, stop, kwargs)
-        per_token = run_manager if len(prompts) == 1 else None
+        per_token = _token_callbacks(run_manager, prompts)
         results = []
         for stream in streams:
+            if per_token is None:
+                results.append(self._chunk(whole_answer(list(stream)), engine))
+                continue
             chunks = []
             for event in stream:
                 chunks.append(self._chunk(event, engine))
-                if per_token is not None:
-                    per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
+                per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
             results.append(_joined(chunks))
         return _llm_result(results, engine)
 
@@ -184,16 +192,25 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         engine, streams = await self._astart(prompts, stop, kwargs)
-        per_token = run_manager if len(prompts) == 1 else None
+        per_token = _token_callbacks(run_manager, prompts)
         results = []
         for stream in streams:
+            if per_token is None:
+                results.append(self._chunk(whole_answer([e async for e in stream]), engine))
+                continue
             chunks = []
             async for event in stream:
                 chunks.append(self._chunk(event, engine))
-                if per_token is not None:
-                    await per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
+                await per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
             results.append(_joined(chunks))
         return _llm_result(results, engine)
+
+
+def _token_callbacks(run_manager: Any, prompts: list[str]) -> Any:
+    """The run manager that gets token callbacks: one prompt's, and only if it has handlers."""
+    if run_manager is None or len(prompts) != 1 or not run_manager.handlers:
+        return None
+    return run_manager
 
 
 def _joined(chunks: list[GenerationChunk]) -> GenerationChunk:
