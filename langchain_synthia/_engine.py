@@ -228,7 +228,8 @@ class _Row:
             finish = "stop"
         elif self.generated >= self.budget:
             finish = "length"
-        if finish is not None and not ended:  # no token follows: release the held-back text
+        if finish is not None and not self.stops.stopped:  # no token follows (EOS, budget,
+            # grammar): the text held back as a possible start of a stop is text after all
             text += self.stops.feed(self.detokenizer.flush()) + self.stops.flush()
         if finish is None:
             self.stream._put(TokenEvent(text, token_id))

@@ -80,6 +80,13 @@ def test_length_finish_flushes_held_text(tokenizer) -> None:
     assert events[-1].finish_reason == "length"
 
 
+def test_end_of_sequence_flushes_held_text(tokenizer) -> None:
+    """An answer that ends (EOS) on what could have been the start of a stop keeps that text."""
+    _, _, events = run(tokenizer, " Ask the US")  # "US" might have become "USER:"; EOS follows
+    assert "".join(e.text for e in events) == "Ask the US"
+    assert events[-1].finish_reason == "stop"
+
+
 def test_unicode_split_across_tokens_arrives_whole(tokenizer) -> None:
     _, _, events = run(tokenizer, " Emoji 😀 and 日本語 done")
     texts = [e.text for e in events]
