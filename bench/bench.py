@@ -307,9 +307,10 @@ class _TimedEvent:
         self.spent["device_wait_s"] += time.perf_counter() - start
 
 
-def scheduler_split(engine, run) -> dict:
-    """Where the scheduler thread's time goes while `run()` executes: prefills, waits for the
-    device, and everything else (host work: sampling launches, detokenizing, handing out)."""
+def scheduler_split(engine, run) -> tuple:
+    """`run()`'s result, and where the scheduler thread's time went meanwhile: prefills, waits
+    for the device, and everything else (host work: sampling launches, detokenizing, handing
+    out)."""
     spent = {"prefill_s": 0.0, "device_wait_s": 0.0, "steps": 0}
     prefill, step, host = engine._prefill, engine._step, engine._host
 
@@ -326,13 +327,13 @@ def scheduler_split(engine, run) -> dict:
     engine._host = [(buffer, _TimedEvent(event, spent)) for buffer, event in host]
     start = time.perf_counter()
     try:
-        run()
+        value = run()
     finally:
         spent["wall_s"] = time.perf_counter() - start
         del engine._prefill, engine._step
         engine._host = host
     spent["other_s"] = spent["wall_s"] - spent["prefill_s"] - spent["device_wait_s"]
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in spent.items()}
+    return value, {k: round(v, 3) if isinstance(v, float) else v for k, v in spent.items()}
 
 
 def grammar_overhead(chat: ChatSynthia, prompt: str, new_tokens: int) -> dict:
@@ -383,11 +384,10 @@ def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dic
               [round(t, 1) for t in times[1:]], "reused_tokens": engine.prefixes.reused_tokens}  # fmt: skip
     if profile_suffix:  # where the time of a call that reuses the prefix goes (GPU kernels)
         prompt = ChatSynthia(model=str(folder))._prepare(
-            [SystemMessage(docs), HumanMessage("Why is drag a problem?")], None, {}
+            [SystemMessage(docs), HumanMessage("What limits the range?")], None, {}
         )[1]
         ids = engine.encode(prompt)
-        reused = len(ids) // 64 * 64 if len(ids) % 64 else len(ids) - 64
-        reused = min(reused, result["reused_tokens"] // 2)
+        reused = engine.prefixes.longest(ids)[0]  # a new question: the shared system message
         with torch.inference_mode():
             result["suffix_prefill_kernels"] = kernel_breakdown(
                 lambda: engine.model.prefill(0, ids[reused:], reused)
@@ -491,9 +491,8 @@ def main() -> None:
         if not args.batch_only:
             result = time_stream(chat, prompt, args.new_tokens)
             row(f"synthia[{kernel}] ChatSynthia.stream", branch, 1, result, limit)
-        if (
-            not args.quick and not args.batch_only
-        ):  # rows of one batch must decode as each would alone
+        # rows of one batch must decode as each would alone
+        if not args.quick and not args.batch_only:
             alone = chat.invoke(prompt, max_tokens=32).content
             together = [m.content for m in chat.batch([prompt] * 4, max_tokens=32)]
             notes[f"{branch}_{kernel}_batch_rows_equal_alone"] = [t == alone for t in together]
@@ -511,10 +510,9 @@ def main() -> None:
             _release(engine, chat)
             continue
         prompts = [prompt_of(512 - 7 * i, engine.tokenizer) for i in range(32)]
-        answers: list = []
         start = time.perf_counter()
-        split = scheduler_split(
-            engine, lambda: answers.extend(chat.batch(prompts, max_tokens=args.new_tokens))
+        answers, split = scheduler_split(
+            engine, lambda: chat.batch(prompts, max_tokens=args.new_tokens)
         )
         seconds = time.perf_counter() - start
         notes[f"{branch}_{kernel}_batch32_scheduler"] = split
@@ -523,8 +521,6 @@ def main() -> None:
         row(f"synthia[{kernel}] ChatSynthia.batch", branch, 32,
             {"decode_tok_s": total / seconds, "total_tok_s": total / seconds,
              "new_tokens": args.new_tokens, "prompt_tokens": 512}, limit * 32)  # fmt: skip
-
-        rates: list[float] = []
 
         async def concurrent(n: int) -> float:
             async def one(p: str) -> int:
@@ -538,12 +534,9 @@ def main() -> None:
             counts = await asyncio.gather(*(one(p) for p in prompts[:n]))
             return sum(counts) / (time.perf_counter() - start)
 
-        concurrent_split = scheduler_split(
-            engine, lambda: rates.append(asyncio.run(concurrent(16)))
-        )
+        rate, concurrent_split = scheduler_split(engine, lambda: asyncio.run(concurrent(16)))
         notes[f"{branch}_{kernel}_astream16_scheduler"] = concurrent_split
         print("16 concurrent astream, scheduler time:", concurrent_split, flush=True)
-        rate = rates[0]
         row(f"synthia[{kernel}] 16 concurrent astream", branch, 16,
             {"decode_tok_s": rate, "total_tok_s": rate, "new_tokens": args.new_tokens,
              "prompt_tokens": 512}, limit * 16)  # fmt: skip

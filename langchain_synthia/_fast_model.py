@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from langchain_synthia import _kernels as K
-from langchain_synthia._gptq import pack_gptq, permute_columns, sort_rows
+from langchain_synthia._gptq import group_rows, pack_gptq, permute_columns, sort_rows
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
@@ -111,7 +111,7 @@ class _MarlinLinear:
         device = parts[0]["qweight"].device
         self.in_features = parts[0]["qweight"].shape[0] * (32 // bits)
         self.out_features = sum(int(p["scales"].shape[1]) for p in parts)
-        size = self.in_features if group in (-1, 0) else group
+        size = group_rows(parts[0], bits, group)
         in_order = torch.arange(self.in_features, device=device) // size
         act_order = not torch.equal(parts[0]["g_idx"].to(device).long(), in_order)
         module = MarlinLinear(

@@ -105,7 +105,7 @@ def sort_rows(
     perm = _group_order(tensors, bits, group_size)
     if perm is None:
         return list(tensors), None
-    size = _group_rows(tensors[0], bits, group_size)
+    size = group_rows(tensors[0], bits, group_size)
     rows = torch.arange(perm.numel(), device=perm.device) // size
     out = []
     for layer in tensors:
@@ -128,7 +128,8 @@ def permute_columns(
     }
 
 
-def _group_rows(layer: dict[str, torch.Tensor], bits: int, group_size: int) -> int:
+def group_rows(layer: dict[str, torch.Tensor], bits: int, group_size: int) -> int:
+    """Rows per group of `layer` (all its input rows when `group_size` is -1 or 0)."""
     in_features = layer["qweight"].shape[0] * (32 // bits)
     return in_features if group_size in (-1, 0) else group_size
 
@@ -137,7 +138,7 @@ def _group_order(
     tensors: Sequence[dict[str, torch.Tensor]], bits: int, group_size: int
 ) -> torch.Tensor | None:
     """The row order that makes every group a run of rows (``None``: already so)."""
-    size = _group_rows(tensors[0], bits, group_size)
+    size = group_rows(tensors[0], bits, group_size)
     g_idx = tensors[0]["g_idx"].to(torch.int64)
     for other in tensors[1:]:
         if not torch.equal(other["g_idx"].to(torch.int64), g_idx):
@@ -166,13 +167,12 @@ def pack_gptq(
             ``group_size`` rows (not a GPTQ act-order layout).
     """
     in_features = tensors[0]["qweight"].shape[0] * (32 // bits)
-    size = _group_rows(tensors[0], bits, group_size)
+    size = group_rows(tensors[0], bits, group_size)
     perm = _group_order(tensors, bits, group_size)
-    identity = perm is None
     qweights, scales, zeros = [], [], []
     for layer in tensors:
         codes = unpack_rows(layer["qweight"], bits)
-        if not identity:
+        if perm is not None:
             codes = codes[perm]
         qweights.append(pack_rows(codes, bits))
         scale = layer["scales"].to(torch.float16)

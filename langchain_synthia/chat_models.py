@@ -352,8 +352,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         options, prompt, plan = self._prepare(messages, stop, kwargs)
         engine = self._engine_for(options["model"], options["revision"])
         events = list(open_stream(engine, self._request(prompt, options)))
-        chunk = self._chunk(whole_answer(events), engine, plan.reader())
-        return generate_from_stream(iter([chunk]))
+        return self._result(events, engine, plan)
 
     async def _agenerate(
         self,
@@ -368,7 +367,10 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         options, prompt, plan = self._prepare(messages, stop, kwargs)
         engine = await self._aengine_for(options["model"], options["revision"])
         stream = await aopen_stream(engine, self._request(prompt, options))
-        events = [event async for event in stream]
+        return self._result([event async for event in stream], engine, plan)
+
+    def _result(self, events: list[TokenEvent], engine: BaseEngine, plan: AnswerPlan) -> ChatResult:
+        """The finished answer's events as one message (tool calls and usage included)."""
         chunk = self._chunk(whole_answer(events), engine, plan.reader())
         return generate_from_stream(iter([chunk]))
 
