@@ -258,6 +258,61 @@ def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
             lambda: fast.decode(1, engine._tokens, engine._positions)
         )
         result["prefill_512_kernels"] = kernel_breakdown(lambda: fast.prefill(0, prompt_ids))
+        widest = max(engine._graphs, default=1)
+        if widest > 1:  # the batched step: what its extra time over batch 1 is spent on
+            result[f"decode_b{widest}_kernels"] = kernel_breakdown(
+                lambda: fast.decode(widest, engine._tokens, engine._positions)
+            )
+    return result
+
+
+def call_sections(engine, call) -> dict:
+    """Where one call's first-token time goes, in ms: each engine stage timed with the device
+    synchronised before and after (so GPU time lands in the stage that launched it)."""
+    spent: dict[str, float] = {}
+    targets = {
+        "prefix_lookup": (engine.prefixes, "longest"),
+        "prefix_store": (engine.prefixes, "store"),
+        "prefill": (engine.model, "prefill_many"),
+        "sampler_assign": (engine._sampler, "assign"),
+        "sampler_first_token": (engine._sampler, "sample"),
+    }
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                spent[name] = spent.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+        return wrapper
+
+    submitted = {}
+    start_rows = engine._start
+
+    def start(rows):
+        submitted.setdefault("at", time.perf_counter())
+        start_rows(rows)
+
+    for name, (owner, attr) in targets.items():
+        setattr(owner, attr, timed(name, getattr(owner, attr)))
+    engine._start = start
+    started = time.perf_counter()
+    try:
+        call()
+    finally:
+        first = time.perf_counter()
+        for owner, attr in targets.values():
+            delattr(owner, attr)
+        del engine._start
+    result = {name: round(ms, 2) for name, ms in spent.items()}
+    result["total_ms"] = round((first - started) * 1000, 2)
+    result["before_engine_ms"] = round((submitted.get("at", first) - started) * 1000, 2)
+    result["unaccounted_ms"] = round(result["total_ms"] - result["before_engine_ms"]
+                                     - sum(spent.values()), 2)  # fmt: skip
     return result
 
 
@@ -375,6 +430,8 @@ def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dic
     )  # fmt: skip
     engine = get_engine(chat._settings(chat.model, chat.revision))
     docs = prompt_of(1500, engine.tokenizer)
+    # warm: the first timed call must not pay for the process's first prefill of this length
+    next(iter(chat.stream([SystemMessage("Unrelated. " + docs), HumanMessage("Hi")], max_tokens=1)))
     times = []
     for question in ("What is a payload?", "How many stages?", "Why is drag a problem?"):
         started = time.perf_counter()
@@ -387,6 +444,8 @@ def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dic
             [SystemMessage(docs), HumanMessage("What limits the range?")], None, {}
         )[1]
         ids = engine.encode(prompt)
+        result["reusing_call_sections_ms"] = call_sections(engine, lambda: next(iter(chat.stream(
+            [SystemMessage(docs), HumanMessage("Which stage is heaviest?")], max_tokens=1))))  # fmt: skip
         reused = engine.prefixes.longest(ids)[0]  # a new question: the shared system message
         with torch.inference_mode():
             result["suffix_prefill_kernels"] = kernel_breakdown(
@@ -402,8 +461,11 @@ def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dic
     return result
 
 
-def memory_and_reload(folder: Path, kernel: str) -> dict:
-    """Load again (kernels already built): time to first token; peak memory at a 4k context."""
+def memory_and_reload(folder: Path, kernel: str, dense_prefill: bool | None = False) -> dict:
+    """Load again (kernels already built): time to first token; peak memory at a 4k context.
+
+    Without the dense-prefill copy by default: what an 8 GB card runs (it has no room for it).
+    """
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -413,6 +475,7 @@ def memory_and_reload(folder: Path, kernel: str) -> dict:
     chat = ChatSynthia(
         model=str(folder), device="cuda", engine="fast", kernel=kernel, temperature=0,
         stop_at_user_turn=False, max_batch_size=1, context_window=4096,
+        dense_prefill=dense_prefill,
     )  # fmt: skip
     next(iter(chat.stream("Hello", max_tokens=1)))
     load_s = time.perf_counter() - started
@@ -488,6 +551,7 @@ def main() -> None:
         limit = bandwidth / engine.model.weight_bytes()
         notes[f"{branch}_weight_gb"] = engine.model.weight_bytes() / 1e9
         notes[f"{branch}_{kernel}_load_to_first_token_s"] = load_s
+        notes[f"{branch}_{kernel}_dense_prefill"] = getattr(engine.model, "dense_prefill", False)
         if not args.batch_only:
             result = time_stream(chat, prompt, args.new_tokens)
             row(f"synthia[{kernel}] ChatSynthia.stream", branch, 1, result, limit)
@@ -561,6 +625,8 @@ def main() -> None:
         if branch == "main":
             notes[f"main_{kernel}_memory"] = memory_and_reload(folder, kernel)
             print(notes[f"main_{kernel}_memory"], flush=True)
+            notes[f"main_{kernel}_memory_dense_prefill"] = memory_and_reload(folder, kernel, True)
+            print("with the dense-prefill copy:", notes[f"main_{kernel}_memory_dense_prefill"])
             notes[f"main_{kernel}_prefix_reuse"] = prefix_reuse(folder, kernel, args.profile)
             print(notes[f"main_{kernel}_prefix_reuse"], flush=True)
 

@@ -1,7 +1,8 @@
 """Kernel probe: one GPTQ act-order layer of each Mistral-7B shape, timed per call inside a CUDA
 graph (no launch overhead), for gptqmodel's Marlin with act order, Marlin on rows sorted by
-group once (what the fast engine runs), and GemLite (``pip install gemlite``; optional, a
-failing kernel is reported and skipped). Prints µs, GB/s and the error against the
+group once (what the fast engine runs), cuBLAS on the fp16 weight and on a weight dequantised
+at each call (the prefill alternatives: ``--impls cublas``), and GemLite (``pip install gemlite``;
+optional, a failing kernel is reported and skipped). Prints µs, GB/s and the error against the
 dequantised reference; writes ``$OUT/kernel_probe_<bits>b_g<group>.json``.
 
     python bench/kernel_probe.py [--bits 4] [--group 128] [--rows 1 2 4 8 16 32]
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench import _gptq_tensors
 from langchain_synthia._gptq import pack_gptq, unpack_rows
 
-PRESORTED = ("gemlite", "marlin_sorted")
+PRESORTED = ("gemlite", "marlin_sorted", "dequant+cublas", "cublas_fp16")
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
 
@@ -154,6 +155,12 @@ def main() -> None:
                         results[f"{name}/marlin_plain_identity_rel_err"],
                         flush=True,
                     )
+                elif impl == "cublas":  # prefill alternatives: tensor cores through cuBLAS
+                    from langchain_synthia import _kernels as K
+
+                    dense = K._dequantized(packed).clone()  # rows in the sorted order the input has
+                    impls["dequant+cublas"] = lambda x, p=packed: x @ K._dequantized(p)
+                    impls["cublas_fp16"] = lambda x, w=dense: x @ w  # the fp16 model's bound
                 elif impl == "gemlite":
                     layer, gl = gemlite(packed)
                     if args.gemlite_config:
@@ -183,6 +190,7 @@ def main() -> None:
                     row = {
                         "us": round(us, 2),
                         "GBps": round(nbytes / us / 1e3, 1),
+                        "TFLOPS": round(2 * rows * k * n / us / 1e6, 1),
                         "rel_err": round(err, 5),
                     }
                 except Exception as error:
