@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
 
+SUFFIX_SIZES = (16, 64, 128)
+"""With the prefix cache on: a prompt's rest after a reused prefix, up to this many tokens,
+runs as one step of a graph captured for these token counts (its tokens as the rows of a
+decode step, all in one cache row). Eager, its few hundred kernel launches took most of the
+call's time."""
+
 PREFILL_TOKENS = 2048
 """Most prompt tokens prefilled in one pass. A longer prompt, or a burst of requests, is
 prefilled in several passes: this bounds the activations' memory (a 4k context fits 6 GiB)."""
@@ -51,7 +57,7 @@ def _passes(
             passes[-1].append((slot, piece, start + offset))
             size += len(piece)
             offset += len(piece)
-    return passes
+    return [part for part in passes if part]  # none at all when every prompt was handled
 
 
 class GenerationClosedError(RuntimeError):
@@ -110,6 +116,14 @@ class FastEngine(BaseEngine):
         self._pending: tuple[Any, torch.Tensor, list[_Row | None]] | None = None
         """The step in flight: its ready event, its host tokens, the rows it decoded."""
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._suffix_sizes = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_tokens]
+        longest = max(self._suffix_sizes, default=0)
+        self._suffix = {
+            name: torch.zeros(longest, dtype=torch.long, device=model.device)
+            for name in ("tokens", "positions", "rows")
+        }
+        """The inputs of a suffix step: tokens, their positions, their cache row."""
+        self._suffix_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture()
         self._closing = False
@@ -175,13 +189,17 @@ class FastEngine(BaseEngine):
     def _prefill(self, joining: list[tuple[int, _Row]]) -> None:
         """Prefill new requests (reusing cached prefixes); sample their first tokens."""
         prompts = []
+        last: dict[int, torch.Tensor] = {}
         for slot, row in joining:
             reused, keys, values = self.prefixes.longest(row.prompt_ids)
+            rest = row.prompt_ids[reused:]
             if reused:
                 self.model.k_cache[:, slot, :reused].copy_(keys)
                 self.model.v_cache[:, slot, :reused].copy_(values)
-            prompts.append((slot, row.prompt_ids[reused:], reused))
-        last: dict[int, torch.Tensor] = {}
+                if len(rest) <= max(self._suffix_sizes, default=0):
+                    last[slot] = self._prefill_suffix(slot, rest, reused)
+                    continue
+            prompts.append((slot, rest, reused))
         for part in _passes(prompts, PREFILL_TOKENS):
             logits = self.model.prefill_many(part)
             last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
@@ -195,6 +213,32 @@ class FastEngine(BaseEngine):
             self._positions[slot] = len(ids)
             self._busy[slot] = 1
             row.advance(token, self._eos_id)
+
+    def _prefill_suffix(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Prefill `ids` (positions ``start...``) in cache row `slot`; the last token's logits.
+
+        It runs as one decode-shaped step (a captured graph on CUDA), padded to a captured size
+        with copies of the last token: they compute and write the same key and value at the same
+        position, so they change nothing.
+        """
+        count = len(ids)
+        size = next(s for s in self._suffix_sizes if s >= count)
+        pad = size - count
+        inputs = torch.tensor(
+            [ids + ids[-1:] * pad,
+             list(range(start, start + count)) + [start + count - 1] * pad,
+             [slot] * size],
+            dtype=torch.long,
+        )  # fmt: skip
+        for name, values in zip(("tokens", "positions", "rows"), inputs, strict=True):
+            self._suffix[name][:size].copy_(values)
+        graph = self._suffix_graphs.get(size)
+        if graph is None:
+            logits = self.model.decode(size, *self._suffix.values())
+        else:
+            graph[0].replay()
+            logits = graph[1]
+        return logits[count - 1].clone()  # the graph's output buffer is reused
 
     def _step(self) -> None:
         """Launch one decode step, then hand out the previous step's tokens while it runs.
@@ -280,6 +324,13 @@ class FastEngine(BaseEngine):
                     logits = self.model.decode(size, self._tokens, self._positions)
                 pool = graph.pool()
                 self._graphs[size] = (graph, logits)
+            for size in reversed(self._suffix_sizes):
+                for _ in range(2):
+                    self.model.decode(size, *self._suffix.values())
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self.model.decode(size, *self._suffix.values())
+                self._suffix_graphs[size] = (graph, logits)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.model.k_cache.zero_()  # the warm-up steps wrote into it
         self.model.v_cache.zero_()

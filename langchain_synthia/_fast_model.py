@@ -22,6 +22,10 @@ KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
 Marlin (CUDA, built with nvcc on first use, about three minutes, then cached by gptqmodel)."""
 
+DENSE_ROWS = 256
+"""Rows from which a Marlin layer with a dense-prefill copy multiplies through cuBLAS instead
+(the H100 crossover of `bench/kernel_probe.py --impls marlin_sorted cublas`)."""
+
 _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
@@ -62,8 +66,9 @@ class _Layer:
     """
 
     def __init__(
-        self, tensors: "_Tensors", prefix: str, bits: int, group: int, kernel: str
-    ) -> None:
+        self, tensors: "_Tensors", prefix: str, bits: int, group: int, kernel: str,
+        dense: bool = False,
+    ) -> None:  # fmt: skip
         def gptq(name: str) -> dict[str, torch.Tensor]:
             return {
                 part: tensors[f"{prefix}.{name}.{part}"]
@@ -80,7 +85,12 @@ class _Layer:
 
         self.input_norm = tensors[f"{prefix}.input_layernorm.weight"]
         self.post_norm = tensors[f"{prefix}.post_attention_layernorm.weight"]
-        pack = _marlin if kernel == "gptq_marlin" else pack_gptq
+
+        def pack(parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> Any:
+            if kernel == "gptq_marlin":
+                return _MarlinLinear(parts, bits, group, dense=dense)
+            return pack_gptq(parts, bits, group)
+
         (down,), down_order = sort([gptq("mlp.down_proj")])
         gate_up = [gptq(f"mlp.{n}") for n in _MLP]
         if down_order is not None:
@@ -102,9 +112,17 @@ def _fused(parts: list[dict[str, torch.Tensor]], bits: int, group: int, pack: An
 
 
 class _MarlinLinear:
-    """gptqmodel's Marlin kernel (JIT-built with nvcc on first use) behind our linear interface."""
+    """gptqmodel's Marlin kernel (JIT-built with nvcc on first use) behind our linear interface.
 
-    def __init__(self, parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> None:
+    With `dense`, the layer also keeps its weights in our packed layout (`pack_gptq`): a
+    prefill of `DENSE_ROWS` rows or more dequantises them for cuBLAS, which runs Hopper's
+    tensor cores where Marlin cannot (one more copy of the quantised weights in GPU memory).
+    """
+
+    def __init__(
+        self, parts: list[dict[str, torch.Tensor]], bits: int, group: int, dense: bool = False
+    ) -> None:
+        self.dense = pack_gptq(parts, bits, group) if dense else None
         from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
         from gptqmodel.utils.backend import BACKEND
 
@@ -131,18 +149,19 @@ class _MarlinLinear:
         return self.module(x)
 
 
-def _marlin(parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> _MarlinLinear:
-    return _MarlinLinear(parts, bits, group)
-
-
 class FastMistral:
     """The network, its weights and its static KV cache on one device."""
 
     def __init__(
         self, folder: Path, device: torch.device, *, max_batch: int, max_len: int,
-        kernel: str | None = None,
+        kernel: str | None = None, dense_prefill: bool | None = None,
     ) -> None:  # fmt: skip
-        """Load the GPTQ checkpoint in `folder` onto `device` (`kernel`: see `KERNELS`)."""
+        """Load the GPTQ checkpoint in `folder` onto `device` (`kernel`: see `KERNELS`).
+
+        `dense_prefill` (Marlin only): keep the dense-prefill copy of the weights (see
+        `_MarlinLinear`); ``None`` keeps it when the device has four times the checkpoint's
+        size free, so that small cards keep their memory for the KV cache.
+        """
         config = json.loads((folder / "config.json").read_text())
         quant = config.get("quantization_config") or json.loads(
             (folder / "quantize_config.json").read_text()
@@ -166,8 +185,11 @@ class FastMistral:
                 "engine='transformers' to use another gptqmodel kernel."
             )
             raise ValueError(msg)
+        self.dense_prefill = self.kernel == "gptq_marlin" and (
+            _room_for_copy(folder, device) if dense_prefill is None else dense_prefill
+        )
         self.layers = [
-            _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel)
+            _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel, self.dense_prefill)
             for i in range(config["num_hidden_layers"])
         ]
         self.embed = tensors["model.embed_tokens.weight"].to(torch.float16)
@@ -185,7 +207,7 @@ class FastMistral:
             for layer in self.layers:
                 for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
                     linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
-        self._buffers: dict[int, dict[str, Any]] = {}
+        self._buffers: dict[tuple[int, bool], dict[str, Any]] = {}
 
     # -- linear layers ------------------------------------------------------------------------
 
@@ -199,7 +221,10 @@ class FastMistral:
         and the CPU references accumulate in fp32 into `out` (zeroed; made when not given).
         """
         if self.kernel == "gptq_marlin" and len(linears) == 1:
-            return linears[0](K.gated_input(x) if gated else x.half())
+            source = self._gated(x) if gated else x.half()
+            if linears[0].dense is not None and x.shape[0] >= DENSE_ROWS:
+                return K.dense_matmul(source, linears[0].dense)
+            return linears[0](source)
         if out is None:
             width = sum(linear.out_features for linear in linears)
             out = torch.zeros((x.shape[0], width), dtype=torch.float32, device=self.device)
@@ -209,13 +234,17 @@ class FastMistral:
             if self.use_kernels and not isinstance(linear, _MarlinLinear):
                 K.gptq_linear(x, linear, target, gated=gated)
             else:
-                source = K.gated_input(x) if gated else x.half()
+                source = self._gated(x) if gated else x.half()
                 if isinstance(linear, _MarlinLinear):
                     target += linear(source)
                 else:  # CPU: the reference
                     target += source.float() @ linear.reference_weight  # type: ignore[attr-defined]
             column += linear.out_features
         return out
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a fused gate/up output (one kernel on the GPU)."""
+        return K.silu_mul(x) if self.use_kernels else K.gated_input(x)
 
     def _norm(
         self,
@@ -315,13 +344,20 @@ class FastMistral:
 
     # -- decode -------------------------------------------------------------------------------
 
-    def decode(self, batch: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, batch: int, tokens: torch.Tensor, positions: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """One token for each of the first `batch` cache rows; return logits ``[batch, V]``.
 
         `tokens` and `positions` are device tensors of at least `batch` entries; nothing here
-        reads them on the host, so the whole step can be captured as a CUDA graph.
+        reads them on the host, so the whole step can be captured as a CUDA graph. With `rows`
+        (a device tensor too), token ``i`` goes to cache row ``rows[i]`` instead of row ``i``:
+        several tokens of one prompt, each attending up to its own position, is a short
+        prefill (a prompt's rest after a reused prefix) that a captured graph can run. Such
+        steps keep buffers of their own.
         """
-        buf = self._decode_buffers(batch)
+        buf = self._decode_buffers(batch, shared=rows is not None)
         tokens, positions = tokens[:batch], positions[:batch]
         if buf["work"] is not None:
             buf["work"].zero_()
@@ -330,7 +366,8 @@ class FastMistral:
         normed = buf["normed"]
         lengths = buf["lengths"]
         lengths.copy_(positions + 1)
-        rows = torch.arange(batch, device=self.device)
+        cache_rows = None if rows is None else rows[:batch]
+        rows = torch.arange(batch, device=self.device) if rows is None else rows[:batch]
         delta = None
         for index, layer in enumerate(self.layers):
             qkv, o, gate_up, down = buf["outs"][index]
@@ -343,13 +380,14 @@ class FastMistral:
             caches = (self.k_cache[index], self.v_cache[index], lengths)
             if self.use_kernels and layer.o_order is not None:  # written in o_proj's order
                 o_in = buf["o_in"]
-                K.decode_attention(q, *caches, buf["attn_work"], o_in, layer.o_order.scatter)
+                K.decode_attention(q, *caches, buf["attn_work"], o_in, layer.o_order.scatter,
+                                   rows=cache_rows)  # fmt: skip
             else:
                 attn = buf["attn"]
                 if self.use_kernels:
-                    K.decode_attention(q, *caches, buf["attn_work"], attn)
+                    K.decode_attention(q, *caches, buf["attn_work"], attn, rows=cache_rows)
                 else:
-                    attn.copy_(K.decode_attention_reference(q, *caches))
+                    attn.copy_(K.decode_attention_reference(q, *caches, cache_rows))
                 o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
             o = self._linear(o_in, [layer.o], o)
             self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
@@ -358,8 +396,9 @@ class FastMistral:
         self._norm(delta, residual, self.norm, normed)
         return torch.matmul(normed, self.lm_head.T, out=buf["logits"]).float()
 
-    def _decode_buffers(self, batch: int) -> dict[str, Any]:
-        buf = self._buffers.get(batch)
+    def _decode_buffers(self, batch: int, shared: bool = False) -> dict[str, Any]:
+        key = (batch, shared)
+        buf = self._buffers.get(key)
         if buf is not None:
             return buf
         layer = self.layers[0]
@@ -404,7 +443,7 @@ class FastMistral:
             buf["attn_work"] = K.AttentionWorkspace(
                 batch, self.heads, self.kv_heads, self.head_dim, self.max_len, self.device
             )
-        self._buffers[batch] = buf
+        self._buffers[key] = buf
         return buf
 
     # -- helpers ------------------------------------------------------------------------------
@@ -450,6 +489,19 @@ class FastMistral:
                 total += 0 if getattr(linear, "perm", None) is None else linear.perm.numel() * 4
             total += (layer.input_norm.numel() + layer.post_norm.numel()) * 2
         return total
+
+
+def _room_for_copy(folder: Path, device: torch.device) -> bool:
+    """Whether `device` has four times the checkpoint's size free.
+
+    That is room for a second copy of the quantised weights, with the KV cache and the
+    activations still fitting.
+    """
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(shard.stat().st_size for shard in folder.glob("*.safetensors"))
+    return free >= 4 * size
 
 
 def _rotary_tables(theta: float, dim: int, length: int, device: torch.device) -> tuple:

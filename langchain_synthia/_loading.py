@@ -54,6 +54,8 @@ class ModelSettings:
     """Fast engine: tokens per cache row (0 for the transformers engine)."""
     prefix_cache_tokens: int = 0
     """Fast engine: tokens of prompt prefixes whose KV cache is kept for reuse."""
+    dense_prefill: bool | None = None
+    """Fast engine with Marlin: keep a second weight copy for cuBLAS prefills (None: if room)."""
 
 
 _engines: dict[ModelSettings, BaseEngine] = {}
@@ -323,6 +325,7 @@ def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str)
     return FastMistral(
         folder, target, max_batch=settings.max_batch_size or 8,
         max_len=settings.context_window or 4096, kernel=kernel,
+        dense_prefill=settings.dense_prefill,
     )  # fmt: skip
 
 

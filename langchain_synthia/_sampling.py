@@ -59,10 +59,9 @@ class BatchSampler:
         self._top_k[row] = params.top_k
         self._penalty[row] = params.repetition_penalty
         self._seen[row] = False
-        if prompt:
-            self._seen[row, torch.tensor(list(prompt), dtype=torch.long, device=self._device)] = (
-                True
-            )
+        if prompt:  # scatter_: an advanced-index assignment would wait for the device
+            ids = torch.tensor(list(prompt), dtype=torch.long).to(self._device, non_blocking=True)
+            self._seen[row].scatter_(0, ids, True)
         generator = torch.Generator(device=self._device)
         if params.seed is None:
             generator.seed()

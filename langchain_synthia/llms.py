@@ -45,7 +45,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         model, revision, device:
             as in `ChatSynthia`; they default to ``$SYNTHIA_MODEL``, ``$SYNTHIA_REVISION`` and
             ``$SYNTHIA_DEVICE`` when those are set.
-        engine, kernel, context_window, max_batch_size, prefix_cache_tokens:
+        engine, kernel, context_window, max_batch_size, prefix_cache_tokens, dense_prefill:
             as in `ChatSynthia`.
         cache_dir, local_files_only:
             as in `ChatSynthia`.

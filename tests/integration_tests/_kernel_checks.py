@@ -180,6 +180,8 @@ def check_gated(bits: int, m: int, gen: torch.Generator) -> dict:
     return {
         "rel_vs_reference": rel(out, K.gptq_linear_reference(act, packed)),
         "rel_vs_definition": rel(out, act.half().float() @ dequantize_reference(layer, bits)),
+        "silu_mul_rel": rel(K.silu_mul(gate_up), act),  # the product alone (Marlin's input)
+        "silu_mul_fp16_rows": list(K.silu_mul(gate_up).shape) == [m, K_IN],
     }
 
 
@@ -235,7 +237,23 @@ def check_attention(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -
             keys, values = k_cache[b, :n, h // group].float(), v_cache[b, :n, h // group].float()
             weights = (keys @ q[b, h].float() / math.sqrt(dim)).softmax(0)
             manual[b, h] = weights @ values
+    # the tokens of one prompt in another cache row (a prompt's rest after a cached prefix):
+    # read together, each up to its own length
+    rows = torch.tensor([4, 4, 4], dtype=torch.long)
+    routed = torch.full_like(q, float("nan"))
+    K.decode_attention(q, k_cache, v_cache, lengths, work, routed, rows=rows)
+    routed_ref = K.decode_attention_reference(q, k_cache, v_cache, lengths, rows)
+    routed_manual = torch.empty(batch, heads, dim)
+    for b in range(batch):
+        n, r = int(lengths[b]), int(rows[b])
+        for h in range(heads):
+            keys, values = k_cache[r, :n, h // group].float(), v_cache[r, :n, h // group].float()
+            weights = (keys @ q[b, h].float() / math.sqrt(dim)).softmax(0)
+            routed_manual[b, h] = weights @ values
     return {
+        "rel_routed_vs_reference": rel(routed, routed_ref),
+        "rel_routed_vs_definition": rel(routed, routed_manual),
+        "routed_differs_from_own_rows": rel(routed, out) > 0.1,
         "rel_vs_reference": rel(out, ref),
         "rel_vs_definition": rel(out, manual),
         "rel_per_row": {int(lengths[b]): rel(out[b], manual[b]) for b in range(batch)},

@@ -303,8 +303,14 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
     assert cached.invoke(first).content == plain.invoke(first).content
     engine = cached._engine_for(cached.model, cached.revision)
     before = engine.prefixes.reused_tokens
+    suffixes = []
+    run_suffix = engine._prefill_suffix
+    engine._prefill_suffix = lambda *args: suffixes.append(args[1]) or run_suffix(*args)
     answer = cached.invoke(second)
+    del engine._prefill_suffix
     assert engine.prefixes.reused_tokens - before >= 512  # most of the ~1,000-token prefix
+    assert len(suffixes) == 1  # the rest of the prompt: one decode-shaped step
+    assert 0 < len(suffixes[0]) <= 128
     assert answer.content == plain.invoke(second).content
     assert answer.usage_metadata == plain.invoke(second).usage_metadata
     assert plain._engine_for(plain.model, plain.revision).prefixes.hits == 0
@@ -323,6 +329,29 @@ def test_long_prompts_prefilled_in_pieces_give_the_same_logits(tiny_model: str) 
         last = model.prefill_many(part)[-1]
     assert rel(last, whole) < LOGITS_REL
     assert int(last.argmax()) == int(whole.argmax())
+
+
+def test_a_prompts_rest_as_one_decode_step_equals_its_prefill(tiny_model: str) -> None:
+    """Tokens of one prompt as the rows of a decode step (all in one cache row, each attending
+    up to its own position; padded with copies of the last) give the prefill's logits."""
+    model = fast_model(tiny_model, max_batch=3)
+    ids = prompt_ids(tiny_model, "Explain in detail how rockets reach orbit, stage by stage.")
+    whole = model.prefill(2, ids)
+    start = len(ids) - 9
+    model.prefill(1, ids[:start])
+    size, rest = 16, ids[start:]
+    pad = size - len(rest)
+    tokens = torch.tensor(rest + rest[-1:] * pad, device=DEVICE)
+    positions = torch.tensor([*range(start, len(ids)), *[len(ids) - 1] * pad], device=DEVICE)
+    rows = torch.full((size,), 1, device=DEVICE)
+    logits = model.decode(size, tokens, positions, rows)
+    assert rel(logits[len(rest) - 1], whole) < LOGITS_REL
+    assert int(logits[len(rest) - 1].argmax()) == int(whole.argmax())
+    # the cache row now holds what a prefill of the whole prompt writes; the other row is intact
+    assert rel(model.k_cache[:, 1, : len(ids)], model.k_cache[:, 2, : len(ids)]) < LOGITS_REL
+    assert not model.k_cache[:, 0].any()
+    # earlier tokens of the rest got their own positions' logits too
+    assert rel(logits[0], model.prefill(2, ids[: start + 1])) < LOGITS_REL
 
 
 def test_passes_keep_every_token_in_order_and_within_budget() -> None:

@@ -99,6 +99,8 @@ def test_gated_gptq_linear_applies_silu_gate_times_up(kernel_runs, case: str) ->
     where, m = metrics_of(kernel_runs, case)
     assert m["rel_vs_reference"] < FP16_REL, where
     assert m["rel_vs_definition"] < FP16_REL, where
+    assert m["silu_mul_rel"] < 1e-3, where  # fp16 rounding of the same two steps
+    assert m["silu_mul_fp16_rows"], where
 
 
 @pytest.mark.parametrize("case", cases("fused-"))
@@ -123,6 +125,10 @@ def test_decode_attention_matches_the_reference(kernel_runs, case: str) -> None:
     assert m["rel_vs_definition"] < FP16_REL, where
     assert sorted(int(length) for length in m["rel_per_row"]) == [1, 1000, 2100], where
     assert all(error < FP16_REL for error in m["rel_per_row"].values()), where
+    # `rows`: each query reads the cache row it is given (a prompt's rest after a prefix)
+    assert m["rel_routed_vs_reference"] < FP16_REL, where
+    assert m["rel_routed_vs_definition"] < FP16_REL, where
+    assert m["routed_differs_from_own_rows"], where
 
 
 @pytest.mark.parametrize("case", cases("norm-"))
