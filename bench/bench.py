@@ -447,6 +447,18 @@ def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dic
         result["reusing_call_sections_ms"] = call_sections(engine, lambda: next(iter(chat.stream(
             [SystemMessage(docs), HumanMessage("Which stage is heaviest?")], max_tokens=1))))  # fmt: skip
         reused = engine.prefixes.longest(ids)[0]  # a new question: the shared system message
+        rest = len(ids) - reused
+        size = next((s for s in engine._suffix_sizes if s >= rest), None)
+        if size in engine._suffix_graphs:  # what the reusing call runs: one captured step
+            from triton.testing import do_bench
+
+            result[f"suffix_graph_ms_{size}"] = round(do_bench(
+                engine._suffix_graphs[size][0].replay, warmup=10, rep=100, return_mode="median"
+            ), 3)  # fmt: skip
+            with torch.inference_mode():
+                result["suffix_step_kernels"] = kernel_breakdown(
+                    lambda: engine.model.decode(size, *engine._suffix.values())
+                )
         with torch.inference_mode():
             result["suffix_prefill_kernels"] = kernel_breakdown(
                 lambda: engine.model.prefill(0, ids[reused:], reused)
