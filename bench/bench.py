@@ -457,7 +457,7 @@ def prefix_reuse(folder: Path, kernel: str, profile_suffix: bool = False) -> dic
             ), 3)  # fmt: skip
             with torch.inference_mode():
                 result["suffix_step_kernels"] = kernel_breakdown(
-                    lambda: engine.model.decode(size, *engine._suffix.values())
+                    lambda: engine.model.decode(size, *engine._suffix)
                 )
         with torch.inference_mode():
             result["suffix_prefill_kernels"] = kernel_breakdown(

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
 
-SUFFIX_SIZES = (16, 64, 128)
+SUFFIX_SIZES = (16, 32, 64, 128)
 """With the prefix cache on: a prompt's rest after a reused prefix, up to this many tokens,
 runs as one step of a graph captured for these token counts (its tokens as the rows of a
 decode step, all in one cache row). Eager, its few hundred kernel launches took most of the
@@ -118,10 +118,7 @@ class FastEngine(BaseEngine):
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._suffix_sizes = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_tokens]
         longest = max(self._suffix_sizes, default=0)
-        self._suffix = {
-            name: torch.zeros(longest, dtype=torch.long, device=model.device)
-            for name in ("tokens", "positions", "rows")
-        }
+        self._suffix = torch.zeros((3, longest), dtype=torch.long, device=model.device)
         """The inputs of a suffix step: tokens, their positions, their cache row."""
         self._suffix_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
@@ -205,7 +202,6 @@ class FastEngine(BaseEngine):
             last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
         for slot, row in joining:
             ids = row.prompt_ids
-            self.prefixes.store(ids, self.model.k_cache[:, slot], self.model.v_cache[:, slot])
             self._sampler.assign(slot, row.stream.request.sampling, ids)
             allowed = grammar_mask([row], self.model.vocab_size, self.device)
             token = int(self._sampler.sample(last[slot][None], row=slot, allowed=allowed)[0])
@@ -213,6 +209,9 @@ class FastEngine(BaseEngine):
             self._positions[slot] = len(ids)
             self._busy[slot] = 1
             row.advance(token, self._eos_id)
+        for slot, row in joining:  # after the first tokens are out (decoding never writes here)
+            cache = (self.model.k_cache[:, slot], self.model.v_cache[:, slot])
+            self.prefixes.store(row.prompt_ids, *cache)
 
     def _prefill_suffix(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Prefill `ids` (positions ``start...``) in cache row `slot`; the last token's logits.
@@ -230,11 +229,10 @@ class FastEngine(BaseEngine):
              [slot] * size],
             dtype=torch.long,
         )  # fmt: skip
-        for name, values in zip(("tokens", "positions", "rows"), inputs, strict=True):
-            self._suffix[name][:size].copy_(values)
+        self._suffix[:, :size].copy_(inputs)
         graph = self._suffix_graphs.get(size)
         if graph is None:
-            logits = self.model.decode(size, *self._suffix.values())
+            logits = self.model.decode(size, *self._suffix)
         else:
             graph[0].replay()
             logits = graph[1]
@@ -326,10 +324,10 @@ class FastEngine(BaseEngine):
                 self._graphs[size] = (graph, logits)
             for size in reversed(self._suffix_sizes):
                 for _ in range(2):
-                    self.model.decode(size, *self._suffix.values())
+                    self.model.decode(size, *self._suffix)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self.model.decode(size, *self._suffix.values())
+                    logits = self.model.decode(size, *self._suffix)
                 self._suffix_graphs[size] = (graph, logits)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.model.k_cache.zero_()  # the warm-up steps wrote into it

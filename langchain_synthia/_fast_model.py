@@ -441,8 +441,9 @@ class FastMistral:
         }
         if self.use_kernels:
             buf["attn_work"] = K.AttentionWorkspace(
-                batch, self.heads, self.kv_heads, self.head_dim, self.max_len, self.device
-            )
+                batch, self.heads, self.kv_heads, self.head_dim, self.max_len, self.device,
+                shared_rows=shared,
+            )  # fmt: skip
         self._buffers[key] = buf
         return buf
 

@@ -373,7 +373,12 @@ if triton is not None:
 
 
 class AttentionWorkspace:
-    """Scratch buffers of `decode_attention` for a batch size (allocated once, graph-safe)."""
+    """Scratch buffers of `decode_attention` for a batch size (allocated once, graph-safe).
+
+    The keys are cut into `splits` parts, each a program of its own, then combined. Few rows
+    need many parts to fill the GPU; many rows fill it anyway, and every part costs the combine
+    a read: so 32 parts up to 8 query blocks, down to 4 parts from 64 (unless `splits` is given).
+    """
 
     def __init__(
         self,
@@ -383,10 +388,13 @@ class AttentionWorkspace:
         head_dim: int,
         max_len: int,
         device: torch.device,
+        splits: int | None = None,
+        shared_rows: bool = False,
     ) -> None:
         self.group = heads // kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
-        self.splits = 32
+        blocks = triton.cdiv(batch, self.group_pad // self.group) if shared_rows else batch
+        self.splits = splits or max(4, min(32, triton.next_power_of_2(256 // blocks + 1) // 2))
         self.split_len = triton.cdiv(max_len, self.splits)
         rows = batch * kv_heads * self.splits * self.group_pad
         self.acc = torch.empty((rows, head_dim), dtype=torch.float32, device=device)

@@ -11,8 +11,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-BLOCK = 64
-"""Prefixes are matched and stored in whole blocks of this many tokens."""
+BLOCK = 16
+"""Prefixes are matched and stored in whole blocks of this many tokens. Small blocks leave a
+short rest to compute after the reused part (a reusing call's cost grows with that rest)."""
+
+
+def _block_keys(ids: list[int] | tuple[int, ...], blocks: int) -> list[int]:
+    """A key for each whole-block prefix of `ids`: key ``i`` identifies ``ids[: (i+1) * BLOCK]``.
+
+    Each key chains the one before it, so all of them cost one pass over the tokens.
+    """
+    keys, key = [], 0
+    for start in range(0, blocks * BLOCK, BLOCK):
+        key = hash((key, tuple(ids[start : start + BLOCK])))
+        keys.append(key)
+    return keys
 
 
 @dataclass
@@ -31,7 +44,7 @@ class PrefixCache:
         """Keep at most `max_tokens` tokens of prefixes (0 disables the cache)."""
         self.max_tokens = max_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
-        self._index: dict[int, tuple[int, int]] = {}  # hash of a block-aligned prefix -> entry
+        self._index: dict[int, tuple[int, int]] = {}  # key of a block-aligned prefix -> entry
         self._next_id = 0
         self.tokens = 0
         self.hits = 0
@@ -42,10 +55,14 @@ class PrefixCache:
 
         Returns ``(length, keys, values)``, or ``(0, None, None)`` when nothing matches.
         """
-        for length in range((len(ids) - 1) // BLOCK * BLOCK, 0, -BLOCK):
-            found = self._index.get(hash(tuple(ids[:length])))
+        if not self._entries:
+            return 0, None, None
+        keys = _block_keys(ids, (len(ids) - 1) // BLOCK)
+        for blocks in range(len(keys), 0, -1):
+            found = self._index.get(keys[blocks - 1])
             if found is None:
                 continue
+            length = blocks * BLOCK
             entry = self._entries[found[0]]
             if list(entry.ids[:length]) != ids[:length]:  # a hash collision
                 continue
@@ -61,16 +78,15 @@ class PrefixCache:
         if length == 0 or length > self.max_tokens:
             return
         prefix = tuple(ids[:length])
-        found = self._index.get(hash(prefix))
+        boundaries = _block_keys(prefix, length // BLOCK)
+        found = self._index.get(boundaries[-1])
         if found is not None and found[1] == length:
             self._entries.move_to_end(found[0])
             return
-        entry = _Entry(prefix, keys[:, :length].clone(), values[:, :length].clone())
+        entry = _Entry(prefix, keys[:, :length].clone(), values[:, :length].clone(), boundaries)
         entry_id, self._next_id = self._next_id, self._next_id + 1
-        for boundary in range(BLOCK, length + 1, BLOCK):
-            key = hash(prefix[:boundary])
-            self._index[key] = (entry_id, boundary)
-            entry.boundaries.append(key)
+        for block, key in enumerate(boundaries, start=1):
+            self._index[key] = (entry_id, block * BLOCK)
         self._entries[entry_id] = entry
         self.tokens += length
         while self.tokens > self.max_tokens:

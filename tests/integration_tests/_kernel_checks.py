@@ -250,7 +250,12 @@ def check_attention(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -
             keys, values = k_cache[r, :n, h // group].float(), v_cache[r, :n, h // group].float()
             weights = (keys @ q[b, h].float() / math.sqrt(dim)).softmax(0)
             routed_manual[b, h] = weights @ values
+    # fewer, longer key splits (what wide batches use): the same attention
+    few = K.AttentionWorkspace(batch, heads, kv_heads, dim, max_len, torch.device("cpu"), splits=4)
+    coarse = torch.full_like(q, float("nan"))
+    K.decode_attention(q, k_cache, v_cache, lengths, few, coarse)
     return {
+        "rel_four_splits_vs_reference": rel(coarse, ref),
         "rel_routed_vs_reference": rel(routed, routed_ref),
         "rel_routed_vs_definition": rel(routed, routed_manual),
         "routed_differs_from_own_rows": rel(routed, out) > 0.1,

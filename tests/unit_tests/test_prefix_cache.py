@@ -13,18 +13,27 @@ def kv(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_longest_whole_block_prefix_is_found_and_leaves_a_token_to_compute() -> None:
     cache = PrefixCache(max_tokens=1000)
-    first = list(range(300))
+    first = list(range(4 * BLOCK + BLOCK // 2))
     cache.store(first, *kv(first))
-    assert cache.tokens == 256  # 4 whole blocks of 64
-    second = [*first[:200], 9999, 9998]
+    assert cache.tokens == 4 * BLOCK  # whole blocks only
+    shared = 2 * BLOCK + 3
+    second = [*first[:shared], 9999, 9998]
     length, keys, values = cache.longest(second)
-    assert length == 192  # the last whole block inside the shared 200 tokens
-    assert torch.equal(keys[0, :, 0, 0], torch.arange(192, dtype=torch.float32))
+    assert length == 2 * BLOCK  # the last whole block inside the shared tokens
+    assert torch.equal(keys[0, :, 0, 0], torch.arange(2 * BLOCK, dtype=torch.float32))
     assert torch.equal(values, -keys)
-    exact = first[:256]
-    assert cache.longest(exact)[0] == 192  # never the whole prompt: one token must remain
+    exact = first[: 4 * BLOCK]
+    assert cache.longest(exact)[0] == 3 * BLOCK  # never the whole prompt: one token must remain
     assert cache.longest([5, *first])[0] == 0
-    assert (cache.hits, cache.reused_tokens) == (2, 384)
+    assert (cache.hits, cache.reused_tokens) == (2, 5 * BLOCK)
+
+
+def test_a_different_block_in_the_middle_stops_the_match_there() -> None:
+    cache = PrefixCache(max_tokens=1000)
+    first = list(range(6 * BLOCK))
+    cache.store(first, *kv(first))
+    changed = [*first[: 3 * BLOCK], -1, *first[3 * BLOCK + 1 :], 7]
+    assert cache.longest(changed)[0] == 3 * BLOCK  # later blocks equal, but after a change
 
 
 def test_stored_rows_are_copies() -> None:
