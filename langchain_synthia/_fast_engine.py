@@ -34,6 +34,10 @@ PREFILL_TOKENS = 2048
 """Most prompt tokens prefilled in one pass. A longer prompt, or a burst of requests, is
 prefilled in several passes: this bounds the activations' memory (a 4k context fits 6 GiB)."""
 
+DENSE_PREFILL_TOKENS = 8192
+"""The same bound on a card with the dense-prefill copy (which has memory to spare): every
+pass dequantises all the weights once (6.4 ms on an H100), so fewer, larger passes."""
+
 _IDLE = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
 
 
@@ -197,7 +201,8 @@ class FastEngine(BaseEngine):
                     last[slot] = self._prefill_suffix(slot, rest, reused)
                     continue
             prompts.append((slot, rest, reused))
-        for part in _passes(prompts, PREFILL_TOKENS):
+        budget = DENSE_PREFILL_TOKENS if self.model.dense_prefill else PREFILL_TOKENS
+        for part in _passes(prompts, budget):
             logits = self.model.prefill_many(part)
             last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
         for slot, row in joining:
