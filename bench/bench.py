@@ -638,10 +638,12 @@ def main() -> None:
             counts = await asyncio.gather(*(one(p) for p in prompts[:n]))
             return sum(counts) / (time.perf_counter() - start)
 
-        runs = [scheduler_split(engine, lambda: asyncio.run(concurrent(16))) for _ in range(RUNS)]
-        rates = [r for r, _ in runs]
+        streams = [
+            scheduler_split(engine, lambda: asyncio.run(concurrent(16))) for _ in range(RUNS)
+        ]
+        rates = [r for r, _ in streams]
         rate = statistics.median(rates)
-        concurrent_split = runs[rates.index(rate)][1]
+        concurrent_split = streams[rates.index(rate)][1]
         notes[f"{branch}_{kernel}_astream16_tok_s_runs"] = [round(r, 1) for r in rates]
         notes[f"{branch}_{kernel}_astream16_scheduler"] = concurrent_split
         print("16 concurrent astream, runs:", notes[f"{branch}_{kernel}_astream16_tok_s_runs"],
