@@ -59,7 +59,8 @@ class BatchSampler:
         self._top_k[row] = params.top_k
         self._penalty[row] = params.repetition_penalty
         self._seen[row] = False
-        if prompt:  # scatter_: an advanced-index assignment would wait for the device
+        if prompt and params.repetition_penalty != 1.0:  # the seen set serves the penalty only
+            # scatter_: an advanced-index assignment would wait for the device
             ids = torch.tensor(list(prompt), dtype=torch.long).to(self._device, non_blocking=True)
             self._seen[row].scatter_(0, ids, True)
         generator = torch.Generator(device=self._device)
@@ -101,7 +102,8 @@ class BatchSampler:
             chosen = torch.where(self._temperature[rows.start : rows.stop] == 0, chosen, sampled)
         # scatter_, not ``seen[rows, chosen] = True``: advanced-index assignment waits for the
         # device on CUDA, which stalled every decode step until its tokens were ready
-        self._seen[rows.start : rows.stop].scatter_(1, chosen[:, None], True)
+        if any(self._params[r].repetition_penalty != 1.0 for r in rows):
+            self._seen[rows.start : rows.stop].scatter_(1, chosen[:, None], True)
         return chosen
 
     def penalise(self, scores: "torch.Tensor", rows: range | None = None) -> "torch.Tensor":

@@ -77,3 +77,20 @@ def test_equal_seeds_draw_equal_tokens() -> None:
         draws.append([sampler.sample(logits).item() for _ in range(20)])
     assert draws[0] == draws[1]
     assert len(set(draws[0])) > 1
+
+
+def test_the_penalty_follows_tokens_chosen_in_earlier_steps_beside_unpenalised_rows() -> None:
+    """Row 1 (penalty 2) turns away from its own earlier choices; row 0 (no penalty) does not;
+    a request that takes row 0 later with a penalty counts its own prompt's tokens."""
+    greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
+    plain, strict = (
+        params(**greedy, repetition_penalty=1.0),
+        params(**greedy, repetition_penalty=2.0),
+    )
+    sampler = BatchSampler([plain, strict], [[], []], vocab_size=4, device=torch.device("cpu"))
+    logits = torch.tensor([[0.0, 3.0, 2.0, 0.0]] * 2)
+    assert sampler.sample(logits).tolist() == [1, 1]
+    assert sampler.sample(logits).tolist() == [1, 2]  # 3 / 2 < 2: row 1 leaves token 1
+    assert sampler.sample(logits).tolist() == [1, 1]  # both seen now: 1.5 against 1.0
+    sampler.assign(0, strict, [1])  # a new request with a penalty, its prompt holds token 1
+    assert sampler.sample(logits).tolist() == [2, 1]  # row 0: 1.5 against 2 (its prompt counts)
