@@ -18,7 +18,8 @@ import inspect
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -75,6 +76,75 @@ def whole_answer(events: Sequence[TokenEvent]) -> TokenEvent:
     return replace(events[-1], text="".join(event.text for event in events))
 
 
+class _Mailbox:
+    """Hands items to queues of one event loop, waking it once for all that arrive together.
+
+    The scheduler hands out a token to every row of a step in one go; with 16 async streams on
+    one loop, that is one wake-up of the loop per step instead of 16.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, target: asyncio.Queue, item: Any) -> None:
+        """Put `item` on `target` from any thread (raises RuntimeError if the loop is closed)."""
+        with self._lock:
+            self._items.append((target, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for target, item in items:
+            target.put_nowait(item)
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = (
+    weakref.WeakKeyDictionary()
+)
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
+
+
+_HELD = object()
+"""Put on a collecting reader's queue when its request ends: take the held events."""
+
+
+def _ends(item: Any) -> bool:
+    """Whether `item` is the last a stream gets (the end, an error, or a finished event)."""
+    return item is None or isinstance(item, BaseException) or item.finish_reason is not None
+
+
+def read_all(stream: Iterable[TokenEvent]) -> list[TokenEvent]:
+    """All of a stream's events; a `TokenStream` wakes the reader once, at the end."""
+    return stream.collect() if isinstance(stream, TokenStream) else list(stream)
+
+
+async def aread_all(stream: AsyncIterable[TokenEvent]) -> list[TokenEvent]:
+    """`read_all` for async callers."""
+    if isinstance(stream, TokenStream):
+        return await stream.acollect()
+    return [event async for event in stream]
+
+
 class GenerationTimeoutError(TimeoutError):
     """A generation ran past its ``timeout``."""
 
@@ -96,6 +166,8 @@ class TokenStream:
         self._async_items: asyncio.Queue[TokenEvent | BaseException | None] | None = None
         self._lock = threading.Lock()
         self._deadline = None if request.timeout is None else time.monotonic() + request.timeout
+        self._held: list[TokenEvent | BaseException | None] | None = None
+        """While a reader `collect`s: the events, handed over only once the request ends."""
 
     def cancel(self) -> None:
         """Stop generating for this request."""
@@ -104,26 +176,56 @@ class TokenStream:
     # called from the worker thread
     def _put(self, item: TokenEvent | BaseException | None) -> None:
         with self._lock:
+            if self._held is not None:  # a collecting reader: wake it once, at the end
+                self._held.append(item)
+                if not _ends(item):
+                    return
+                item = _HELD
             if self._loop is None:
                 self._items.put(item)
                 return
             try:
-                self._loop.call_soon_threadsafe(self._async_items.put_nowait, item)  # type: ignore[union-attr]
+                _mailbox(self._loop).post(self._async_items, item)  # type: ignore[arg-type]
             except RuntimeError:  # the consumer's event loop is gone
                 self.cancel()
+
+    def collect(self) -> list[TokenEvent]:
+        """Every event of the request, once it ends (for callers that want the whole answer).
+
+        The reader is woken once instead of once per token: with 32 requests of a batch read
+        this way, 32 threads no longer take turns at every step.
+        """
+        with self._lock:
+            self._held = []
+        return list(self)
+
+    async def acollect(self) -> list[TokenEvent]:
+        """`collect` for async callers: the event loop is woken once, at the end."""
+        with self._lock:
+            self._held = []
+        return [event async for event in self]
+
+    def _unheld(self, item: Any) -> list[Any]:
+        """The items `item` stands for: the held events when it is the end-of-hold marker."""
+        if item is not _HELD:
+            return [item]
+        with self._lock:
+            items, self._held = self._held or [], []
+        return items
 
     def __iter__(self) -> Iterator[TokenEvent]:
         """Yield the events as the worker produces them."""
         try:
             while True:
                 item = self._items.get(timeout=self._remaining())
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+                for event in self._unheld(item):  # one end-of-hold marker stands for many
+                    if event is None:
+                        return
+                    if isinstance(event, BaseException):
+                        raise event
+                    yield event
+                    if event.finish_reason is not None:
+                        return
         except queue.Empty:
             raise self._timeout_error() from None
         finally:
@@ -142,13 +244,14 @@ class TokenStream:
                     item = await asyncio.wait_for(self._async_items.get(), self._remaining())
                 except asyncio.TimeoutError:
                     raise self._timeout_error() from None
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+                for event in self._unheld(item):  # one end-of-hold marker stands for many
+                    if event is None:
+                        return
+                    if isinstance(event, BaseException):
+                        raise event
+                    yield event
+                    if event.finish_reason is not None:
+                        return
         finally:
             self.cancel()
 

@@ -16,8 +16,10 @@ from langchain_synthia._engine import (
     BaseEngine,
     TokenEvent,
     aopen_stream,
+    aread_all,
     batch_group,
     open_stream,
+    read_all,
     whole_answer,
 )
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
@@ -351,7 +353,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         options, prompt, plan = self._prepare(messages, stop, kwargs)
         engine = self._engine_for(options["model"], options["revision"])
-        events = list(open_stream(engine, self._request(prompt, options)))
+        events = read_all(open_stream(engine, self._request(prompt, options)))
         return self._result(events, engine, plan)
 
     async def _agenerate(
@@ -367,7 +369,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         options, prompt, plan = self._prepare(messages, stop, kwargs)
         engine = await self._aengine_for(options["model"], options["revision"])
         stream = await aopen_stream(engine, self._request(prompt, options))
-        return self._result([event async for event in stream], engine, plan)
+        return self._result(await aread_all(stream), engine, plan)
 
     def _result(self, events: list[TokenEvent], engine: BaseEngine, plan: AnswerPlan) -> ChatResult:
         """The finished answer's events as one message (tool calls and usage included)."""

@@ -12,7 +12,9 @@ from langchain_synthia._engine import (
     BaseEngine,
     TokenEvent,
     aopen_stream,
+    aread_all,
     open_stream,
+    read_all,
     whole_answer,
 )
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
@@ -175,7 +177,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         results = []
         for stream in streams:
             if per_token is None:
-                results.append(self._chunk(whole_answer(list(stream)), engine))
+                results.append(self._chunk(whole_answer(read_all(stream)), engine))
                 continue
             chunks = []
             for event in stream:
@@ -196,7 +198,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         results = []
         for stream in streams:
             if per_token is None:
-                results.append(self._chunk(whole_answer([e async for e in stream]), engine))
+                results.append(self._chunk(whole_answer(await aread_all(stream)), engine))
                 continue
             chunks = []
             async for event in stream:
