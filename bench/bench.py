@@ -178,6 +178,19 @@ def time_stream(chat: ChatSynthia, prompt: str, new_tokens: int) -> dict:
     }
 
 
+async def stream_all(chat: ChatSynthia, prompts: list[str], new_tokens: int) -> int:
+    """One ``astream`` per prompt, all at once; the output tokens of all of them."""
+
+    async def one(prompt: str) -> int:
+        count = 0
+        async for chunk in chat.astream(prompt, max_tokens=new_tokens):
+            if chunk.usage_metadata:
+                count = chunk.usage_metadata["output_tokens"]
+        return count
+
+    return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+
 def baseline(folder: Path, kernel: str, prompt_ids: list[int], new_tokens: int) -> dict:
     """transformers + gptqmodel ``generate()``: greedy, batch 1."""
     from transformers import AutoModelForCausalLM, GPTQConfig
@@ -627,16 +640,9 @@ def main() -> None:
              "new_tokens": args.new_tokens, "prompt_tokens": 512}, limit * 32)  # fmt: skip
 
         async def concurrent(n: int) -> float:
-            async def one(p: str) -> int:
-                count = 0
-                async for chunk in chat.astream(p, max_tokens=args.new_tokens):
-                    if chunk.usage_metadata:
-                        count = chunk.usage_metadata["output_tokens"]
-                return count
-
             start = time.perf_counter()
-            counts = await asyncio.gather(*(one(p) for p in prompts[:n]))
-            return sum(counts) / (time.perf_counter() - start)
+            tokens = await stream_all(chat, prompts[:n], args.new_tokens)
+            return tokens / (time.perf_counter() - start)
 
         streams = [
             scheduler_split(engine, lambda: asyncio.run(concurrent(16))) for _ in range(RUNS)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import prompt_of
+from bench import prompt_of, stream_all
 from langchain_synthia import ChatSynthia
 from langchain_synthia._fast_engine import FastEngine
 from langchain_synthia._loading import _engines, _tokenizer
@@ -74,17 +74,10 @@ def main() -> None:
         return tokens / (time.perf_counter() - start)
 
     async def streams(n: int) -> float:
-        async def one(prompt: str) -> int:
-            count = 0
-            async for chunk in chat.astream(prompt, max_tokens=args.new_tokens):
-                if chunk.usage_metadata:
-                    count = chunk.usage_metadata["output_tokens"]
-            return count
-
         start, used = time.perf_counter(), time.process_time()
-        counts = await asyncio.gather(*(one(p) for p in prompts[:n]))
-        cpu["streams"].append((time.process_time() - used) / sum(counts) * 1e6)
-        return sum(counts) / (time.perf_counter() - start)
+        tokens = await stream_all(chat, prompts[:n], args.new_tokens)
+        cpu["streams"].append((time.process_time() - used) / tokens * 1e6)
+        return tokens / (time.perf_counter() - start)
 
     batches = [batch() for _ in range(args.runs)]
     concurrent = [asyncio.run(streams(16)) for _ in range(args.runs)]

@@ -205,27 +205,36 @@ class TokenStream:
             self._held = []
         return [event async for event in self]
 
-    def _unheld(self, item: Any) -> list[Any]:
-        """The items `item` stands for: the held events when it is the end-of-hold marker."""
-        if item is not _HELD:
-            return [item]
-        with self._lock:
-            items, self._held = self._held or [], []
-        return items
+    def _take(self, item: Any) -> tuple[list[TokenEvent], bool | BaseException]:
+        """The events one queued item delivers, and how the stream goes on after them.
+
+        The end-of-hold marker delivers every held event. The second value is ``False`` to go
+        on, ``True`` when the stream has ended, or the error to raise after the events.
+        """
+        if item is _HELD:
+            with self._lock:
+                items, self._held = self._held or [], []
+        else:
+            items = [item]
+        events: list[TokenEvent] = []
+        for event in items:
+            if event is None or isinstance(event, BaseException):
+                return events, event or True
+            events.append(event)
+            if event.finish_reason is not None:
+                return events, True
+        return events, False
 
     def __iter__(self) -> Iterator[TokenEvent]:
         """Yield the events as the worker produces them."""
         try:
             while True:
-                item = self._items.get(timeout=self._remaining())
-                for event in self._unheld(item):  # one end-of-hold marker stands for many
-                    if event is None:
-                        return
-                    if isinstance(event, BaseException):
-                        raise event
-                    yield event
-                    if event.finish_reason is not None:
-                        return
+                events, end = self._take(self._items.get(timeout=self._remaining()))
+                yield from events
+                if isinstance(end, BaseException):
+                    raise end
+                if end:
+                    return
         except queue.Empty:
             raise self._timeout_error() from None
         finally:
@@ -244,14 +253,13 @@ class TokenStream:
                     item = await asyncio.wait_for(self._async_items.get(), self._remaining())
                 except asyncio.TimeoutError:
                     raise self._timeout_error() from None
-                for event in self._unheld(item):  # one end-of-hold marker stands for many
-                    if event is None:
-                        return
-                    if isinstance(event, BaseException):
-                        raise event
+                events, end = self._take(item)
+                for event in events:
                     yield event
-                    if event.finish_reason is not None:
-                        return
+                if isinstance(end, BaseException):
+                    raise end
+                if end:
+                    return
         finally:
             self.cancel()
 

@@ -37,6 +37,18 @@ class CountingQueue(queue.SimpleQueue):
         super().put(item, block, timeout)
 
 
+def count_wakeups(into: list) -> None:
+    """Record every wake-up of the running event loop from another thread (or from itself)."""
+    loop = asyncio.get_running_loop()
+    original = loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):
+        into.append(callback)
+        return original(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+
 def produce(stream: TokenStream, items: list, delay: float = 0.0) -> threading.Thread:
     def run() -> None:
         for item in items:
@@ -96,14 +108,7 @@ def test_acollect_returns_every_event_and_wakes_the_loop_once() -> None:
     wakeups = []
 
     async def read() -> list[TokenEvent]:
-        loop = asyncio.get_running_loop()
-        original = loop.call_soon_threadsafe
-
-        def counted(callback, *args, **kwargs):
-            wakeups.append(args)
-            return original(callback, *args, **kwargs)
-
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        count_wakeups(wakeups)
         task = asyncio.ensure_future(aread_all(stream))
         await asyncio.sleep(0.01)  # the reader is waiting before the tokens come
         thread = produce(stream, sent, delay=0.0005)
@@ -132,14 +137,7 @@ def test_async_streams_of_one_loop_share_its_wakeups_and_keep_their_order() -> N
     wakeups = []
 
     async def read() -> list[list[str]]:
-        loop = asyncio.get_running_loop()
-        original = loop.call_soon_threadsafe
-
-        def counted(callback, *args, **kwargs):
-            wakeups.append(callback)
-            return original(callback, *args, **kwargs)
-
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        count_wakeups(wakeups)
         readers = [stream.__aiter__() for stream in streams]
         firsts = [asyncio.ensure_future(anext(reader)) for reader in readers]
         await asyncio.sleep(0)  # every reader is now waiting on its queue
