@@ -13,6 +13,7 @@ downloaded. The references run anywhere (the CPU path and the tests use them).
 """
 
 import math
+import threading
 from typing import Any
 
 import torch
@@ -206,17 +207,27 @@ if triton is not None:
         tl.store(out, (codes - zero) * scale, mask=mask_n[None, :])
 
 
-_scratch: dict[torch.device, torch.Tensor] = {}
+_scratch = threading.local()
+"""Each thread's dequantisation buffers, one per device. Per thread, not per process: two
+engines prefill from two scheduler threads on one device's default stream, and a shared
+buffer could be overwritten by one between the other's dequantisation and its GEMM."""
+
+
+def scratch_buffer(device: torch.device, size: int) -> torch.Tensor:
+    """This thread's fp16 scratch buffer on `device`, at least `size` elements (grown once)."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[device] = torch.empty(size, dtype=torch.float16, device=device)
+    return buffer[:size]
 
 
 def _dequantized(layer: PackedLinear) -> torch.Tensor:
-    """The layer's fp16 weight (group-ordered rows) in a scratch buffer shared by all layers."""
+    """The layer's fp16 weight (group-ordered rows) in this thread's scratch buffer."""
     size = layer.in_features * layer.out_features
-    buffer = _scratch.get(layer.qweight.device)
-    if buffer is None or buffer.numel() < size:
-        buffer = torch.empty(size, dtype=torch.float16, device=layer.qweight.device)
-        _scratch[layer.qweight.device] = buffer
-    weight = buffer[:size].view(layer.in_features, layer.out_features)
+    weight = scratch_buffer(layer.qweight.device, size).view(layer.in_features, layer.out_features)
     grid = (layer.in_features // 64, triton.cdiv(layer.out_features, 128))
     _dequantize_kernel[grid](
         layer.qweight, layer.scales, layer.zeros, weight, layer.out_features,
