@@ -316,6 +316,56 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
     assert plain._engine_for(plain.model, plain.revision).prefixes.hits == 0
 
 
+def test_a_long_rest_after_a_shared_prefix_is_prefilled_in_passes(tiny_model: str) -> None:
+    """A rest too long for the captured suffix steps goes through the prefill passes."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from langchain_synthia._fast_engine import SUFFIX_SIZES
+
+    docs = " ".join(f"Document {i}: rockets carry payloads to orbit in stages." for i in range(30))
+    settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
+                "max_tokens": 8, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
+    cached = ChatSynthia(**settings, prefix_cache_tokens=8192)
+    plain = ChatSynthia(**settings)
+    cached.invoke([SystemMessage(docs), HumanMessage("What is a payload?")])
+    engine = cached._engine_for(cached.model, cached.revision)
+    long_question = "Explain every stage in turn, with its fuel and its engines. " * 20
+    second = [SystemMessage(docs), HumanMessage(long_question)]
+    suffixes = []
+    run_suffix = engine._prefill_suffix
+    engine._prefill_suffix = lambda *args: suffixes.append(args[1]) or run_suffix(*args)
+    before = engine.prefixes.reused_tokens
+    answer = cached.invoke(second)
+    del engine._prefill_suffix
+    reused = engine.prefixes.reused_tokens - before
+    assert reused > 0  # the system message was reused
+    prompt_tokens = answer.usage_metadata["input_tokens"]
+    assert prompt_tokens - reused > max(SUFFIX_SIZES)  # a rest no captured step holds
+    assert suffixes == []  # so it went through the prefill passes
+    assert answer.content == plain.invoke(second).content
+
+
+def test_dense_prefill_is_a_marlin_option_and_reaches_the_model(tiny_model: str) -> None:
+    """`dense_prefill` travels with the settings; only Marlin models keep the copy (none on
+    the CPU, whose free memory is not measured)."""
+    from langchain_synthia._fast_model import _room_for_copy
+
+    chat = ChatSynthia(model=tiny_model, device=DEVICE, engine="fast", dense_prefill=True)
+    settings = chat._settings(chat.model, chat.revision)
+    assert settings.dense_prefill is True
+    assert (
+        ChatSynthia(model=tiny_model, engine="transformers", dense_prefill=True)
+        ._settings(tiny_model, "main")
+        .dense_prefill
+        is None
+    )  # the transformers engine has no such copy
+    model = FastMistral(Path(tiny_model), torch.device(DEVICE), max_batch=1, max_len=64,
+                        dense_prefill=True)  # fmt: skip
+    assert model.kernel == "triton"
+    assert model.dense_prefill is False
+    assert _room_for_copy(Path(tiny_model), torch.device("cpu")) is False
+
+
 def test_long_prompts_prefilled_in_pieces_give_the_same_logits(tiny_model: str) -> None:
     """A prompt cut across passes (attention over its own earlier pieces) equals one pass."""
     from langchain_synthia._fast_engine import _passes
