@@ -351,11 +351,13 @@ class FastMistral:
         """One token for each of the first `batch` cache rows; return logits ``[batch, V]``.
 
         `tokens` and `positions` are device tensors of at least `batch` entries; nothing here
-        reads them on the host, so the whole step can be captured as a CUDA graph. With `rows`
-        (a device tensor too), token ``i`` goes to cache row ``rows[i]`` instead of row ``i``:
-        several tokens of one prompt, each attending up to its own position, is a short
-        prefill (a prompt's rest after a reused prefix) that a captured graph can run. Such
-        steps keep buffers of their own.
+        reads them on the host, so the whole step can be captured as a CUDA graph.
+
+        With `rows` (a device tensor too), the tokens are several tokens of one prompt, all in
+        cache row ``rows[0]`` (every entry names that row), each attending up to its own
+        position: a short prefill (a prompt's rest after a reused prefix) that a captured graph
+        can run. Attention reads the row's keys once for a block of such tokens. These steps
+        keep buffers of their own.
         """
         buf = self._decode_buffers(batch, shared=rows is not None)
         tokens, positions = tokens[:batch], positions[:batch]
