@@ -159,8 +159,8 @@ class FastMistral:
         """Load the GPTQ checkpoint in `folder` onto `device` (`kernel`: see `KERNELS`).
 
         `dense_prefill` (Marlin only): keep the dense-prefill copy of the weights (see
-        `_MarlinLinear`); ``None`` keeps it when the device has four times the checkpoint's
-        size free, so that small cards keep their memory for the KV cache.
+        `_MarlinLinear`); ``None`` keeps it on a Hopper (or newer) GPU with four times the
+        checkpoint's size free, so that small cards keep their memory for the KV cache.
         """
         config = json.loads((folder / "config.json").read_text())
         quant = config.get("quantization_config") or json.loads(
@@ -186,7 +186,7 @@ class FastMistral:
             )
             raise ValueError(msg)
         self.dense_prefill = self.kernel == "gptq_marlin" and (
-            _room_for_copy(folder, device) if dense_prefill is None else dense_prefill
+            _dense_prefill_pays(folder, device) if dense_prefill is None else dense_prefill
         )
         self.layers = [
             _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel, self.dense_prefill)
@@ -494,13 +494,14 @@ class FastMistral:
         return total
 
 
-def _room_for_copy(folder: Path, device: torch.device) -> bool:
-    """Whether `device` has four times the checkpoint's size free.
+def _dense_prefill_pays(folder: Path, device: torch.device) -> bool:
+    """Whether `device` is a Hopper (or newer) GPU with four times the checkpoint's size free.
 
-    That is room for a second copy of the quantised weights, with the KV cache and the
-    activations still fitting.
+    Hopper is where it was measured to pay: cuBLAS reaches its tensor cores' new instructions
+    and Marlin does not. Four times the size leaves room for the second copy of the quantised
+    weights with the KV cache and the activations still fitting.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
     free, _ = torch.cuda.mem_get_info(device)
     size = sum(shard.stat().st_size for shard in folder.glob("*.safetensors"))

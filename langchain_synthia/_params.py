@@ -91,8 +91,8 @@ class SynthiaParams(BaseModel):
     """Fast engine with Marlin: also keep the quantised weights in a layout that a prefill of
     256 or more tokens dequantises for cuBLAS (Hopper's tensor cores; 1.25x Marlin's speed at
     512 tokens, 1.7x at 2,048 on an H100), at the cost of a second copy of the weights in GPU
-    memory (3.6 GiB for 4-bit). ``None`` keeps it when the card has four times the checkpoint's
-    size free, so an 8 GB card keeps its memory for the KV cache."""
+    memory (3.6 GiB for 4-bit). ``None`` keeps it on a Hopper GPU (where it was measured) with
+    four times the checkpoint's size free, so a small card keeps its memory for the KV cache."""
     max_batch_size: int = Field(default=8, ge=1, le=256)
     """Fast engine: requests decoded together at most (each holds a KV-cache row of
     ``context_window`` tokens: 512 MiB at 4096 tokens)."""

@@ -348,7 +348,7 @@ def test_a_long_rest_after_a_shared_prefix_is_prefilled_in_passes(tiny_model: st
 def test_dense_prefill_is_a_marlin_option_and_reaches_the_model(tiny_model: str) -> None:
     """`dense_prefill` travels with the settings; only Marlin models keep the copy (none on
     the CPU, whose free memory is not measured)."""
-    from langchain_synthia._fast_model import _room_for_copy
+    from langchain_synthia._fast_model import _dense_prefill_pays
 
     chat = ChatSynthia(model=tiny_model, device=DEVICE, engine="fast", dense_prefill=True)
     settings = chat._settings(chat.model, chat.revision)
@@ -363,7 +363,7 @@ def test_dense_prefill_is_a_marlin_option_and_reaches_the_model(tiny_model: str)
                         dense_prefill=True)  # fmt: skip
     assert model.kernel == "triton"
     assert model.dense_prefill is False
-    assert _room_for_copy(Path(tiny_model), torch.device("cpu")) is False
+    assert _dense_prefill_pays(Path(tiny_model), torch.device("cpu")) is False
 
 
 def test_long_prompts_prefilled_in_pieces_give_the_same_logits(tiny_model: str) -> None:
