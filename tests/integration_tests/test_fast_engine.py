@@ -7,9 +7,11 @@ scheduler (continuous batching, queueing, cancellation) behind ``ChatSynthia(eng
 """
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -290,27 +292,42 @@ def test_answer_is_capped_by_the_cache_length(tiny_model: str) -> None:
     assert message.response_metadata["finish_reason"] == "length"
 
 
+def prefix_chats(tiny_model: str, documents: int, max_tokens: int) -> tuple:
+    """A system message of `documents` lines, and two chats: with a prefix cache, without."""
+    docs = " ".join(
+        f"Document {i}: rockets carry payloads to orbit in stages." for i in range(documents)
+    )
+    settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
+                "max_tokens": max_tokens, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
+    return docs, ChatSynthia(**settings, prefix_cache_tokens=8192), ChatSynthia(**settings)
+
+
+@contextlib.contextmanager
+def suffix_steps(engine) -> Iterator[list]:
+    """The prompt rests that `engine` runs as captured suffix steps inside this block."""
+    rests: list = []
+    run = engine._prefill_suffix
+    engine._prefill_suffix = lambda *args: rests.append(args[1]) or run(*args)
+    try:
+        yield rests
+    finally:
+        del engine._prefill_suffix
+
+
 def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    docs = " ".join(f"Document {i}: rockets carry payloads to orbit in stages." for i in range(60))
-    settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
-                "max_tokens": 16, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
-    cached = ChatSynthia(**settings, prefix_cache_tokens=8192)
-    plain = ChatSynthia(**settings)
+    docs, cached, plain = prefix_chats(tiny_model, documents=60, max_tokens=16)
     first = [SystemMessage(docs), HumanMessage("What is a payload?")]
     second = [SystemMessage(docs), HumanMessage("How many stages are there?")]
     assert cached.invoke(first).content == plain.invoke(first).content
     engine = cached._engine_for(cached.model, cached.revision)
     before = engine.prefixes.reused_tokens
-    suffixes = []
-    run_suffix = engine._prefill_suffix
-    engine._prefill_suffix = lambda *args: suffixes.append(args[1]) or run_suffix(*args)
-    answer = cached.invoke(second)
-    del engine._prefill_suffix
+    with suffix_steps(engine) as rests:
+        answer = cached.invoke(second)
     assert engine.prefixes.reused_tokens - before >= 512  # most of the ~1,000-token prefix
-    assert len(suffixes) == 1  # the rest of the prompt: one decode-shaped step
-    assert 0 < len(suffixes[0]) <= 128
+    assert len(rests) == 1  # the rest of the prompt: one decode-shaped step
+    assert 0 < len(rests[0]) <= 128
     assert answer.content == plain.invoke(second).content
     assert answer.usage_metadata == plain.invoke(second).usage_metadata
     assert plain._engine_for(plain.model, plain.revision).prefixes.hits == 0
@@ -322,26 +339,19 @@ def test_a_long_rest_after_a_shared_prefix_is_prefilled_in_passes(tiny_model: st
 
     from langchain_synthia._fast_engine import SUFFIX_SIZES
 
-    docs = " ".join(f"Document {i}: rockets carry payloads to orbit in stages." for i in range(30))
-    settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
-                "max_tokens": 8, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
-    cached = ChatSynthia(**settings, prefix_cache_tokens=8192)
-    plain = ChatSynthia(**settings)
+    docs, cached, plain = prefix_chats(tiny_model, documents=30, max_tokens=8)
     cached.invoke([SystemMessage(docs), HumanMessage("What is a payload?")])
     engine = cached._engine_for(cached.model, cached.revision)
     long_question = "Explain every stage in turn, with its fuel and its engines. " * 20
     second = [SystemMessage(docs), HumanMessage(long_question)]
-    suffixes = []
-    run_suffix = engine._prefill_suffix
-    engine._prefill_suffix = lambda *args: suffixes.append(args[1]) or run_suffix(*args)
     before = engine.prefixes.reused_tokens
-    answer = cached.invoke(second)
-    del engine._prefill_suffix
+    with suffix_steps(engine) as rests:
+        answer = cached.invoke(second)
     reused = engine.prefixes.reused_tokens - before
     assert reused > 0  # the system message was reused
     prompt_tokens = answer.usage_metadata["input_tokens"]
     assert prompt_tokens - reused > max(SUFFIX_SIZES)  # a rest no captured step holds
-    assert suffixes == []  # so it went through the prefill passes
+    assert rests == []  # so it went through the prefill passes
     assert answer.content == plain.invoke(second).content
 
 
