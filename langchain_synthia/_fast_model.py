@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from langchain_synthia import _kernels as K
-from langchain_synthia._gptq import group_rows, pack_gptq, permute_columns, sort_rows
+from langchain_synthia._gptq import group_order, pack_gptq, permute_columns, sort_rows
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
@@ -129,9 +129,7 @@ class _MarlinLinear:
         device = parts[0]["qweight"].device
         self.in_features = parts[0]["qweight"].shape[0] * (32 // bits)
         self.out_features = sum(int(p["scales"].shape[1]) for p in parts)
-        size = group_rows(parts[0], bits, group)
-        in_order = torch.arange(self.in_features, device=device) // size
-        act_order = not torch.equal(parts[0]["g_idx"].to(device).long(), in_order)
+        act_order = group_order(parts, bits, group) is not None  # rows not yet sorted by group
         module = MarlinLinear(
             bits=bits, group_size=group, desc_act=act_order, sym=True,
             in_features=self.in_features, out_features=self.out_features, bias=False,
@@ -221,7 +219,7 @@ class FastMistral:
         and the CPU references accumulate in fp32 into `out` (zeroed; made when not given).
         """
         if self.kernel == "gptq_marlin" and len(linears) == 1:
-            source = self._gated(x) if gated else x.half()
+            source = K.gated_product(x) if gated else x.half()
             if linears[0].dense is not None and x.shape[0] >= DENSE_ROWS:
                 return K.dense_matmul(source, linears[0].dense)
             return linears[0](source)
@@ -234,17 +232,13 @@ class FastMistral:
             if self.use_kernels and not isinstance(linear, _MarlinLinear):
                 K.gptq_linear(x, linear, target, gated=gated)
             else:
-                source = self._gated(x) if gated else x.half()
+                source = K.gated_product(x) if gated else x.half()
                 if isinstance(linear, _MarlinLinear):
                     target += linear(source)
                 else:  # CPU: the reference
                     target += source.float() @ linear.reference_weight  # type: ignore[attr-defined]
             column += linear.out_features
         return out
-
-    def _gated(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of a fused gate/up output (one kernel on the GPU)."""
-        return K.silu_mul(x) if self.use_kernels else K.gated_input(x)
 
     def _norm(
         self,
@@ -369,7 +363,7 @@ class FastMistral:
         lengths = buf["lengths"]
         lengths.copy_(positions + 1)
         cache_rows = None if rows is None else rows[:batch]
-        rows = torch.arange(batch, device=self.device) if rows is None else rows[:batch]
+        rows = torch.arange(batch, device=self.device) if cache_rows is None else cache_rows
         delta = None
         for index, layer in enumerate(self.layers):
             qkv, o, gate_up, down = buf["outs"][index]

@@ -102,7 +102,7 @@ def sort_rows(
         ValueError: If the layers disagree on ``g_idx``, or a group is not exactly
             ``group_size`` rows (not a GPTQ act-order layout).
     """
-    perm = _group_order(tensors, bits, group_size)
+    perm = group_order(tensors, bits, group_size)
     if perm is None:
         return list(tensors), None
     size = group_rows(tensors[0], bits, group_size)
@@ -134,7 +134,7 @@ def group_rows(layer: dict[str, torch.Tensor], bits: int, group_size: int) -> in
     return in_features if group_size in (-1, 0) else group_size
 
 
-def _group_order(
+def group_order(
     tensors: Sequence[dict[str, torch.Tensor]], bits: int, group_size: int
 ) -> torch.Tensor | None:
     """The row order that makes every group a run of rows (``None``: already so)."""
@@ -168,7 +168,7 @@ def pack_gptq(
     """
     in_features = tensors[0]["qweight"].shape[0] * (32 // bits)
     size = group_rows(tensors[0], bits, group_size)
-    perm = _group_order(tensors, bits, group_size)
+    perm = group_order(tensors, bits, group_size)
     qweights, scales, zeros = [], [], []
     for layer in tensors:
         codes = unpack_rows(layer["qweight"], bits)

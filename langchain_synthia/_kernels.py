@@ -61,6 +61,11 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + offs, act, mask=mask)
 
 
+def gated_product(x: torch.Tensor) -> torch.Tensor:
+    """`gated_input`: one Triton kernel (`silu_mul`) on a GPU, the torch reference elsewhere."""
+    return silu_mul(x) if x.is_cuda and triton is not None else gated_input(x)
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """`gated_input` in one Triton kernel (torch needs three: silu, a copy, the product)."""
     rows, width = x.shape
@@ -258,9 +263,7 @@ def gptq_linear(
     rows = x.shape[0]
     k, n = layer.in_features, layer.out_features
     if rows > 64:  # prefill: compute-bound, so dequantise once and let cuBLAS multiply
-        if gated:
-            x = silu_mul(x) if x.is_cuda else gated_input(x)
-        out += dense_matmul(x, layer)
+        out += dense_matmul(gated_product(x) if gated else x, layer)
         return out
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_k = min(layer.group_size, 128)
@@ -404,7 +407,9 @@ class AttentionWorkspace:
     ) -> None:
         self.group = heads // kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
-        blocks = triton.cdiv(batch, self.group_pad // self.group) if shared_rows else batch
+        self.per_block = self.group_pad // self.group
+        """Queries of one prompt (one cache row) that a program's tile holds together."""
+        blocks = triton.cdiv(batch, self.per_block) if shared_rows else batch
         self.splits = splits or max(4, min(32, triton.next_power_of_2(256 // blocks + 1) // 2))
         self.split_len = triton.cdiv(max_len, self.splits)
         rows = batch * kv_heads * self.splits * self.group_pad
@@ -433,7 +438,7 @@ def decode_attention(
     """
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    per_block = work.group_pad // work.group if rows is not None else 1
+    per_block = work.per_block if rows is not None else 1
     _decode_attention_kernel[(triton.cdiv(batch, per_block), kv_heads, work.splits)](
         q,
         k_cache,
