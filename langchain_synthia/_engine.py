@@ -218,11 +218,10 @@ class TokenStream:
             items = [item]
         events: list[TokenEvent] = []
         for event in items:
-            if event is None or isinstance(event, BaseException):
-                return events, event or True
-            events.append(event)
-            if event.finish_reason is not None:
-                return events, True
+            if isinstance(event, TokenEvent):
+                events.append(event)
+            if _ends(event):
+                return events, event if isinstance(event, BaseException) else True
         return events, False
 
     def __iter__(self) -> Iterator[TokenEvent]:

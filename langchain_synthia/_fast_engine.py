@@ -318,22 +318,22 @@ class FastEngine(BaseEngine):
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         pool = None
+
+        def capture(size: int, *inputs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+            nonlocal pool
+            for _ in range(2):
+                self.model.decode(size, *inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                logits = self.model.decode(size, *inputs)
+            pool = graph.pool()
+            return graph, logits
+
         with torch.cuda.stream(stream), torch.inference_mode():
             for size in reversed(self.sizes):  # largest first: smaller ones reuse its memory
-                for _ in range(2):
-                    self.model.decode(size, self._tokens, self._positions)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self.model.decode(size, self._tokens, self._positions)
-                pool = graph.pool()
-                self._graphs[size] = (graph, logits)
+                self._graphs[size] = capture(size, self._tokens, self._positions)
             for size in reversed(self._suffix_sizes):
-                for _ in range(2):
-                    self.model.decode(size, *self._suffix)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self.model.decode(size, *self._suffix)
-                self._suffix_graphs[size] = (graph, logits)
+                self._suffix_graphs[size] = capture(size, *self._suffix)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.model.k_cache.zero_()  # the warm-up steps wrote into it
         self.model.v_cache.zero_()

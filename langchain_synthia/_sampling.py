@@ -102,14 +102,18 @@ class BatchSampler:
             chosen = torch.where(self._temperature[rows.start : rows.stop] == 0, chosen, sampled)
         # scatter_, not ``seen[rows, chosen] = True``: advanced-index assignment waits for the
         # device on CUDA, which stalled every decode step until its tokens were ready
-        if any(self._params[r].repetition_penalty != 1.0 for r in rows):
+        if self._penalised(rows):
             self._seen[rows.start : rows.stop].scatter_(1, chosen[:, None], True)
         return chosen
+
+    def _penalised(self, rows: range) -> bool:
+        """Whether any of `rows` has a repetition penalty (the seen-token set serves only it)."""
+        return any(self._params[r].repetition_penalty != 1.0 for r in rows)
 
     def penalise(self, scores: "torch.Tensor", rows: range | None = None) -> "torch.Tensor":
         """Apply each row's repetition penalty to the tokens it has seen."""
         rows = rows or range(scores.shape[0])
-        if all(self._params[r].repetition_penalty == 1.0 for r in rows):
+        if not self._penalised(rows):
             return scores
         import torch
 
