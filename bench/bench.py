@@ -386,27 +386,36 @@ def scheduler_split(engine, run) -> tuple:
     for the device, and everything else (host work: sampling launches, detokenizing, handing
     out)."""
     spent = {"prefill_s": 0.0, "device_wait_s": 0.0, "steps": 0}
-    prefill, step, host = engine._prefill, engine._step, engine._host
+    marks: dict[str, float] = {}  # when, from the start, the engine saw the first request etc.
+    prefill, step, host, start_rows = engine._prefill, engine._step, engine._host, engine._start
 
     def timed_prefill(joining) -> None:
-        start = time.perf_counter()
+        begun = time.perf_counter()
         prefill(joining)
-        spent["prefill_s"] += time.perf_counter() - start
+        spent["prefill_s"] += time.perf_counter() - begun
+        marks.setdefault("first_prefill_done", time.perf_counter())
 
     def counted_step() -> None:
         spent["steps"] += 1
         step()
+        marks["last_step_launched"] = time.perf_counter()
 
-    engine._prefill, engine._step = timed_prefill, counted_step
-    engine._host = [(buffer, _TimedEvent(event, spent)) for buffer, event in host]
+    def noted_start(rows) -> None:
+        marks.setdefault("first_request", time.perf_counter())
+        start_rows(rows)
+
+    engine._prefill, engine._step, engine._start = timed_prefill, counted_step, noted_start
+    engine._host = [(b, e and _TimedEvent(e, spent)) for b, e in host]  # no events on a CPU
     start = time.perf_counter()
     try:
         value = run()
     finally:
         spent["wall_s"] = time.perf_counter() - start
-        del engine._prefill, engine._step
+        del engine._prefill, engine._step, engine._start
         engine._host = host
     spent["other_s"] = spent["wall_s"] - spent["prefill_s"] - spent["device_wait_s"]
+    # the timeline: before the engine saw a request, and after the last step was launched
+    spent.update({f"at_{name}_s": mark - start for name, mark in marks.items()})
     return value, {k: round(v, 3) if isinstance(v, float) else v for k, v in spent.items()}
 
 
