@@ -18,6 +18,7 @@ EXPECTED_ALL = [
     "__version__",
     "get_variant",
     "render_messages",
+    "neutralize_role_labels",
     "render_prompt",
     "synthia_chat_prompt",
     "synthia_prompt_template",
