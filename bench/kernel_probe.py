@@ -1,8 +1,9 @@
 """Kernel probe: one GPTQ act-order layer of each Mistral-7B shape, timed per call inside a CUDA
 graph (no launch overhead), for gptqmodel's Marlin with act order, Marlin on rows sorted by
 group once (what the fast engine runs), cuBLAS on the fp16 weight and on a weight dequantised
-at each call (the prefill alternatives: ``--impls cublas``), and GemLite (``pip install gemlite``;
-optional, a failing kernel is reported and skipped). Prints µs, GB/s and the error against the
+at each call (the prefill alternatives: ``--impls cublas``), our Triton GEMV of ``gemv4.py`` in
+every configuration of `GEMV4` (``--impls gemv4``, one row; the best of each kind is printed),
+and GemLite (``pip install gemlite``; optional, a failing kernel is reported and skipped). Prints µs, GB/s and the error against the
 dequantised reference; writes ``$OUT/kernel_probe_<bits>b_g<group>.json``.
 
     python bench/kernel_probe.py [--bits 4] [--group 128] [--rows 1 2 4 8 16 32]
@@ -19,7 +20,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench import _gptq_tensors
 from langchain_synthia._gptq import pack_gptq, unpack_rows
 
-PRESORTED = ("gemlite", "marlin_sorted", "dequant+cublas", "cublas_fp16")
+PRESORTED = ("gemv4", "gemlite", "marlin_sorted", "dequant+cublas", "cublas_fp16")
+GEMV4 = [  # our batch-1 GEMV's configurations: (block_n, block_k, split, half2)
+    (block_n, block_k, split, half2)
+    for half2 in (True, False)
+    for block_n in (32, 64, 128)
+    for block_k in (128, 256, 512)
+    for split in (1, 2, 4, 8, 16)
+]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
 
@@ -116,7 +124,7 @@ def main() -> None:
         nbytes = (
             part["qweight"].numel() * 4 + part["scales"].numel() * 2 + part["qzeros"].numel() * 4
         )
-        impls = {}
+        impls, gemv_outs = {}, {}
         for impl in args.impls:
             try:
                 if impl == "marlin":
@@ -161,6 +169,17 @@ def main() -> None:
                     dense = K._dequantized(packed).clone()  # rows in the sorted order the input has
                     impls["dequant+cublas"] = lambda x, p=packed: x @ K._dequantized(p)
                     impls["cublas_fp16"] = lambda x, w=dense: x @ w  # the fp16 model's bound
+                elif impl == "gemv4":  # ours, one row: every configuration in GEMV4
+                    from gemv4 import gemv4
+
+                    for block_n, block_k, split, half2 in GEMV4:
+                        if n % block_n or k % (block_k * split):
+                            continue
+                        out = torch.zeros(1, n, device="cuda")
+                        config = dict(block_n=block_n, block_k=block_k, split=split, half2=half2)
+                        label = f"gemv4/{'h2' if half2 else 'f32'}/n{block_n}/k{block_k}/s{split}"
+                        impls[label] = lambda x, p=packed, o=out, c=config: gemv4(x, p, o, **c)
+                        gemv_outs[label] = out  # zeroed before the checked call only
                 elif impl == "gemlite":
                     layer, gl = gemlite(packed)
                     if args.gemlite_config:
@@ -176,17 +195,22 @@ def main() -> None:
                     )
                     impls["gemlite"] = lambda x, l=layer: l(x)
             except Exception as error:
-                results[f"{name}/{impl}/error"] = repr(error)[:300]
+                results[f"{name}/{impl}/error"] = repr(error)[-600:]
                 print(name, impl, "ERROR", repr(error)[:300], flush=True)
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ weight
             xs = x[:, packed.perm.long()] if packed.perm is not None else x
             for label, fn in impls.items():
+                if label.startswith("gemv4") and rows != 1:
+                    continue
+                presorted = label.split("/")[0] in PRESORTED
+                if label in gemv_outs:
+                    gemv_outs[label].zero_()
                 try:
-                    got = (fn(xs) if label in PRESORTED else fn(x)).float()
+                    got = (fn(xs) if presorted else fn(x)).float()
                     err = float((got - ref).norm() / ref.norm())
-                    us = graph_time(fn, xs if label in PRESORTED else x)
+                    us = graph_time(fn, xs if presorted else x)
                     row = {
                         "us": round(us, 2),
                         "GBps": round(nbytes / us / 1e3, 1),
@@ -194,9 +218,20 @@ def main() -> None:
                         "rel_err": round(err, 5),
                     }
                 except Exception as error:
-                    row = {"error": repr(error)[:300]}
+                    row = {"error": repr(error)[-600:]}
                 results[f"{name}/m{rows}/{label}"] = row
-                print(f"{name:8s} m={rows:3d} {label:16s} {row}", flush=True)
+                if not label.startswith("gemv4"):
+                    print(f"{name:8s} m={rows:3d} {label:16s} {row}", flush=True)
+            gemv = {lab: r for lab, r in results.items()
+                    if lab.startswith(f"{name}/m{rows}/gemv4") and "us" in r}  # fmt: skip
+            for kind in ("h2", "f32"):
+                best = min((r["us"], lab) for lab, r in gemv.items() if f"/{kind}/" in lab) if any(
+                    f"/{kind}/" in lab for lab in gemv) else None  # fmt: skip
+                if best:
+                    print(f"{name:8s} m={rows:3d} best {best[1]} {gemv[best[1]]}", flush=True)
+            failed = [lab for lab, r in results.items() if "gemv4" in lab and "error" in r]
+            if failed:
+                print(name, "gemv4 errors:", len(failed), results[failed[0]], flush=True)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, f"kernel_probe_{args.bits}b_g{args.group}.json"), "w") as f:
         json.dump(results, f, indent=1)
