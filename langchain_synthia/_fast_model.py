@@ -116,13 +116,17 @@ class _MarlinLinear:
 
     With `dense`, the layer also keeps its weights in our packed layout (`pack_gptq`): a
     prefill of `DENSE_ROWS` rows or more dequantises them for cuBLAS, which runs Hopper's
-    tensor cores where Marlin cannot (one more copy of the quantised weights in GPU memory).
+    tensor cores where Marlin cannot (one more copy of the quantised weights in GPU memory),
+    and a batch-1 decode step runs our GEMV on them (`K.gemv`) where `FastMistral` measured
+    it faster than Marlin (`gemv`).
     """
 
     def __init__(
         self, parts: list[dict[str, torch.Tensor]], bits: int, group: int, dense: bool = False
     ) -> None:
         self.dense = pack_gptq(parts, bits, group) if dense else None
+        self.gemv = False
+        """Whether one row goes through `K.gemv` on `dense` (set by `FastMistral`'s race)."""
         from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
         from gptqmodel.utils.backend import BACKEND
 
@@ -194,6 +198,10 @@ class FastMistral:
         self.norm = tensors["model.norm.weight"].to(torch.float16)
         self.lm_head = tensors["lm_head.weight"].to(torch.float16)
         tensors.close()
+        self.gemv_race: dict[str, tuple[float, float]] = {}
+        """Per layer shape: (our GEMV, Marlin) µs for one row, timed at load (see `_race`)."""
+        if self.dense_prefill and self.use_kernels:
+            self._race()
         theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
             "rope_theta", 10000.0
         )
@@ -219,10 +227,13 @@ class FastMistral:
         and the CPU references accumulate in fp32 into `out` (zeroed; made when not given).
         """
         if self.kernel == "gptq_marlin" and len(linears) == 1:
+            linear = linears[0]
             source = K.gated_product(x) if gated else x.half()
-            if linears[0].dense is not None and x.shape[0] >= DENSE_ROWS:
-                return K.dense_matmul(source, linears[0].dense)
-            return linears[0](source)
+            if linear.dense is not None and x.shape[0] >= DENSE_ROWS:
+                return K.dense_matmul(source, linear.dense)
+            if linear.gemv and out is not None and x.shape[0] == 1:
+                return K.gemv(source, linear.dense, out)
+            return linear(source)
         if out is None:
             width = sum(linear.out_features for linear in linears)
             out = torch.zeros((x.shape[0], width), dtype=torch.float32, device=self.device)
@@ -405,7 +416,8 @@ class FastMistral:
             self.hidden,
         ]
         work, outs = None, [[None] * len(widths)] * len(self.layers)
-        if self.kernel != "gptq_marlin":  # fp32 accumulators, zeroed at each step
+        gemv = batch == 1 and not shared and any(self.gemv_race_won().values())
+        if self.kernel != "gptq_marlin" or gemv:  # fp32 accumulators, zeroed at each step
             work = torch.zeros(
                 (len(self.layers), batch, sum(widths)), dtype=torch.float32, device=self.device
             )
@@ -442,6 +454,54 @@ class FastMistral:
             )  # fmt: skip
         self._buffers[key] = buf
         return buf
+
+    # -- the batch-1 GEMV's race ----------------------------------------------------------------
+
+    def _shapes(self) -> dict[str, list[list]]:
+        """Each layer shape's linears, layer by layer (fused ones as one)."""
+        return {
+            "qkv": [layer.qkv for layer in self.layers],
+            "o": [[layer.o] for layer in self.layers],
+            "gate_up": [layer.gate_up for layer in self.layers],
+            "down": [[layer.down] for layer in self.layers],
+        }
+
+    def _race(self) -> None:
+        """Race our GEMV against Marlin, one row, on each layer shape; keep the faster.
+
+        Timed on this GPU as a decode step meets them: one call per layer in a CUDA graph (no
+        launch overhead), so each call reads its weights from memory, not from the L2 cache
+        that repeating one layer's call would warm (a warm race picked our GEMV for all four
+        shapes and made the step slower). Batch-1 decode steps then use our GEMV for the
+        shapes where it was faster: gate/up on an H100 and an H200 (docs/benchmarks.md).
+        """
+        for name, per_layer in self._shapes().items():
+            firsts = [linears[0] for linears in per_layer if len(linears) == 1]
+            if len(firsts) < len(per_layer) or any(
+                f.dense is None or not K.gemv_fits(f.dense) for f in firsts
+            ):
+                continue
+            x = torch.randn(1, firsts[0].in_features, dtype=torch.float16, device=self.device)
+            out = torch.zeros(1, firsts[0].out_features, dtype=torch.float32, device=self.device)
+
+            def ours(x: torch.Tensor = x, out: torch.Tensor = out, firsts: list = firsts) -> None:
+                for linear in firsts:
+                    K.gemv(x, linear.dense, out)
+
+            def marlin(x: torch.Tensor = x, firsts: list = firsts) -> None:
+                for linear in firsts:
+                    linear(x)
+
+            layers = len(firsts)
+            ours_us = _graph_us(ours, calls=1) / layers
+            marlin_us = _graph_us(marlin, calls=1) / layers
+            self.gemv_race[name] = (round(ours_us, 2), round(marlin_us, 2))
+            for linear in firsts:
+                linear.gemv = ours_us < marlin_us
+
+    def gemv_race_won(self) -> dict[str, bool]:
+        """Per layer shape raced at load: whether batch-1 steps use our GEMV for it."""
+        return {name: ours < marlin for name, (ours, marlin) in self.gemv_race.items()}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -486,6 +546,32 @@ class FastMistral:
                 total += 0 if getattr(linear, "perm", None) is None else linear.perm.numel() * 4
             total += (layer.input_norm.numel() + layer.post_norm.numel()) * 2
         return total
+
+
+def _graph_us(fn: Any, calls: int = 20, replays: int = 20) -> float:
+    """Microseconds a call of `fn` takes on the GPU.
+
+    `calls` calls in one CUDA graph, replayed `replays` times: the median replay per call (the
+    first, uncaptured calls compile and autotune).
+    """
+    for _ in range(3):
+        fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def _dense_prefill_pays(folder: Path, device: torch.device) -> bool:

@@ -211,6 +211,154 @@ if triton is not None:
         out = out_ptr + offs_k[:, None] * N + offs_n[None, :]
         tl.store(out, (codes - zero) * scale, mask=mask_n[None, :])
 
+    _WORD_DOT = """
+    {
+    .reg .b32 k, t, a, b, c, d, acc;
+    .reg .b16 lo, hi;
+    .reg .f32 flo, fhi;
+    mov.b32 k, 0x64006400;
+    lop3.b32 a, $1, 0x000f000f, k, 0xea;
+    shr.u32 t, $1, 4;
+    lop3.b32 b, t, 0x000f000f, k, 0xea;
+    shr.u32 t, $1, 8;
+    lop3.b32 c, t, 0x000f000f, k, 0xea;
+    shr.u32 t, $1, 12;
+    lop3.b32 d, t, 0x000f000f, k, 0xea;
+    sub.f16x2 a, a, k;
+    sub.f16x2 b, b, k;
+    sub.f16x2 c, c, k;
+    sub.f16x2 d, d, k;
+    mul.rn.f16x2 acc, a, $2;
+    fma.rn.f16x2 acc, b, $3, acc;
+    fma.rn.f16x2 acc, c, $4, acc;
+    fma.rn.f16x2 acc, d, $5, acc;
+    mov.b32 {lo, hi}, acc;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 $0, flo, fhi;
+    }
+    """
+    """One word of eight 4-bit codes times its eight inputs, in fp16x2 (two products an
+    instruction), summed to fp32. ``0x6400 | code`` is the fp16 1024 + code (one LOP3 makes
+    two), minus 1024 exactly; rows 8p+j and 8p+j+4 share a half2 (nibbles j and j+4)."""
+
+    @triton.jit
+    def _input_pair(x_ptr, row, j: tl.constexpr):
+        """Inputs of rows ``row + j`` (low half) and ``row + j + 4`` (high half), one int32."""
+        low = tl.load(x_ptr + row + j).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        high = tl.load(x_ptr + row + j + 4).to(tl.int16, bitcast=True).to(tl.int32)
+        return low | (high << 16)
+
+    def _valid_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+        """Keep the tiles that divide N and the split-K factors that divide K's groups."""
+        n, k, words = named_args["N"], named_args["K"], kwargs["WORDS"]
+        return [
+            c for c in configs
+            if n % c.kwargs["BLOCK_N"] == 0 and k % (8 * words * c.kwargs["SPLIT"]) == 0
+        ] or configs[-1:]  # fmt: skip
+
+    _GEMV_CONFIGS = [  # the fastest of bench/gemv_sweep.py on an H100 and an H200; splits
+        # that divide down_proj's 112 groups; last, one that fits every layer `gemv_fits`
+        triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps)
+        for block_n, split, warps in (
+            (512, 32, 4), (512, 32, 8), (1024, 32, 4), (512, 32, 2), (256, 32, 2),
+            (512, 56, 4), (512, 28, 8), (256, 56, 4), (512, 16, 8), (256, 1, 4),
+        )
+    ]  # fmt: skip
+
+    @triton.autotune(
+        configs=_GEMV_CONFIGS,
+        key=["N", "K", "GROUP"],
+        prune_configs_by={"early_config_prune": _valid_gemv_configs},
+        reset_to_zero=["out_ptr"],
+        warmup=5,
+        rep=20,
+        cache_results=True,
+    )
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
+        GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        """``out += x @ W`` for one row of a 4-bit weight: `gemv`.
+
+        Each thread owns whole columns, so nothing is reduced across threads: a step is one
+        group of rows (at most 128, `WORDS` words of codes), its words loaded row by row as
+        ``[BLOCK_N]`` vectors, each times its eight inputs (read as scalars) in fp16x2
+        (`HALF2`: `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
+        ``scale * (dots - zero * sum(x))`` per column. Split-K programs add atomically.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        span = K // SPLIT
+        step: tl.constexpr = WORDS * 8
+        for k0 in range(pid_k * span, (pid_k + 1) * span, step):
+            dots = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for w in tl.static_range(WORDS):
+                word = tl.load(w_ptr + (k0 // 8 + w) * N + offs_n)
+                row = k0 + w * 8
+                if HALF2:
+                    dots += tl.inline_asm_elementwise(
+                        ASM, "=f,r,r,r,r,r",
+                        [word, _input_pair(x_ptr, row, 0), _input_pair(x_ptr, row, 1),
+                         _input_pair(x_ptr, row, 2), _input_pair(x_ptr, row, 3)],
+                        dtype=tl.float32, is_pure=True, pack=1,
+                    )  # fmt: skip
+                else:
+                    for j in tl.static_range(8):
+                        code = ((word >> (4 * j)) & 15).to(tl.float32)
+                        dots += code * tl.load(x_ptr + row + j).to(tl.float32)
+            xsum = tl.sum(tl.load(x_ptr + k0 + tl.arange(0, step)).to(tl.float32), axis=0)
+            group = k0 // GROUP
+            scale = tl.load(s_ptr + group * N + offs_n).to(tl.float32)
+            zero = tl.load(z_ptr + group * N + offs_n).to(tl.float32)
+            acc += scale * (dots - zero * xsum)
+        tl.atomic_add(out_ptr + offs_n, acc)
+
+
+def gemv_fits(layer: PackedLinear) -> bool:
+    """Whether `gemv` takes `layer`.
+
+    It takes 4-bit weights whose rows are in the input's order, groups of 32 rows or more that
+    are whole 128-row steps or divide one, and a multiple of 256 columns.
+    """
+    group = layer.group_size
+    return (
+        layer.bits == 4 and layer.perm is None and layer.out_features % 256 == 0
+        and group >= 32 and (group % 128 == 0 or 128 % group == 0)
+        and layer.in_features % min(group, 128) == 0
+    )  # fmt: skip
+
+
+def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tensor:
+    """Add ``x @ W`` for one row (fp32) into `out` ``[1, N]``, which the caller zeroed.
+
+    The batch-1 decode GEMV (`_gemv_kernel`, for layers that `gemv_fits`). `FastMistral`
+    races it against Marlin per layer shape at load; on an H100 and an H200 it wins on
+    gate/up (about 21 against 26 µs a layer with weights read from memory, not from L2:
+    bench/gemv_sweep.py, docs/benchmarks.md). It sums a word's eight products in fp16, so
+    it is a little less exact than Marlin (6.5e-4 against 2e-4 relative to the dequantised
+    weight's product on random layers).
+    """
+    step = min(layer.group_size, 128)
+    half2 = x.is_cuda  # Triton's interpreter (the CPU tests) cannot run inline PTX
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (layer.out_features // meta["BLOCK_N"], meta["SPLIT"])
+
+    args = (x, layer.qweight, layer.scales, layer.zeros, out, layer.in_features,
+            layer.out_features)  # fmt: skip
+    constants = {"GROUP": layer.group_size, "WORDS": step // 8, "HALF2": half2, "ASM": _WORD_DOT}
+    if x.is_cuda:
+        _gemv_kernel[grid](*args, **constants)
+    else:  # no autotuning under the interpreter
+        fixed = {"BLOCK_N": 256, "SPLIT": 2 if layer.in_features % (2 * step) == 0 else 1}
+        _gemv_kernel.fn[grid(fixed)](*args, **constants, **fixed)
+    return out
+
 
 _scratch = threading.local()
 """Each thread's dequantisation buffers, one per device. Per thread, not per process: two

@@ -117,6 +117,9 @@ NORM_CASES += [(4096, True, True), (200, True, True)]
 ROPE_CASES = [(8, 2, 64), (4, 2, 32)]
 """(heads, kv heads, head dim) of `rope_and_cache`."""
 
+GEMV_CASES = [32, 64, 128, 256, -1]
+"""Group sizes of the batch-1 GEMV's cases (4-bit, rows in order; -1: one group)."""
+
 
 def case_names() -> list[str]:
     """Every case's name (importable without Triton, for the test's parametrisation)."""
@@ -127,6 +130,7 @@ def case_names() -> list[str]:
         + [f"attention-h{h}-kv{kv}-d{d}" for h, kv, d in ATTENTION_CASES]
         + [_norm_name(*c) for c in NORM_CASES]
         + [f"rope-h{h}-kv{kv}-d{d}" for h, kv, d in ROPE_CASES]
+        + [f"gemv-g{group}" for group in GEMV_CASES]
         + ["model"]
     )
 
@@ -162,6 +166,26 @@ def check_linear(bits: int, group: int, m: int, act_order: bool, gen: torch.Gene
         "rel_vs_definition": rel(out, x.float() @ dequantize_reference(layer, bits)),
         "outside_written": float(outside.abs().max()),
         "has_perm": packed.perm is not None,
+    }
+
+
+def check_gemv(group: int, gen: torch.Generator) -> dict:
+    from langchain_synthia import _kernels as K
+    from langchain_synthia._gptq import pack_gptq
+
+    n = 512  # a multiple of the GEMV's column tile
+    layer = random_gptq(K_IN, n, 4, group, generator=gen, act_order=False)
+    packed = pack_gptq([layer], 4, group)
+    x = torch.randn(1, K_IN, generator=gen).half()
+    out = _padded(1, n, torch.float32)
+    K.gemv(x, packed, out)
+    wide = out._base
+    outside = torch.cat([wide[:, :8], wide[:, 8 + n :]], dim=1)
+    return {
+        "fits": K.gemv_fits(packed),
+        "rel_vs_reference": rel(out, K.gptq_linear_reference(x, packed)),
+        "rel_vs_definition": rel(out, x.float() @ dequantize_reference(layer, 4)),
+        "outside_written": float(outside.abs().max()),
     }
 
 
@@ -401,6 +425,8 @@ def _cases(tiny: str | None) -> dict[str, Callable[[torch.Generator], dict]]:
         cases[_norm_name(*c)] = lambda g, c=c: check_norm(*c, g)
     for h, kv, d in ROPE_CASES:
         cases[f"rope-h{h}-kv{kv}-d{d}"] = lambda g, c=(h, kv, d): check_rope(*c, g)
+    for group in GEMV_CASES:
+        cases[f"gemv-g{group}"] = lambda g, group=group: check_gemv(group, g)
     if tiny:
         cases["model"] = lambda g: check_model(tiny, g)
     return cases

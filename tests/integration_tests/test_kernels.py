@@ -94,6 +94,17 @@ def test_gptq_linear_matches_the_reference(kernel_runs, case: str) -> None:
     assert m["has_perm"] == (case.endswith("-act") and "-g-1-" not in case), where
 
 
+@pytest.mark.parametrize("case", cases("gemv-"))
+def test_batch1_gemv_matches_the_reference(kernel_runs, case: str) -> None:
+    """The fp32 path of `gemv` (the interpreter cannot run its fp16x2 PTX: the bench checks
+    that one on a GPU, against Marlin and transformers)."""
+    where, m = metrics_of(kernel_runs, case)
+    assert m["fits"], where
+    assert m["rel_vs_reference"] < FP16_REL, where
+    assert m["rel_vs_definition"] < FP16_REL, where
+    assert m["outside_written"] == 0, where
+
+
 @pytest.mark.parametrize("case", cases("gated-"))
 def test_gated_gptq_linear_applies_silu_gate_times_up(kernel_runs, case: str) -> None:
     where, m = metrics_of(kernel_runs, case)
