@@ -68,6 +68,15 @@ class GenerationClosedError(RuntimeError):
     """The engine shut down (at interpreter exit, or `FastEngine.close`)."""
 
 
+class EngineOutOfMemoryError(torch.OutOfMemoryError, MemoryError):
+    """A step ran out of memory: the message names the settings that make the engine fit.
+
+    A subclass of both `torch.OutOfMemoryError` (``torch.cuda.OutOfMemoryError``, a
+    `RuntimeError`) and `MemoryError`, so that callers catching either still do; the original
+    error is its ``__cause__``.
+    """
+
+
 _running: list["FastEngine"] = []
 
 
@@ -160,19 +169,48 @@ class FastEngine(BaseEngine):
                     self._fail_all(GenerationClosedError("The engine was closed."), locked=True)
                     return
                 joining = self._take_waiting()
+            doing = "prefilling"
             try:
                 with torch.inference_mode():
                     if joining:
                         self._prefill(joining)
                     self._release_finished()
+                    doing = "decoding"
                     if any(self._slots):
                         self._step()  # launches this step, then hands out the last one's tokens
                     else:
                         self._deliver()
                     self._release_finished()
             except BaseException as error:
-                logger.exception("decode step failed")
+                logger.exception("%s failed", doing)
+                if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+                    error = self._out_of_memory(error, doing)
                 self._fail_all(error)
+
+    def _out_of_memory(self, error: BaseException, doing: str) -> EngineOutOfMemoryError:
+        """The error every request in flight gets for `error`, saying how to fit next time.
+
+        The rows in flight cannot go on (their step is lost), but the engine can: the next
+        call starts from free rows. On CUDA, what the failed step's allocator cached goes back.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows = sum(row is not None for row in self._slots) + len(self._waiting)
+        model = self.model
+        said = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        dense = ", dense_prefill=False (frees the dense-prefill copy of the weights)"
+        msg = (
+            f"Out of {'GPU ' if self.device.type == 'cuda' else ''}memory while {doing} "
+            f"({rows} request{'s' if rows != 1 else ''} stopped): {said}. "
+            f"To fit, load the model with a smaller batch (max_batch_size={model.max_batch} "
+            f"now), a shorter context (context_window={model.max_len} now)"
+            f"{dense if model.dense_prefill else ''}, or a smaller branch (revision='main', "
+            "4-bit, is the smallest); see 'Out of GPU memory' in docs/troubleshooting.md. The "
+            "engine stays loaded and serves the next call."
+        )
+        wrapped = EngineOutOfMemoryError(msg)
+        wrapped.__cause__ = error
+        return wrapped
 
     def _take_waiting(self) -> list[tuple[int, _Row]]:
         joining = []
@@ -306,6 +344,8 @@ class FastEngine(BaseEngine):
         self._pending = None
         self._positions.zero_()
         self._busy.zero_()
+        for slot in range(len(self._slots)):  # as `_release_finished` leaves a free row
+            self._sampler.assign(slot, _IDLE, ())
         for row in rows:
             if not row.done:
                 row.done = True

@@ -186,10 +186,7 @@ def validate_checkpoint(folder: Path) -> dict[str, Any]:
     if not config_file.is_file():
         msg = f"{folder} is not a model checkpoint: it has no config.json."
         raise ValueError(msg)
-    quant = json.loads(config_file.read_text()).get("quantization_config")
-    legacy = folder / "quantize_config.json"
-    if quant is None and legacy.is_file():  # early TheBloke uploads keep it only here
-        quant = {"quant_method": "gptq", **json.loads(legacy.read_text())}
+    quant, where = _quantization_config(folder)
     if not quant or quant.get("quant_method") != "gptq":
         msg = (
             f"{folder} is not a GPTQ checkpoint (config.json has no GPTQ quantization_config and "
@@ -203,14 +200,139 @@ def validate_checkpoint(folder: Path) -> dict[str, Any]:
             f"only pickle weights ({', '.join(pickles)}), which are refused because loading them "
             "can run arbitrary code"
             if pickles
-            else "no weights"
+            else "no weights (if a download was cut short, run it again: it resumes)"
         )
         msg = f"{folder} has {reason}. langchain-synthia loads safetensors only."
         raise ValueError(msg)
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
         msg = f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)."
         raise ValueError(msg)
+    _check_quant_values(quant, where)
     return quant
+
+
+def _quantization_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The GPTQ settings that loading honours, and where they are written (for messages).
+
+    config.json's ``quantization_config`` wins, as in transformers; early TheBloke uploads keep
+    them only in quantize_config.json.
+    """
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    legacy = folder / "quantize_config.json"
+    if quant is None and legacy.is_file():
+        return {"quant_method": "gptq", **json.loads(legacy.read_text())}, str(legacy)
+    return quant, f"{folder / 'config.json'} (its quantization_config)"
+
+
+def _check_quant_values(quant: dict[str, Any], where: str) -> None:
+    """Refuse GPTQ settings that neither engine can honour (`where`: the file that says them)."""
+    bits = quant.get("bits", 4)
+    if isinstance(bits, bool) or bits not in (4, 8):
+        msg = (
+            f"{where} says bits={bits!r}, but langchain-synthia loads 4-bit or 8-bit GPTQ "
+            "weights only (Synthia's branches: main and gptq-4bit-* are 4-bit, gptq-8bit-* "
+            'are 8-bit). Set "bits" to the width the checkpoint was quantised with (4 or 8), '
+            "or download the branch again."
+        )
+        raise ValueError(msg)
+    group = quant.get("group_size", -1)
+    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or group > 0):
+        msg = (
+            f"{where} says group_size={group!r}, but a GPTQ group size is -1 (one group per "
+            "column) or a positive number of rows such as 128, 64 or 32 (Synthia's branches)."
+        )
+        raise ValueError(msg)
+    for key in ("desc_act", "sym"):
+        if key in quant and not isinstance(quant[key], bool):
+            msg = f"{where} says {key}={quant[key]!r}, but it must be true or false (JSON)."
+            raise ValueError(msg)
+
+
+_LINEARS = (
+    *(f"self_attn.{name}_proj" for name in "qkvo"),
+    *(f"mlp.{name}_proj" for name in ("gate", "up", "down")),
+)
+"""A Mistral decoder layer's quantised linear layers."""
+
+_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def check_weights(folder: Path, quant: dict[str, Any], fix: str) -> None:
+    """Refuse a checkpoint whose safetensors are missing, cut short, corrupt, or not `quant`.
+
+    Reads the shards' headers only (milliseconds for the 7B model), so that a bad file fails
+    with its name and `fix` (how to fetch it again) before any weight is loaded, instead of
+    with a parser's message from deep inside the loading stack.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            msg = f"{index} is not a safetensors index ({type(error).__name__}: {error}). {fix}"
+            raise ValueError(msg) from error
+        missing = sorted(listed - {shard.name for shard in shards})
+        if missing:
+            msg = (
+                f"{folder} is incomplete: {index.name} lists {', '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not there (an interrupted download "
+                f"or copy). {fix}"
+            )
+            raise FileNotFoundError(msg)
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                    shapes[name] = (handle.get_slice(name).get_shape(), shard.name)
+        except (SafetensorError, OSError) as error:
+            msg = (
+                f"{shard} is not a readable safetensors file ({error}): it is truncated or "
+                f"corrupt ({shard.stat().st_size:,} bytes), e.g. by an interrupted download or "
+                f"copy. {fix}"
+            )
+            raise ValueError(msg) from error
+    config = json.loads((folder / "config.json").read_text())
+    layers = [f"model.layers.{i}" for i in range(int(config.get("num_hidden_layers", 0)))]
+    needed = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.get("tie_word_embeddings", False):
+        needed.append("lm_head.weight")
+    for layer in layers:
+        needed += [f"{layer}.input_layernorm.weight", f"{layer}.post_attention_layernorm.weight"]
+        needed += [f"{layer}.{linear}.{part}" for linear in _LINEARS for part in _GPTQ_PARTS]
+    absent = [name for name in needed if name not in shapes]
+    if absent:
+        msg = (
+            f"{folder} lacks {len(absent)} of the model's {len(needed)} tensors (e.g. "
+            f"{', '.join(absent[:3])}): a weights file is missing or incomplete. {fix}"
+        )
+        raise ValueError(msg)
+    _, where = _quantization_config(folder)
+    bits, group = int(quant.get("bits", 4)), int(quant.get("group_size", -1))
+    for layer in layers:
+        for linear in _LINEARS:
+            name = f"{layer}.{linear}"
+            (inputs,), _ = shapes[f"{name}.g_idx"]
+            (rows, _), shard = shapes[f"{name}.qweight"]
+            if rows * 32 != inputs * bits:
+                msg = (
+                    f"{where} says bits={bits}, but {name}.qweight in {shard} has {rows} rows "
+                    f"for {inputs} input features: {rows * 32 // inputs}-bit weights. Set "
+                    '"bits" to the width the weights have, or download the branch again.'
+                )
+                raise ValueError(msg)
+            (groups, _), shard = shapes[f"{name}.scales"]
+            if groups != (1 if group == -1 else -(-inputs // group)):
+                actual = -1 if groups == 1 else inputs // groups
+                msg = (
+                    f"{where} says group_size={group}, but {name}.scales in {shard} has "
+                    f"{groups} groups for {inputs} input features: group_size={actual}. Set "
+                    f'"group_size": {actual}, or download the branch again.'
+                )
+                raise ValueError(msg)
 
 
 def choose_kernel(device: str, bits: int, kernel: str | None = None) -> str:
@@ -274,9 +396,10 @@ def kernel_build_cache() -> Path:
 def _load(settings: ModelSettings) -> BaseEngine:
     folder = resolve_checkpoint(settings)
     quant = validate_checkpoint(folder)
+    check_weights(folder, quant, _fetch_again(settings, folder))
     device = resolve_device(settings.device)
     if resolve_engine(settings.engine, device) == "fast":
-        return _load_fast(settings, folder, device)
+        return _load_fast(settings, folder, device, quant)
     require_gptq_stack()
     kernel = choose_kernel(device, int(quant.get("bits", 4)), settings.kernel)
     logger.info("Loading %s on %s with the %s kernel", folder, device, kernel)
@@ -300,6 +423,17 @@ def _load(settings: ModelSettings) -> BaseEngine:
         model.eval()
         tokenizer = _tokenizer(folder)
     return Engine(model, tokenizer, name=settings.model)
+
+
+def _fetch_again(settings: ModelSettings, folder: Path) -> str:
+    """How to replace a missing or broken weights file of `folder` (for `check_weights`)."""
+    if Path(settings.model).expanduser().is_dir():
+        return f"Copy or download that file into {folder} again."
+    return (
+        f"Download it again: hf download {settings.model} --revision {settings.revision} "
+        "--force-download (huggingface-hub does not re-check files it already has; without "
+        "--force-download it only fetches missing ones)."
+    )
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -329,7 +463,9 @@ def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str)
     )  # fmt: skip
 
 
-def _load_fast(settings: ModelSettings, folder: Path, device: str) -> BaseEngine:
+def _load_fast(
+    settings: ModelSettings, folder: Path, device: str, quant: dict[str, Any] | None = None
+) -> BaseEngine:
     import torch
 
     from langchain_synthia._fast_engine import FastEngine
@@ -339,6 +475,16 @@ def _load_fast(settings: ModelSettings, folder: Path, device: str) -> BaseEngine
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     kernel = settings.kernel or default_fast_kernel(target.type)
+    if kernel == "gptq_marlin" and (quant or {}).get("sym") is False:
+        # gptqmodel's Marlin reads symmetric weights only (it ignores the zero points)
+        if settings.kernel is not None:
+            msg = (
+                f"{_quantization_config(folder)[1]} says sym=false (asymmetric weights), which "
+                "kernel='gptq_marlin' cannot read: pass kernel='triton' (it honours the zero "
+                "points) or engine='transformers'."
+            )
+            raise ValueError(msg)
+        kernel = "triton"
     try:
         model = _fast_model(settings, folder, target, kernel)
     except Exception as error:
