@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from langchain_synthia import _kernels as K
 from langchain_synthia._gptq import PackedLinear
 
 
@@ -30,7 +31,7 @@ def _pair(rows, j: tl.constexpr):
 def _gemv4_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
     GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HALF2: tl.constexpr,
+    SPLIT: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """``out += x @ W`` for one row and a 4-bit weight, `BLOCK_K` sorted rows a step.
 
@@ -50,37 +51,9 @@ def _gemv4_kernel(
         words = tl.load(w_ptr + (k0 // 8 + offs_w)[:, None] * N + offs_n[None, :])
         if HALF2:
             rows = x_ptr + k0 + offs_w * 8
-            # a word's 8 codes times 8 inputs in fp16x2 arithmetic, summed to fp32: codes
-            # become fp16 with one LOP3 a pair (0x6400 | code is 1024 + code) and lose the
-            # 1024 exactly; rows 8p+j and 8p+j+4 share a half2 (nibbles j and j+4)
+            # a word's 8 codes times 8 inputs in fp16x2, summed to fp32 (the engine's PTX)
             dots = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 k, t, a, b, c, d, acc;
-                .reg .b16 lo, hi;
-                .reg .f32 flo, fhi;
-                mov.b32 k, 0x64006400;
-                lop3.b32 a, $1, 0x000f000f, k, 0xea;
-                shr.u32 t, $1, 4;
-                lop3.b32 b, t, 0x000f000f, k, 0xea;
-                shr.u32 t, $1, 8;
-                lop3.b32 c, t, 0x000f000f, k, 0xea;
-                shr.u32 t, $1, 12;
-                lop3.b32 d, t, 0x000f000f, k, 0xea;
-                sub.f16x2 a, a, k;
-                sub.f16x2 b, b, k;
-                sub.f16x2 c, c, k;
-                sub.f16x2 d, d, k;
-                mul.rn.f16x2 acc, a, $2;
-                fma.rn.f16x2 acc, b, $3, acc;
-                fma.rn.f16x2 acc, c, $4, acc;
-                fma.rn.f16x2 acc, d, $5, acc;
-                mov.b32 {lo, hi}, acc;
-                cvt.f32.f16 flo, lo;
-                cvt.f32.f16 fhi, hi;
-                add.f32 $0, flo, fhi;
-                }
-                """,
+                ASM,
                 "=f,r,r,r,r,r",
                 [words, _pair(rows, 0), _pair(rows, 1), _pair(rows, 2), _pair(rows, 3)],
                 dtype=tl.float32, is_pure=True, pack=1,
@@ -126,7 +99,7 @@ def gemv4(
     _gemv4_kernel[(n // block_n, split)](
         x, layer.qweight, layer.scales, layer.zeros, out, k, n,
         GROUP=layer.group_size, GROUPS=max(1, block_k // layer.group_size), BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT=split, HALF2=half2,
+        BLOCK_K=block_k, SPLIT=split, HALF2=half2, ASM=K._WORD_DOT,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
