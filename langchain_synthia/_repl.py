@@ -89,7 +89,10 @@ def stream_answer(
             text.append(piece)
             write(piece)
     finally:
-        for generator in (pieces, inner, source):
+        # innermost first: closing the parser's generator while the model's stream is open
+        # makes langchain-core read that stream to its end (it drains its input on
+        # GeneratorExit), so a Ctrl-C in `write` waited for the whole answer
+        for generator in (source, inner, pieces):
             generator.close()
     return Answer(
         text="".join(text),
