@@ -214,11 +214,11 @@ def test_requests_join_a_running_decode_and_finish_as_if_alone(
     assert alone_long.response_metadata["finish_reason"] == "length"  # it runs all 300 steps
     alone = [chat.invoke(q).content for q in questions]
 
-    model = chat._engine_for(chat.model, chat.revision).model
-    sizes: list[int] = []
-    decode = model.decode
+    engine = chat._engine_for(chat.model, chat.revision)
+    sizes: list[int] = []  # requests decoding at each step (counted at the scheduler: on CUDA
+    step = engine._step  # the step replays a graph and never calls `model.decode`)
     monkeypatch.setattr(
-        model, "decode", lambda batch, *a: (sizes.append(batch), decode(batch, *a))[1]
+        engine, "_step", lambda: (sizes.append(sum(r is not None for r in engine._slots)), step())
     )
     started, finished = threading.Event(), threading.Event()
     pieces: list[str] = []
