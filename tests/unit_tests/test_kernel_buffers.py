@@ -22,3 +22,21 @@ def test_dequantisation_scratch_is_per_thread_and_grows_once() -> None:
     thread.start()
     thread.join()
     assert other[0] != grown.data_ptr()
+
+
+def test_programmatic_dependent_launch_only_on_hopper_or_newer(monkeypatch) -> None:
+    """Our kernels get ``launch_pdl`` (and their ``PDL`` branch) on compute capability 9+."""
+    from langchain_synthia import _kernels as K
+
+    assert K.pdl(torch.device("cpu")) == {"PDL": False}
+    capability = {0: (9, 0), 1: (8, 0)}  # an H100 or H200, then an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
+    K._hopper_or_newer.cache_clear()
+    try:
+        monkeypatch.delenv("SYNTHIA_PDL", raising=False)
+        assert K.pdl(torch.device("cuda:0")) == {"PDL": True, "launch_pdl": True}
+        assert K.pdl(torch.device("cuda:1")) == {"PDL": False}
+        monkeypatch.setenv("SYNTHIA_PDL", "0")  # the way out, should a driver misbehave
+        assert K.pdl(torch.device("cuda:0")) == {"PDL": False}
+    finally:
+        K._hopper_or_newer.cache_clear()
