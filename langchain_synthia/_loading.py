@@ -396,7 +396,7 @@ def kernel_build_cache() -> Path:
 def _load(settings: ModelSettings) -> BaseEngine:
     folder = resolve_checkpoint(settings)
     quant = validate_checkpoint(folder)
-    check_weights(folder, quant, _fetch_again(settings, folder))
+    check_weights(folder, quant, fetch_again(settings.model, settings.revision, folder))
     device = resolve_device(settings.device)
     if resolve_engine(settings.engine, device) == "fast":
         return _load_fast(settings, folder, device, quant)
@@ -425,12 +425,12 @@ def _load(settings: ModelSettings) -> BaseEngine:
     return Engine(model, tokenizer, name=settings.model)
 
 
-def _fetch_again(settings: ModelSettings, folder: Path) -> str:
+def fetch_again(model: str, revision: str, folder: Path) -> str:
     """How to replace a missing or broken weights file of `folder` (for `check_weights`)."""
-    if Path(settings.model).expanduser().is_dir():
+    if Path(model).expanduser().is_dir():
         return f"Copy or download that file into {folder} again."
     return (
-        f"Download it again: hf download {settings.model} --revision {settings.revision} "
+        f"Download it again: hf download {model} --revision {revision} "
         "--force-download (huggingface-hub does not re-check files it already has; without "
         "--force-download it only fetches missing ones)."
     )

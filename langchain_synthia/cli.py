@@ -390,11 +390,12 @@ def variants(context_window: int, max_batch_size: int, as_json: bool) -> None:
 def download(model: str, revision: str, local_dir: Path | None, cache_dir: str | None) -> None:
     """Fetch a branch (safetensors, configs, tokenizer) with progress bars; resumable.
 
-    Prints the checkpoint folder on standard output. Run it again after an interruption to
-    resume where it stopped.
+    Prints the checkpoint folder on standard output once its weights files are checked
+    (complete, readable, holding the tensors the model needs). Run it again after an
+    interruption to resume where it stopped.
     """
+    from langchain_synthia._loading import check_weights, fetch_again, validate_checkpoint
     from langchain_synthia._loading import download as fetch
-    from langchain_synthia._loading import validate_checkpoint
     from langchain_synthia.variants import check_revision
 
     try:
@@ -410,7 +411,10 @@ def download(model: str, revision: str, local_dir: Path | None, cache_dir: str |
     click.echo(f"Downloading {model} ({revision}{size}) into {where}.", err=True)
     try:
         folder = fetch(model, revision, cache_dir, local_dir=str(local_dir) if local_dir else None)
-        validate_checkpoint(folder)
+        # what a load would refuse is refused now: a file the Hub (or an earlier, broken
+        # download) left truncated or corrupt, tensors missing, GPTQ settings that contradict
+        # the weights (headers only: milliseconds)
+        check_weights(folder, validate_checkpoint(folder), fetch_again(model, revision, folder))
     except FileNotFoundError as error:
         raise _Failure(str(error), EXIT_UNAVAILABLE) from None
     except Exception as error:  # the Hub's HTTP errors: unknown repo or revision, no access

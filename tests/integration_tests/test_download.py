@@ -17,13 +17,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save
 
 REPO = "TheBloke/Synthia-7B-v1.3-GPTQ"
 SHA = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = {"model_type": "mistral", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+WEIGHTS = save(
+    {  # the tensors a model without layers needs, 24 MiB (huggingface-hub writes 10 MiB chunks)
+        "model.embed_tokens.weight": torch.randint(0, 256, (24 << 20,), dtype=torch.uint8),
+        "model.norm.weight": torch.ones(8, dtype=torch.float16),
+        "lm_head.weight": torch.ones(8, dtype=torch.float16),
+    }
+)
 FILES = {
     "config.json": json.dumps(CONFIG).encode(),
-    "model.safetensors": os.urandom(24 << 20),  # huggingface-hub writes in 10 MiB chunks
+    "model.safetensors": WEIGHTS,
     "tokenizer.model": os.urandom(1000),
     "pytorch_model.bin": b"pickle weights are never fetched",
 }
@@ -32,18 +41,20 @@ FILES = {
 class _Hub(http.server.BaseHTTPRequestHandler):
     ranges: list[str | None]
     broke: list[str]
+    files: dict[str, bytes]
+    """What the repo holds (a copy of `FILES` a test may change)."""
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:
         if self.path.startswith(f"/api/models/{REPO}/revision/"):
-            siblings = [{"rfilename": name} for name in FILES]
+            siblings = [{"rfilename": name} for name in self.files]
             return self._json({"id": REPO, "sha": SHA, "siblings": siblings})
         if self.path.startswith(f"/api/models/{REPO}/tree/"):
             entries = [
                 {"type": "file", "path": name, "size": len(data), "oid": _oid(data)}
-                for name, data in FILES.items()
+                for name, data in self.files.items()
             ]
             return self._json(entries)
         return self._file(body=True)
@@ -61,10 +72,10 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
     def _file(self, *, body: bool) -> None:
         name = self.path.rsplit("/", 1)[-1]
-        if name not in FILES:
+        if name not in self.files:
             self.send_error(404)
             return
-        data, start = FILES[name], 0
+        data, start = self.files[name], 0
         if body and name == "model.safetensors":
             type(self).ranges.append(self.headers.get("Range"))
         if body and self.headers.get("Range"):
@@ -93,7 +104,7 @@ def _oid(data: bytes) -> str:
 
 @pytest.fixture
 def hub() -> Iterator[type[_Hub]]:
-    handler = type("Hub", (_Hub,), {"ranges": [], "broke": []})
+    handler = type("Hub", (_Hub,), {"ranges": [], "broke": [], "files": dict(FILES)})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     handler.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -133,3 +144,19 @@ def test_an_interrupted_download_resumes_and_fetches_safetensors_only(hub, tmp_p
     assert (target / "tokenizer.model").read_bytes() == FILES["tokenizer.model"]
     assert not (target / "pytorch_model.bin").exists()
     assert "Downloading TheBloke/Synthia-7B-v1.3-GPTQ (main, 4.16 GB)" in done.stderr
+
+
+def test_a_corrupt_file_from_the_hub_is_named_at_download(hub, tmp_path) -> None:
+    """Downloaded whole but not safetensors (a bad upload, a proxy's error page): refused now,
+    not at the first load, naming the file and how to fetch it again."""
+    hub.broke.append("no break this time")
+    hub.files["model.safetensors"] = b"<html>502 Bad Gateway</html>" + bytes(4096)
+    target = tmp_path / "synthia-main"
+    done = synthia_download(hub, "--local-dir", str(target))
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""  # no folder printed for a script to load
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"Error: {target / 'model.safetensors'} is not a readable ")
+    assert "truncated or corrupt (4,124 bytes)" in error
+    assert f"hf download {REPO} --revision main --force-download" in error
+    assert "Traceback" not in done.stderr
