@@ -76,12 +76,21 @@ def gated_input(x: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _after_previous(PDL: tl.constexpr):
+        """The first thing each decode-step kernel does (`pdl`).
+
+        With `PDL`: wait until the kernel before has finished and its writes are visible, then
+        let the kernel after start.
+        """
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _silu_mul_kernel(
         x_ptr, out_ptr, K, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr
     ):
-        if PDL:  # the kernel before has finished; the one after may start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < K
@@ -320,9 +329,7 @@ if triton is not None:
         (`HALF2`: `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
         ``scale * (dots - zero * sum(x))`` per column. Split-K programs add atomically.
         """
-        if PDL:  # the kernel before has finished; the one after may start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -487,9 +494,7 @@ if triton is not None:
         heads of `PER_BLOCK` consecutive queries of one prompt (one cache row, each query up to
         its own length), so that they read each key block once.
         """
-        if PDL:  # the kernel before has finished; the one after may start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -553,9 +558,7 @@ if triton is not None:
         HAS_SCATTER: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        if PDL:  # the kernel before has finished; the one after may start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         batch = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
@@ -694,9 +697,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        if PDL:  # the kernel before has finished; the one after may start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -765,9 +766,7 @@ if triton is not None:
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One head of one token: round to fp16, rotate q/k, write q out and k/v to the cache."""
-        if PDL:  # the kernel before has finished; the one after may start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _after_previous(PDL)
         token = tl.program_id(0)
         head = tl.program_id(1)
         half: tl.constexpr = HEAD_DIM // 2

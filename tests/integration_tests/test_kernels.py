@@ -272,3 +272,79 @@ def test_permuted_columns_are_the_outputs_in_that_order(bits: int) -> None:
     weight = dequantize_reference(layer, bits)
     assert torch.equal(dequantize_reference(done, bits), weight[:, order])
     assert torch.equal(done["g_idx"], layer["g_idx"])
+
+
+# -- programmatic dependent launch ---------------------------------------------------------------
+
+PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, pointers not fp16
+    "_silu_mul_kernel": ({"BLOCK": 1024}, {"x_ptr": "*fp32"}),
+    "_gemv_kernel": (
+        {"GROUP": 128, "WORDS": 16, "HALF2": True, "BLOCK_N": 512, "SPLIT": 32},
+        {"w_ptr": "*i32", "out_ptr": "*fp32"},
+    ),
+    "_decode_attention_kernel": (
+        dict(
+            SPLIT_LEN=128,
+            GROUP=4,
+            GROUP_PAD=16,
+            HEAD_DIM=128,
+            BLOCK_S=64,
+            SPLITS=32,
+            HAS_ROWS=False,
+            PER_BLOCK=1,
+        ),
+        {"lengths_ptr": "*i32", "rows_ptr": "*i32", "acc_ptr": "*fp32", "stats_ptr": "*fp32"},
+    ),
+    "_combine_kernel": (
+        {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "SPLITS": 32, "HAS_SCATTER": True},
+        {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "scatter_ptr": "*i32"},
+    ),
+    "_add_rms_norm_kernel": (
+        {"HAS_RESIDUAL": True, "HAS_GATHER": True, "BLOCK": 4096},
+        {"gather_ptr": "*i32"},
+    ),
+    "_rope_cache_kernel": (
+        {"HEADS": 32, "KV_HEADS": 8, "HEAD_DIM": 128},
+        {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "positions_ptr": "*i32", "rows_ptr": "*i32"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PDL_KERNELS)
+def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> None:
+    """Compiled for a Hopper card (sm_90, no GPU needed), with `PDL` each kernel waits for the
+    kernel before (``griddepcontrol.wait``) before its first global load and lets the next one
+    start; without it, neither instruction is there."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from langchain_synthia import _kernels as K
+
+    kernel = getattr(K, name)
+    if isinstance(kernel, triton.runtime.Autotuner):
+        kernel = kernel.fn
+    constants, pointers = PDL_KERNELS[name]
+    if name == "_gemv_kernel":
+        constants = {**constants, "ASM": K._WORD_DOT}
+    for pdl in (True, False):
+        values = {**constants, "PDL": pdl}
+        signature = {
+            arg: "constexpr" if arg in values
+            else pointers.get(arg, "*fp16") if arg.endswith("_ptr")
+            else "fp32" if arg in ("scale", "eps") else "i32"
+            for arg in kernel.arg_names
+        }  # fmt: skip
+        source = ASTSource(fn=kernel, signature=signature, constexprs=values)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": pdl, "num_warps": 4}
+        )
+        ptx = compiled.asm["ptx"]
+        body = ptx[ptx.index(".entry") :]
+        wait, launch = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dep")
+        if pdl:
+            assert 0 <= wait < body.index("ld.global"), f"{name} reads before it waits"
+            assert launch > wait
+        else:
+            assert wait == launch == -1
