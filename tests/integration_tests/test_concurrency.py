@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import torch
 
 from langchain_synthia import ChatSynthia, GenerationTimeoutError
 from langchain_synthia._engine import TokenStream, _Row
@@ -78,14 +79,12 @@ def engine_of_chat(chat: ChatSynthia) -> Any:
 
 HEAP_KEPT = 256 * 1024
 """Bytes the Python heap may keep after a second round of the 64 calls: 4 KiB a call. Measured
-on a CPU: 8 to 47 KiB, in blocks of tens of bytes (torch's and threading's bookkeeping, sets
+on a CPU: 8 to 54 KiB, in blocks of tens of bytes (torch's and threading's bookkeeping, sets
 that grew), none a call's answer or request."""
 
 
 def allocated_gpu_bytes() -> int:
     """Bytes the CUDA allocator has handed out (0 on the CPU)."""
-    import torch
-
     return torch.cuda.memory_allocated() if DEVICE.startswith("cuda") else 0
 
 
@@ -136,16 +135,9 @@ def busy_rows(engine: Any) -> tuple:
 
 
 def live(kind: type) -> int:
+    """Objects of `kind` alive (after a collection)."""
     gc.collect()
-    return sum(type(o) is kind for o in gc.get_objects())
-
-
-def live_tensors() -> int:
-    """torch tensors alive (their memory is torch's, which tracemalloc does not see)."""
-    import torch
-
-    gc.collect()
-    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    return sum(isinstance(o, kind) for o in gc.get_objects())
 
 
 # -- 64 calls at once ----------------------------------------------------------------------------
@@ -227,8 +219,6 @@ class Round:
     results: dict[str, Outcome]
     steps: StepLog
     took: float
-    callers: int
-    tasks: int
 
 
 def all_at_once(chat: ChatSynthia, jobs: list[Job]) -> Round:
@@ -277,8 +267,7 @@ def all_at_once(chat: ChatSynthia, jobs: list[Job]) -> Round:
         assert wait_until(lambda: is_idle(engine)), (engine._slots, engine._waiting)
     assert len(steps.submitted) == 64
     steps.submitted.clear()  # the log's own hold on the rows (counted by the caller)
-    calls = sum(len(job.prompts) for job in callers)
-    return Round(results, steps, took, calls, len(callers))
+    return Round(results, steps, took)
 
 
 def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
@@ -301,8 +290,10 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
 
     first = all_at_once(chat, jobs)
     queued = max(waiting for _, waiting in first.steps)
-    print(f"\n64 concurrent calls ({first.callers} from {first.tasks} threads, "
-          f"{64 - first.callers} from {len(jobs) - first.tasks} asyncio tasks) in "
+    threads = [job for job in jobs if job.side == "thread"]
+    thread_calls = sum(len(job.prompts) for job in threads)
+    print(f"\n64 concurrent calls ({thread_calls} from {len(threads)} threads, "
+          f"{64 - thread_calls} from {len(jobs) - len(threads)} asyncio tasks) in "
           f"{first.took:.2f} s: {len(first.steps)} decode steps, up to {queued} requests "
           "queued")  # fmt: skip
     check_each_equals_alone(jobs, first.results, alone)
@@ -326,33 +317,32 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
     assert rows_after <= rows_before
     assert gpu_after == gpu_before
 
-    # the Python heap back to its level: a second round, traced, keeps (nearly) nothing. Its
-    # first round warms the interpreter's and torch's caches; leaking each call's answer,
-    # usage or callbacks would keep well over a KiB a call
     # a decode step's buffers are made once per step size (1, 2, 4, 8 rows), when the size
     # first occurs (a bounded cache; on CUDA made at load, for the graphs): make them all now,
     # so that a size first met in the traced round does not count as left behind
     for size in engine.sizes:
         engine.model._decode_buffers(size)
-    tensors_before = live_tensors()
-    gc.collect()
+    # the Python heap back to its level: a second round, traced, keeps (nearly) nothing. The
+    # first round warmed the interpreter's and torch's caches; leaking each call's answer,
+    # usage or callbacks would keep well over a KiB a call. torch's memory is not traced:
+    # its tensors are counted instead
+    tensors_before = live(torch.Tensor)  # after a collection
     tracemalloc.start()
     try:
         heap_before = tracemalloc.get_traced_memory()[0]
         second = all_at_once(chat, jobs)
-        del second.steps[:]
         check_each_equals_alone(jobs, second.results, alone)
         del second
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0] - heap_before
     finally:
         tracemalloc.stop()
+    tensors_after = live(torch.Tensor)
     print(f"TokenStreams alive {streams_before} -> {streams_after}, rows {rows_before} -> "
           f"{rows_after}, threads {threads_before} -> {threading.active_count()}, GPU "
           f"{gpu_before} -> {gpu_after} bytes, Python heap kept by a second round "
-          f"{kept / 1024:+.1f} KiB, tensors {tensors_before} -> {live_tensors()}")  # fmt: skip
+          f"{kept / 1024:+.1f} KiB, tensors {tensors_before} -> {tensors_after}")  # fmt: skip
     assert kept < HEAP_KEPT, f"{kept} bytes still allocated after 64 more calls"
-    tensors_after = live_tensors()
     assert tensors_after <= tensors_before, "tensors left behind by 64 more calls"
 
 

@@ -215,8 +215,10 @@ def test_requests_join_a_running_decode_and_finish_as_if_alone(
     alone = [chat.invoke(q).content for q in questions]
 
     engine = chat._engine_for(chat.model, chat.revision)
-    sizes: list[int] = []  # requests decoding at each step (counted at the scheduler: on CUDA
-    step = engine._step  # the step replays a graph and never calls `model.decode`)
+    # requests decoding at each step, counted at the scheduler (on CUDA a step replays a graph
+    # and never calls `model.decode`)
+    sizes: list[int] = []
+    step = engine._step
     monkeypatch.setattr(
         engine, "_step", lambda: (sizes.append(sum(r is not None for r in engine._slots)), step())
     )
