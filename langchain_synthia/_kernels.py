@@ -324,39 +324,55 @@ if triton is not None:
         """``out += x @ W`` for one row of a 4-bit weight: `gemv`.
 
         Each thread owns whole columns, so nothing is reduced across threads: a step is one
-        group of rows (at most 128, `WORDS` words of codes), its words loaded row by row as
-        ``[BLOCK_N]`` vectors, each times its eight inputs (read as scalars) in fp16x2
-        (`HALF2`: `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
-        ``scale * (dots - zero * sum(x))`` per column. Split-K programs add atomically.
+        group of rows (at most 128), its `WORDS` words of codes loaded as one ``[WORDS,
+        BLOCK_N]`` tile, each word times its eight inputs (read as scalars) in fp16x2 (`HALF2`:
+        `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter runs), then ``scale * (dots
+        - zero * sum(x))`` per column. Split-K programs add atomically. The weights of a
+        step are loaded a step ahead, the first step's before the kernel waits for the one
+        before it (`_after_previous`): weights never change, so under PDL their loads overlap
+        the previous kernel's end; only the input `x` has to wait.
         """
-        _after_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        offs_w = tl.arange(0, WORDS)
         span = K // SPLIT
         step: tl.constexpr = WORDS * 8
-        for k0 in range(pid_k * span, (pid_k + 1) * span, step):
-            dots = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for w in tl.static_range(WORDS):
-                word = tl.load(w_ptr + (k0 // 8 + w) * N + offs_n)
-                row = k0 + w * 8
-                if HALF2:
-                    dots += tl.inline_asm_elementwise(
-                        ASM, "=f,r,r,r,r,r",
-                        [word, _input_pair(x_ptr, row, 0), _input_pair(x_ptr, row, 1),
-                         _input_pair(x_ptr, row, 2), _input_pair(x_ptr, row, 3)],
-                        dtype=tl.float32, is_pure=True, pack=1,
-                    )  # fmt: skip
-                else:
-                    for j in tl.static_range(8):
-                        code = ((word >> (4 * j)) & 15).to(tl.float32)
-                        dots += code * tl.load(x_ptr + row + j).to(tl.float32)
+        first = pid_k * span
+        end = first + span
+        words = tl.load(w_ptr + (first // 8 + offs_w)[:, None] * N + offs_n[None, :])
+        scale = tl.load(s_ptr + (first // GROUP) * N + offs_n)
+        zero = tl.load(z_ptr + (first // GROUP) * N + offs_n)
+        _after_previous(PDL)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(first, end, step):
+            ahead = k0 + step
+            more = offs_n * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
+            next_words = tl.load(
+                w_ptr + (ahead // 8 + offs_w)[:, None] * N + offs_n[None, :],
+                mask=more[None, :],
+                other=0,
+            )
+            next_scale = tl.load(s_ptr + (ahead // GROUP) * N + offs_n, mask=more, other=0.0)
+            next_zero = tl.load(z_ptr + (ahead // GROUP) * N + offs_n, mask=more, other=0.0)
+            rows = k0 + offs_w * 8
+            if HALF2:
+                products = tl.inline_asm_elementwise(
+                    ASM, "=f,r,r,r,r,r",
+                    [words, _input_pair(x_ptr, rows, 0)[:, None],
+                     _input_pair(x_ptr, rows, 1)[:, None], _input_pair(x_ptr, rows, 2)[:, None],
+                     _input_pair(x_ptr, rows, 3)[:, None]],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+            else:
+                products = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(8):
+                    code = ((words >> (4 * j)) & 15).to(tl.float32)
+                    products += code * tl.load(x_ptr + rows + j).to(tl.float32)[:, None]
+            dots = tl.sum(products, axis=0)
             xsum = tl.sum(tl.load(x_ptr + k0 + tl.arange(0, step)).to(tl.float32), axis=0)
-            group = k0 // GROUP
-            scale = tl.load(s_ptr + group * N + offs_n).to(tl.float32)
-            zero = tl.load(z_ptr + group * N + offs_n).to(tl.float32)
-            acc += scale * (dots - zero * xsum)
+            acc += scale.to(tl.float32) * (dots - zero.to(tl.float32) * xsum)
+            words, scale, zero = next_words, next_scale, next_zero
         tl.atomic_add(out_ptr + offs_n, acc)
 
 
