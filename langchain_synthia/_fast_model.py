@@ -493,11 +493,11 @@ class FastMistral:
                 dense.group_size,
                 len(firsts),
             )
-            if key not in _RACES:
-                _RACES[key] = self._race_one(firsts)
-            self.gemv_race[name] = _RACES[key]
+            # the first result stored wins, also when two threads load models at once
+            race = _RACES.get(key) or _RACES.setdefault(key, self._race_one(firsts))
+            self.gemv_race[name] = race
             for linear in firsts:
-                linear.gemv = _RACES[key][0] < _RACES[key][1]
+                linear.gemv = race[0] < race[1]
 
     def _race_one(self, firsts: list) -> tuple[float, float]:
         """(our GEMV, Marlin) µs per layer for one row, one call per layer in a CUDA graph."""

@@ -289,6 +289,16 @@ if triton is not None:
         high = tl.load(x_ptr + row + j + 4).to(tl.int16, bitcast=True).to(tl.int32)
         return low | (high << 16)
 
+    @triton.jit
+    def _gemv_step(w_ptr, s_ptr, z_ptr, k0, N, offs_w, offs_n, GROUP: tl.constexpr):
+        """Where the step of rows from `k0` keeps its codes ``[WORDS, BLOCK_N]``, scales, zeros."""
+        group = (k0 // GROUP) * N + offs_n
+        return (
+            w_ptr + (k0 // 8 + offs_w)[:, None] * N + offs_n[None, :],
+            s_ptr + group,
+            z_ptr + group,
+        )
+
     def _valid_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
         """Keep the tiles that divide N and the split-K factors that divide K's groups."""
         n, k, words = named_args["N"], named_args["K"], kwargs["WORDS"]
@@ -340,21 +350,21 @@ if triton is not None:
         step: tl.constexpr = WORDS * 8
         first = pid_k * span
         end = first + span
-        words = tl.load(w_ptr + (first // 8 + offs_w)[:, None] * N + offs_n[None, :])
-        scale = tl.load(s_ptr + (first // GROUP) * N + offs_n)
-        zero = tl.load(z_ptr + (first // GROUP) * N + offs_n)
+        at_words, at_scale, at_zero = _gemv_step(
+            w_ptr, s_ptr, z_ptr, first, N, offs_w, offs_n, GROUP
+        )
+        words, scale, zero = tl.load(at_words), tl.load(at_scale), tl.load(at_zero)
         _after_previous(PDL)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(first, end, step):
             ahead = k0 + step
             more = offs_n * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
-            next_words = tl.load(
-                w_ptr + (ahead // 8 + offs_w)[:, None] * N + offs_n[None, :],
-                mask=more[None, :],
-                other=0,
+            at_words, at_scale, at_zero = _gemv_step(
+                w_ptr, s_ptr, z_ptr, ahead, N, offs_w, offs_n, GROUP
             )
-            next_scale = tl.load(s_ptr + (ahead // GROUP) * N + offs_n, mask=more, other=0.0)
-            next_zero = tl.load(z_ptr + (ahead // GROUP) * N + offs_n, mask=more, other=0.0)
+            next_words = tl.load(at_words, mask=more[None, :], other=0)
+            next_scale = tl.load(at_scale, mask=more, other=0.0)
+            next_zero = tl.load(at_zero, mask=more, other=0.0)
             rows = k0 + offs_w * 8
             if HALF2:
                 products = tl.inline_asm_elementwise(
