@@ -77,6 +77,7 @@ class RemoteEngine:
         self._client: Any = None
         self._async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        self._added: int | None = None  # `_added_tokens`
 
     # -- the engine interface -----------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class RemoteEngine:
                     raise self._broken(error, answer) from error
                 _remaining(deadline, request)
                 yield from answer.feed(lines.parse(line))
-            usage = lines.usage or self._usage(request, answer, lines)
+            usage = lines.usage or self._usage(request, answer, lines, deadline)
             yield from answer.end(self, lines, usage)
         finally:
             response.close()
@@ -127,7 +128,9 @@ class RemoteEngine:
                     raise self._broken(error, answer) from error
                 for event in answer.feed(lines.parse(line)):
                     yield event
-            usage = lines.usage or await asyncio.to_thread(self._usage, request, answer, lines)
+            usage = lines.usage or await asyncio.to_thread(
+                self._usage, request, answer, lines, deadline
+            )
             for event in answer.end(self, lines, usage):
                 yield event
         finally:
@@ -168,11 +171,11 @@ class RemoteEngine:
         if response.status_code >= 400:
             raise self._http_error(response)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, timeout: Any = None) -> list[int]:
         """Token ids of `text` with BOS, from the server's tokenizer endpoint.
 
         ``/tokenize`` on vLLM, SGLang and llama.cpp's own server; ``/extras/tokenize`` on
-        llama-cpp-python's.
+        llama-cpp-python's. `timeout`: httpx's, the client's (10 s) when not given.
         """
         root = self.url.removesuffix("/v1")
         body = {
@@ -184,7 +187,8 @@ class RemoteEngine:
             "add_special": True,
         }
         for path in ("/tokenize", "/extras/tokenize"):
-            response = self._http().post(f"{root}{path}", json=body)
+            extra = {} if timeout is None else {"timeout": timeout}
+            response = self._http().post(f"{root}{path}", json=body, **extra)
             if response.status_code != 404:
                 break
         if response.status_code >= 400:
@@ -196,18 +200,26 @@ class RemoteEngine:
         data = response.json()
         return list(data.get("tokens") or data.get("ids") or [])
 
-    def _usage(self, request: GenerationRequest, answer: "_Answer", lines: "_Lines") -> dict:
+    def _usage(
+        self, request: GenerationRequest, answer: "_Answer", lines: "_Lines",
+        deadline: float | None,
+    ) -> dict:  # fmt: skip
         """Token usage for a server that streams none (llama-cpp-python), from its tokenizer.
 
         The prompt and the text received are counted with the server's ``/tokenize``; an
-        answer cut at ``max_tokens`` used exactly that many. Unknown counts are 0.
+        answer cut at ``max_tokens`` used exactly that many. Unknown counts are 0. The counts
+        may wait as long as the call itself (its `deadline`, none without a timeout): a
+        server that runs one request at a time answers them only after the answers queued
+        before them, which 16 concurrent streams can make longer than the client's 10 s.
         """
+        timeout = self._timeouts(deadline)
         try:
-            prompt = len(self.encode(request.prompt))
+            prompt = len(self.encode(request.prompt, timeout))
             if lines.finish_reason == "length" and not answer.stops.stopped:
                 completion = request.max_new_tokens
             else:  # without the BOS the tokenizer adds, if it adds one
-                completion = len(self.encode("".join(answer.raw))) - self._added_tokens()
+                completion = len(self.encode("".join(answer.raw), timeout))
+                completion -= self._added_tokens(timeout)
         except (RemoteEngineError, ValueError):  # no tokenizer endpoint, or not JSON
             return {}
         except Exception as error:  # the connection: usage is not worth failing an answer for
@@ -216,10 +228,11 @@ class RemoteEngine:
             raise
         return {"prompt_tokens": prompt, "completion_tokens": max(completion, 0)}
 
-    @functools.cache  # noqa: B019 - one engine per settings, kept for the process
-    def _added_tokens(self) -> int:
-        """Tokens the server's tokenizer adds to any text (its BOS, or none)."""
-        return len(self.encode(""))
+    def _added_tokens(self, timeout: Any = None) -> int:
+        """Tokens the server's tokenizer adds to any text (its BOS, or none), asked once."""
+        if self._added is None:
+            self._added = len(self.encode("", timeout))
+        return self._added
 
     # -- requests -----------------------------------------------------------------------------
 

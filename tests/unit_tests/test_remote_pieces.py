@@ -1,6 +1,7 @@
 """Remote mode's pure parts: server-sent events, stop cutting, backoff, GBNF translation."""
 
 import json
+import time
 
 import pytest
 from pydantic import BaseModel, Field
@@ -231,3 +232,33 @@ def test_a_client_error_is_not_retried_and_a_busy_server_gives_up() -> None:
         assert server.posts == 4
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_usage_counts_wait_as_long_as_the_call_not_the_clients_ten_seconds(timeout) -> None:
+    """A server that runs one request at a time answers the token counts after the answers
+    queued before them (16 concurrent streams on llama-cpp-python: over 10 s on a slow
+    machine). The counts may take as long as the call: no read limit without a timeout, the
+    call's remaining time with one, never the client's 10 s default."""
+    import httpx
+
+    reads = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        reads.append(request.extensions["timeout"]["read"])
+        text = json.loads(request.content)["input"]
+        return httpx.Response(200, json={"tokens": [1] + [7] * len(text.split())})
+
+    engine = RemoteEngine(RemoteSettings("http://x/v1", "m"))
+    engine._client = httpx.Client(transport=httpx.MockTransport(server))
+    request = GenerationRequest("one two three", 8, GREEDY, timeout=timeout)
+    answer, lines = _Answer(request), _Lines()
+    list(answer.feed(lines.parse(sse(" four five", "stop"))))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    usage = engine._usage(request, answer, lines, deadline)
+    assert usage == {"prompt_tokens": 4, "completion_tokens": 2}
+    assert len(reads) == 3  # the prompt, the answer, and the BOS the tokenizer adds
+    if timeout is None:
+        assert reads == [None] * 3
+    else:
+        assert all(10.0 < read <= timeout for read in reads)
