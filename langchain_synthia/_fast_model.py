@@ -217,6 +217,10 @@ class FastMistral:
                 for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
                     linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
         self._buffers: dict[tuple[int, bool], dict[str, Any]] = {}
+        self.fused_race: tuple[float, float] | None = None
+        """A batch-1 step's µs (fused, unfused) when both were possible and timed at load."""
+        if self.fused_gemvs is not None and self.use_kernels:
+            self._race_fusion()
 
     # -- linear layers ------------------------------------------------------------------------
 
@@ -570,6 +574,27 @@ class FastMistral:
             chosen.append(trio)
         return chosen
 
+    def _race_fusion(self) -> None:
+        """Time a batch-1 step with the norms fused into the GEMVs and without; keep the faster.
+
+        Each step is a CUDA graph (as the engine replays it). Fusing spares kernels but makes
+        the GEMVs regroup their inputs (`K.gemv`), so which is faster depends on the GPU.
+        Raced once per process and device (`_RACES`), for the same reason as `_race`.
+        """
+        fused = self.fused_gemvs
+        tokens = torch.zeros(1, dtype=torch.long, device=self.device)
+        positions = torch.zeros(1, dtype=torch.long, device=self.device)
+
+        def step(gemvs: list | None) -> float:
+            self.fused_gemvs = gemvs
+            return round(_graph_us(lambda: self.decode(1, tokens, positions), calls=1), 1)
+
+        won = tuple(sorted(self.gemv_race_won().items()))
+        key = (self.device, "step", self.kernel, self.hidden, len(self.layers), won)
+        race = _RACES.get(key) or _RACES.setdefault(key, (step(fused), step(None)))
+        self.fused_race = race
+        self.fused_gemvs = fused if race[0] < race[1] else None
+
     def _normed_input(
         self, residual: torch.Tensor, residual_out: torch.Tensor, weight: torch.Tensor,
         order: _Order | None, sums: torch.Tensor,
@@ -628,7 +653,8 @@ class FastMistral:
 
 
 _RACES: dict[tuple, tuple[float, float]] = {}
-"""`FastMistral._race`'s results in this process: (our GEMV, Marlin) µs per layer shape."""
+"""The races of this process: (our GEMV, Marlin) µs per layer shape (`FastMistral._race`) and
+(fused, unfused) µs per batch-1 step (`FastMistral._race_fusion`)."""
 
 
 def _graph_us(fn: Any, calls: int = 20, replays: int = 20) -> float:

@@ -293,7 +293,7 @@ if triton is not None:
         x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, at, K, factor, owner,
         INPUT: tl.constexpr, HAS_DELTA: tl.constexpr, GATHER: tl.constexpr,
     ):  # fmt: skip
-        """The fp16 input at rows `at` (a vector) and the sum of its ``h**2`` (normed input).
+        """The fp16 input at rows `at` (a step's, one per thread) and its ``h**2``'s sum.
 
         Normed: ``h = residual + delta`` (fp16, as transformers rounds it) is the input column
         ``gather[at]``; the `owner` programs (one per row) store it to `res_out_ptr` and count
@@ -320,15 +320,15 @@ if triton is not None:
         return x, squares
 
     @triton.jit
+    def _input_pair(x_ptr, row, j: tl.constexpr):
+        """Inputs of rows ``row + j`` (low half) and ``row + j + 4`` (high half), one int32."""
+        return _half2(tl.load(x_ptr + row + j), tl.load(x_ptr + row + j + 4))
+
+    @triton.jit
     def _half2(low, high):
         """Two fp16 vectors as one of int32 (`low` in the low half), a ``.f16x2`` operand."""
         low = low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return low | (high.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
-    @triton.jit
-    def _nibble(words, j: tl.constexpr):
-        """Code `j` of each word, as fp32."""
-        return ((words >> (4 * j)) & 15).to(tl.float32)
 
     @triton.jit
     def _gemv_step(w_ptr, s_ptr, z_ptr, k0, N, offs_w, offs_n, GROUP: tl.constexpr):
@@ -378,9 +378,10 @@ if triton is not None:
 
         Each thread owns whole columns, so nothing is reduced across threads: a step is one
         group of rows (at most 128), its `WORDS` words of codes loaded as one ``[WORDS,
-        BLOCK_N]`` tile, each word times its eight inputs (`_gemv_input`, vectors over the
-        words) in fp16x2 (`HALF2`: `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter
-        runs), then ``scale * (dots - zero * sum(x))`` per column. Split-K programs add
+        BLOCK_N]`` tile, each word times its eight inputs in fp16x2 (`HALF2`: `_WORD_DOT`; in
+        fp32 otherwise, which Triton's interpreter runs), then ``scale * (dots - zero *
+        sum(x))`` per column. The step's inputs are made once (`_gemv_input`, one per thread),
+        then regrouped by word (through shared memory). Split-K programs add
         atomically, and so do the normed input's sums of squares (into `sums_ptr`). The weights
         of a step are loaded a step ahead, the first step's before the kernel waits for the one
         before it (`_after_previous`): weights never change, so under PDL their loads overlap
@@ -402,7 +403,8 @@ if triton is not None:
         factor = 1.0
         if INPUT == 2:
             factor = tl.rsqrt(tl.load(factor_ptr) / width + eps)
-        owner = offs_w * 0 + pid_n == 0  # the column block that stores h and counts squares
+        offs_s = tl.arange(0, step)
+        owner = offs_s * 0 + pid_n == 0  # the column block that stores h and counts squares
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         squares = 0.0
         for k0 in range(first, end, step):
@@ -415,44 +417,34 @@ if triton is not None:
             next_scale = tl.load(at_scale, mask=more, other=0.0)
             next_zero = tl.load(at_zero, mask=more, other=0.0)
             rows = k0 + offs_w * 8
-            x0, q0 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x1, q1 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 1,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x2, q2 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 2,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x3, q3 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 3,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x4, q4 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 4,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x5, q5 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 5,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x6, q6 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 6,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            x7, q7 = _gemv_input(x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, rows + 7,
-                                 K, factor, owner, INPUT, HAS_DELTA, GATHER)  # fmt: skip
-            squares += q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7
+            if HALF2 and INPUT == 0:  # each thread reads its words' inputs (cached): faster
+                pair0, pair1 = _input_pair(x_ptr, rows, 0), _input_pair(x_ptr, rows, 1)
+                pair2, pair3 = _input_pair(x_ptr, rows, 2), _input_pair(x_ptr, rows, 3)
+                xsum = tl.sum(tl.load(x_ptr + k0 + offs_s).to(tl.float32), axis=0)
+            else:  # the step's inputs made once, one per thread, then regrouped by word
+                x, step_squares = _gemv_input(
+                    x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, k0 + offs_s, K, factor,
+                    owner, INPUT, HAS_DELTA, GATHER,
+                )  # fmt: skip
+                squares += step_squares
+                xsum = tl.sum(x.to(tl.float32), axis=0)
+                if HALF2:  # word w's half2 pairs (rows 8w + j and 8w + j + 4), j = 2b + c
+                    x = tl.permute(tl.reshape(x, [WORDS, 2, 2, 2]), [0, 2, 3, 1])  # [w, b, c, a]
+                    low, high = tl.split(x)
+                    pairs_c0, pairs_c1 = tl.split(_half2(low, high))
+                    pair0, pair2 = tl.split(pairs_c0)
+                    pair1, pair3 = tl.split(pairs_c1)
+                else:
+                    codes = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 15
+                    inputs = tl.reshape(x, [WORDS, 8]).to(tl.float32)
+                    products = tl.sum(codes.to(tl.float32) * inputs[:, :, None], axis=1)
             if HALF2:
                 products = tl.inline_asm_elementwise(
                     ASM, "=f,r,r,r,r,r",
-                    [words, _half2(x0, x4)[:, None], _half2(x1, x5)[:, None],
-                     _half2(x2, x6)[:, None], _half2(x3, x7)[:, None]],
+                    [words, pair0[:, None], pair1[:, None], pair2[:, None], pair3[:, None]],
                     dtype=tl.float32, is_pure=True, pack=1,
                 )  # fmt: skip
-            else:
-                products = _nibble(words, 0) * x0.to(tl.float32)[:, None]
-                products += _nibble(words, 1) * x1.to(tl.float32)[:, None]
-                products += _nibble(words, 2) * x2.to(tl.float32)[:, None]
-                products += _nibble(words, 3) * x3.to(tl.float32)[:, None]
-                products += _nibble(words, 4) * x4.to(tl.float32)[:, None]
-                products += _nibble(words, 5) * x5.to(tl.float32)[:, None]
-                products += _nibble(words, 6) * x6.to(tl.float32)[:, None]
-                products += _nibble(words, 7) * x7.to(tl.float32)[:, None]
             dots = tl.sum(products, axis=0)
-            xs = (x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32)
-                  + x4.to(tl.float32) + x5.to(tl.float32) + x6.to(tl.float32)
-                  + x7.to(tl.float32))  # fmt: skip
-            xsum = tl.sum(xs, axis=0)
             acc += scale.to(tl.float32) * (dots - zero.to(tl.float32) * xsum)
             words, scale, zero = next_words, next_scale, next_zero
         tl.atomic_add(out_ptr + offs_n, acc)
