@@ -607,9 +607,6 @@ def main() -> None:
         race = getattr(engine.model, "gemv_race", {})  # (our GEMV, Marlin) µs per layer shape
         notes[f"{branch}_{kernel}_gemv_race_us"] = race
         print("batch-1 GEMV against Marlin, µs:", race, flush=True)
-        fusion = getattr(engine.model, "fused_race", None)  # a step's µs: (norms fused, not)
-        notes[f"{branch}_{kernel}_fused_step_race_us"] = fusion
-        print("batch-1 step with the norms fused into the GEMVs / not, µs:", fusion, flush=True)
         if not args.batch_only:
             result = time_stream(chat, prompt, args.new_tokens)
             # one first-token time is at the mercy of the host: report the median of several

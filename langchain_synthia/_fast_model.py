@@ -202,9 +202,6 @@ class FastMistral:
         """Per layer shape: (our GEMV, Marlin) µs for one row, timed at load (see `_race`)."""
         if self.dense_prefill and self.use_kernels:
             self._race()
-        self.fused_gemvs = self._fusable_gemvs()
-        """Per layer, the GEMV layers of q/k/v, gate/up and down when a batch-1 step runs them
-        with the norms and the silu product fused in (`decode`), else None."""
         theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
             "rope_theta", 10000.0
         )
@@ -217,10 +214,6 @@ class FastMistral:
                 for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
                     linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
         self._buffers: dict[tuple[int, bool], dict[str, Any]] = {}
-        self.fused_race: tuple[float, float] | None = None
-        """A batch-1 step's µs (fused, unfused) when both were possible and timed at load."""
-        if self.fused_gemvs is not None and self.use_kernels:
-            self._race_fusion()
 
     # -- linear layers ------------------------------------------------------------------------
 
@@ -248,10 +241,7 @@ class FastMistral:
         for linear in linears:
             target = out[:, column : column + linear.out_features]
             if self.use_kernels and not isinstance(linear, _MarlinLinear):
-                if x.shape[0] == 1 and not gated and K.gemv_fits(linear):
-                    K.gemv(x.half(), linear, target)
-                else:
-                    K.gptq_linear(x, linear, target, gated=gated)
+                K.gptq_linear(x, linear, target, gated=gated)
             else:
                 source = K.gated_product(x) if gated else x.half()
                 if isinstance(linear, _MarlinLinear):
@@ -386,25 +376,14 @@ class FastMistral:
         cache_rows = None if rows is None else rows[:batch]
         rows = torch.arange(batch, device=self.device) if cache_rows is None else cache_rows
         delta = None
-        fused = (
-            batch == 1 and cache_rows is None and self.use_kernels and self.fused_gemvs is not None
-        )
         for index, layer in enumerate(self.layers):
-            qkv, o, gate_up, down, sums = buf["outs"][index]
-            scale = None
-            if fused:  # residual add and norm inside the GEMVs; residual ping-pongs (`gemv`)
-                qkv_gemv, gate_up_gemv, down_gemv = self.fused_gemvs[index]
-                qkv = K.gemv(delta, qkv_gemv, qkv, norm=self._normed_input(
-                    residual, buf["residual_b"], layer.input_norm, layer.qkv_order, sums[:, 0]
-                ))  # fmt: skip
-                scale = K.RmsScale(sums[:, 0], self.hidden, self.eps)
-            elif delta is None:
+            qkv, o, gate_up, down = buf["outs"][index]
+            if delta is None:
                 self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
             else:
                 self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
-            if not fused:
-                qkv = self._linear(normed, layer.qkv, qkv)
-            q = self._rope_and_cache(index, qkv, positions, rows, buf["q"], scale)
+            qkv = self._linear(normed, layer.qkv, qkv)
+            q = self._rope_and_cache(index, qkv, positions, rows, buf["q"])
             caches = (self.k_cache[index], self.v_cache[index], lengths)
             if self.use_kernels and layer.o_order is not None:  # written in o_proj's order
                 o_in = buf["o_in"]
@@ -418,13 +397,6 @@ class FastMistral:
                     attn.copy_(K.decode_attention_reference(q, *caches, cache_rows))
                 o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
             o = self._linear(o_in, [layer.o], o)
-            if fused:
-                gate_up = K.gemv(o, gate_up_gemv, gate_up, norm=self._normed_input(
-                    buf["residual_b"], residual, layer.post_norm, layer.gate_up_order, sums[:, 1]
-                ))  # fmt: skip
-                scale = K.RmsScale(sums[:, 1], self.hidden, self.eps)
-                delta = K.gemv(gate_up, down_gemv, down, gated=scale)
-                continue
             self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
             gate_up = self._linear(normed, layer.gate_up, gate_up)
             delta = self._linear(gate_up, [layer.down], down, gated=True)
@@ -442,7 +414,6 @@ class FastMistral:
             self.hidden,
             sum(g.out_features for g in layer.gate_up),
             self.hidden,
-            16,  # the two norms' sums of squares when fused (`fused_gemvs`); 64-byte rows
         ]
         work, outs = None, [[None] * len(widths)] * len(self.layers)
         gemv = batch == 1 and not shared and any(self.gemv_race_won().values())
@@ -461,9 +432,6 @@ class FastMistral:
             "work": work,
             "outs": outs,
             "residual": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
-            "residual_b": torch.empty(
-                (batch, self.hidden), dtype=torch.float16, device=self.device
-            ),
             "normed": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
             "o_in": torch.empty(
                 (batch, self.heads * self.head_dim), dtype=torch.float16, device=self.device
@@ -549,60 +517,6 @@ class FastMistral:
         marlin_us = _graph_us(marlin, calls=1) / layers
         return round(ours_us, 2), round(marlin_us, 2)
 
-    def _fusable_gemvs(self) -> list[tuple] | None:
-        """The layers `K.gemv` runs in every batch-1 step where the norms can be fused into it.
-
-        Fused, a half-layer's residual add and RMSNorm happen inside the GEMV that reads their
-        output (q/k/v, gate/up) and the silu product inside down's: three kernels (and three
-        waits for the kernel before) fewer per layer. It needs our GEMV on all three layers
-        (the Triton kernel where `K.gemv_fits`; with Marlin, where the race chose it).
-        """
-
-        def gemv_layer(linears: list) -> Any:
-            if len(linears) != 1:
-                return None
-            linear = linears[0]
-            if isinstance(linear, _MarlinLinear):
-                return linear.dense if linear.gemv else None
-            return linear if K.gemv_fits(linear) else None
-
-        chosen = []
-        for layer in self.layers:
-            trio = (gemv_layer(layer.qkv), gemv_layer(layer.gate_up), gemv_layer([layer.down]))
-            if any(linear is None for linear in trio):
-                return None
-            chosen.append(trio)
-        return chosen
-
-    def _race_fusion(self) -> None:
-        """Time a batch-1 step with the norms fused into the GEMVs and without; keep the faster.
-
-        Each step is a CUDA graph (as the engine replays it). Fusing spares kernels but makes
-        the GEMVs regroup their inputs (`K.gemv`), so which is faster depends on the GPU.
-        Raced once per process and device (`_RACES`), for the same reason as `_race`.
-        """
-        fused = self.fused_gemvs
-        tokens = torch.zeros(1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(1, dtype=torch.long, device=self.device)
-
-        def step(gemvs: list | None) -> float:
-            self.fused_gemvs = gemvs
-            return round(_graph_us(lambda: self.decode(1, tokens, positions), calls=1), 1)
-
-        won = tuple(sorted(self.gemv_race_won().items()))
-        key = (self.device, "step", self.kernel, self.hidden, len(self.layers), won)
-        race = _RACES.get(key) or _RACES.setdefault(key, (step(fused), step(None)))
-        self.fused_race = race
-        self.fused_gemvs = fused if race[0] < race[1] else None
-
-    def _normed_input(
-        self, residual: torch.Tensor, residual_out: torch.Tensor, weight: torch.Tensor,
-        order: _Order | None, sums: torch.Tensor,
-    ) -> "K.NormedInput":  # fmt: skip
-        if order is None:
-            return K.NormedInput(residual, residual_out, weight, None, sums)
-        return K.NormedInput(residual, residual_out, order.norm, order.gather32, sums)
-
     def gemv_race_won(self) -> dict[str, bool]:
         """Per layer shape raced at load: whether batch-1 steps use our GEMV for it."""
         return {name: ours < marlin for name, (ours, marlin) in self.gemv_race.items()}
@@ -614,7 +528,7 @@ class FastMistral:
 
     def _rope_and_cache(
         self, index: int, qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-        q_out: torch.Tensor | None = None, scale: "K.RmsScale | None" = None,
+        q_out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Rotate q and k of each token, write k and v into its cache row; return q (fp16)."""
         count = qkv.shape[0]
@@ -623,7 +537,7 @@ class FastMistral:
                 q_out = torch.empty((count, self.heads, self.head_dim), dtype=torch.float16,
                                     device=self.device)  # fmt: skip
             return K.rope_and_cache(qkv, self.cos, self.sin, positions, rows, q_out,
-                                    self.k_cache[index], self.v_cache[index], scale)  # fmt: skip
+                                    self.k_cache[index], self.v_cache[index])  # fmt: skip
         q, k, v = self._split_qkv(qkv.half(), count)
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         q, k = K.rotate(q, cos, sin), K.rotate(k, cos, sin)
@@ -653,8 +567,7 @@ class FastMistral:
 
 
 _RACES: dict[tuple, tuple[float, float]] = {}
-"""The races of this process: (our GEMV, Marlin) µs per layer shape (`FastMistral._race`) and
-(fused, unfused) µs per batch-1 step (`FastMistral._race_fusion`)."""
+"""`FastMistral._race`'s results in this process: (our GEMV, Marlin) µs per layer shape."""
 
 
 def _graph_us(fn: Any, calls: int = 20, replays: int = 20) -> float:

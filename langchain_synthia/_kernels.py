@@ -15,7 +15,6 @@ Kernels compile on first use (Triton JIT, cached by Triton under ``~/.triton``);
 downloaded. The references run anywhere (the CPU path and the tests use them).
 """
 
-import dataclasses
 import functools
 import math
 import os
@@ -72,11 +71,6 @@ def gated_input(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` in fp16 (transformers' rounding) from a fused gate/up ``[M, 2K]``."""
     half = x.shape[1] // 2
     return torch.nn.functional.silu(x[:, :half].half()) * x[:, half:].half()
-
-
-_PLAIN, _NORMED, _GATED = 0, 1, 2
-"""The GEMV's input (`gemv`): `x` as it is; ``rms_norm(residual + delta)`` without its scalar
-factor (`NormedInput`); ``silu(gate) * up`` of a gate/up output with that factor (`RmsScale`)."""
 
 
 if triton is not None:
@@ -289,46 +283,11 @@ if triton is not None:
     two), minus 1024 exactly; rows 8p+j and 8p+j+4 share a half2 (nibbles j and j+4)."""
 
     @triton.jit
-    def _gemv_input(
-        x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, at, K, factor, owner,
-        INPUT: tl.constexpr, HAS_DELTA: tl.constexpr, GATHER: tl.constexpr,
-    ):  # fmt: skip
-        """The fp16 input at rows `at` (a step's, one per thread) and its ``h**2``'s sum.
-
-        Normed: ``h = residual + delta`` (fp16, as transformers rounds it) is the input column
-        ``gather[at]``; the `owner` programs (one per row) store it to `res_out_ptr` and count
-        its squares; the input is ``h * weight`` (fp16): the norm's ``rsqrt(mean(h**2) + eps)``
-        is left to whoever reads the output, since it needs every row.
-        """
-        squares = 0.0
-        if INPUT == 1:
-            src = tl.load(gather_ptr + at) if GATHER else at
-            h = tl.load(res_ptr + src).to(tl.float32)
-            if HAS_DELTA:
-                h += tl.load(x_ptr + src).to(tl.float16).to(tl.float32)
-            h = h.to(tl.float16)
-            tl.store(res_out_ptr + src, h, mask=owner)
-            h = h.to(tl.float32)
-            squares = tl.sum(h * h, axis=0)
-            x = (h * tl.load(norm_ptr + at).to(tl.float32)).to(tl.float16)
-        elif INPUT == 2:
-            gate = (tl.load(x_ptr + at) * factor).to(tl.float16).to(tl.float32)
-            up = (tl.load(x_ptr + K + at) * factor).to(tl.float16)
-            x = (gate / (1.0 + tl.exp(-gate))).to(tl.float16) * up
-        else:
-            x = tl.load(x_ptr + at).to(tl.float16)
-        return x, squares
-
-    @triton.jit
     def _input_pair(x_ptr, row, j: tl.constexpr):
         """Inputs of rows ``row + j`` (low half) and ``row + j + 4`` (high half), one int32."""
-        return _half2(tl.load(x_ptr + row + j), tl.load(x_ptr + row + j + 4))
-
-    @triton.jit
-    def _half2(low, high):
-        """Two fp16 vectors as one of int32 (`low` in the low half), a ``.f16x2`` operand."""
-        low = low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return low | (high.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        low = tl.load(x_ptr + row + j).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        high = tl.load(x_ptr + row + j + 4).to(tl.int16, bitcast=True).to(tl.int32)
+        return low | (high << 16)
 
     @triton.jit
     def _gemv_step(w_ptr, s_ptr, z_ptr, k0, N, offs_w, offs_n, GROUP: tl.constexpr):
@@ -353,15 +312,15 @@ if triton is not None:
         triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps)
         for block_n, split, warps in (
             (512, 32, 4), (512, 32, 8), (1024, 32, 4), (512, 32, 2), (256, 32, 2),
-            (512, 56, 4), (512, 28, 8), (256, 56, 4), (512, 16, 8), (128, 1, 4),
+            (512, 56, 4), (512, 28, 8), (256, 56, 4), (512, 16, 8), (256, 1, 4),
         )
     ]  # fmt: skip
 
     @triton.autotune(
         configs=_GEMV_CONFIGS,
-        key=["N", "K", "GROUP", "INPUT"],
+        key=["N", "K", "GROUP"],
         prune_configs_by={"early_config_prune": _valid_gemv_configs},
-        reset_to_zero=["out_ptr", "sums_ptr"],
+        reset_to_zero=["out_ptr"],
         warmup=5,
         rep=20,
         cache_results=True,
@@ -369,23 +328,19 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
-        res_ptr, res_out_ptr, norm_ptr, gather_ptr, sums_ptr, factor_ptr, width, eps,
         GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
-        INPUT: tl.constexpr, HAS_DELTA: tl.constexpr, GATHER: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``out += x @ W`` for one row of a 4-bit weight: `gemv`.
 
         Each thread owns whole columns, so nothing is reduced across threads: a step is one
         group of rows (at most 128), its `WORDS` words of codes loaded as one ``[WORDS,
-        BLOCK_N]`` tile, each word times its eight inputs in fp16x2 (`HALF2`: `_WORD_DOT`; in
-        fp32 otherwise, which Triton's interpreter runs), then ``scale * (dots - zero *
-        sum(x))`` per column. The step's inputs are made once (`_gemv_input`, one per thread),
-        then regrouped by word (through shared memory). Split-K programs add
-        atomically, and so do the normed input's sums of squares (into `sums_ptr`). The weights
-        of a step are loaded a step ahead, the first step's before the kernel waits for the one
+        BLOCK_N]`` tile, each word times its eight inputs (read as scalars) in fp16x2 (`HALF2`:
+        `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter runs), then ``scale * (dots
+        - zero * sum(x))`` per column. Split-K programs add atomically. The weights of a
+        step are loaded a step ahead, the first step's before the kernel waits for the one
         before it (`_after_previous`): weights never change, so under PDL their loads overlap
-        the previous kernel's end; only the activations have to wait.
+        the previous kernel's end; only the input `x` has to wait.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -400,13 +355,7 @@ if triton is not None:
         )
         words, scale, zero = tl.load(at_words), tl.load(at_scale), tl.load(at_zero)
         _after_previous(PDL)
-        factor = 1.0
-        if INPUT == 2:
-            factor = tl.rsqrt(tl.load(factor_ptr) / width + eps)
-        offs_s = tl.arange(0, step)
-        owner = offs_s * 0 + pid_n == 0  # the column block that stores h and counts squares
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        squares = 0.0
         for k0 in range(first, end, step):
             ahead = k0 + step
             more = offs_n * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
@@ -417,128 +366,64 @@ if triton is not None:
             next_scale = tl.load(at_scale, mask=more, other=0.0)
             next_zero = tl.load(at_zero, mask=more, other=0.0)
             rows = k0 + offs_w * 8
-            if HALF2 and INPUT == 0:  # each thread reads its words' inputs (cached): faster
-                pair0, pair1 = _input_pair(x_ptr, rows, 0), _input_pair(x_ptr, rows, 1)
-                pair2, pair3 = _input_pair(x_ptr, rows, 2), _input_pair(x_ptr, rows, 3)
-                xsum = tl.sum(tl.load(x_ptr + k0 + offs_s).to(tl.float32), axis=0)
-            else:  # the step's inputs made once, one per thread, then regrouped by word
-                x, step_squares = _gemv_input(
-                    x_ptr, res_ptr, res_out_ptr, norm_ptr, gather_ptr, k0 + offs_s, K, factor,
-                    owner, INPUT, HAS_DELTA, GATHER,
-                )  # fmt: skip
-                squares += step_squares
-                xsum = tl.sum(x.to(tl.float32), axis=0)
-                if HALF2:  # word w's half2 pairs (rows 8w + j and 8w + j + 4), j = 2b + c
-                    x = tl.permute(tl.reshape(x, [WORDS, 2, 2, 2]), [0, 2, 3, 1])  # [w, b, c, a]
-                    low, high = tl.split(x)
-                    pairs_c0, pairs_c1 = tl.split(_half2(low, high))
-                    pair0, pair2 = tl.split(pairs_c0)
-                    pair1, pair3 = tl.split(pairs_c1)
-                else:
-                    codes = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 15
-                    inputs = tl.reshape(x, [WORDS, 8]).to(tl.float32)
-                    products = tl.sum(codes.to(tl.float32) * inputs[:, :, None], axis=1)
             if HALF2:
                 products = tl.inline_asm_elementwise(
                     ASM, "=f,r,r,r,r,r",
-                    [words, pair0[:, None], pair1[:, None], pair2[:, None], pair3[:, None]],
+                    [words, _input_pair(x_ptr, rows, 0)[:, None],
+                     _input_pair(x_ptr, rows, 1)[:, None], _input_pair(x_ptr, rows, 2)[:, None],
+                     _input_pair(x_ptr, rows, 3)[:, None]],
                     dtype=tl.float32, is_pure=True, pack=1,
                 )  # fmt: skip
+            else:
+                products = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(8):
+                    code = ((words >> (4 * j)) & 15).to(tl.float32)
+                    products += code * tl.load(x_ptr + rows + j).to(tl.float32)[:, None]
             dots = tl.sum(products, axis=0)
+            xsum = tl.sum(tl.load(x_ptr + k0 + tl.arange(0, step)).to(tl.float32), axis=0)
             acc += scale.to(tl.float32) * (dots - zero.to(tl.float32) * xsum)
             words, scale, zero = next_words, next_scale, next_zero
         tl.atomic_add(out_ptr + offs_n, acc)
-        if INPUT == 1:
-            one = tl.arange(0, 1)
-            total = tl.zeros([1], tl.float32) + squares
-            tl.atomic_add(sums_ptr + one, total, mask=one + pid_n == 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class NormedInput:
-    """A GEMV input ``rms_norm(residual + delta)``, fused into the GEMV (`gemv`).
-
-    The GEMV stores ``residual + delta`` (fp16) into `residual_out`, adds its sum of squares
-    into `sums` (fp32 ``[1]``, zeroed by the caller) and multiplies ``(residual + delta) *
-    weight`` (fp16) by its weight: the norm's factor ``rsqrt(mean(h**2) + eps)`` is one scalar
-    for the whole row, so whoever reads the output applies it (`RmsScale`), which spares a
-    kernel and its wait in every half-layer of a batch-1 step.
-    """
-
-    residual: torch.Tensor
-    """fp16 ``[1, H]``, read."""
-    residual_out: torch.Tensor
-    """fp16 ``[1, H]``, written (not `residual`: other programs of the GEMV still read it)."""
-    weight: torch.Tensor
-    """The norm's weight, in the layer's input order."""
-    gather: torch.Tensor | None
-    """int32 ``[H]``: the residual column of each input row (act order), or None."""
-    sums: torch.Tensor
-    """fp32 ``[1]``, zeroed: receives ``sum(h**2)``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RmsScale:
-    """The RMSNorm factor ``rsqrt(sums / width + eps)`` of a `NormedInput`, applied by a reader."""
-
-    sums: torch.Tensor
-    width: int
-    eps: float
 
 
 def gemv_fits(layer: PackedLinear) -> bool:
     """Whether `gemv` takes `layer`.
 
     It takes 4-bit weights whose rows are in the input's order, groups of 32 rows or more that
-    are whole 128-row steps or divide one, and a multiple of 128 columns.
+    are whole 128-row steps or divide one, and a multiple of 256 columns.
     """
     group = layer.group_size
     return (
-        layer.bits == 4 and layer.perm is None and layer.out_features % 128 == 0
+        layer.bits == 4 and layer.perm is None and layer.out_features % 256 == 0
         and group >= 32 and (group % 128 == 0 or 128 % group == 0)
         and layer.in_features % min(group, 128) == 0
     )  # fmt: skip
 
 
-def gemv(
-    x: torch.Tensor | None, layer: PackedLinear, out: torch.Tensor, *,
-    norm: NormedInput | None = None, gated: RmsScale | None = None,
-) -> torch.Tensor:  # fmt: skip
+def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tensor:
     """Add ``x @ W`` for one row (fp32) into `out` ``[1, N]``, which the caller zeroed.
 
-    The batch-1 decode GEMV (`_gemv_kernel`, for layers that `gemv_fits`). Its input is `x`
-    (fp16), or with `norm` the (unscaled) RMSNorm of ``norm.residual + x`` (`x`: the fp32
-    output of the layer before, or None), or with `gated` ``silu(gate) * up`` of the fp32
-    fused gate/up output `x` ``[1, 2K]``, each half times the norm factor `gated`.
-    `FastMistral` races it against Marlin per layer shape at load (H200: it wins all four of
-    Synthia's, docs/benchmarks.md). It sums a word's eight products in fp16, so it is a little
-    less exact than Marlin (6.5e-4 against 2e-4 relative to the dequantised weight's product
-    on random layers).
+    The batch-1 decode GEMV (`_gemv_kernel`, for layers that `gemv_fits`). `FastMistral`
+    races it against Marlin per layer shape at load; on an H100 and an H200 it wins on
+    gate/up (about 21 against 26 µs a layer with weights read from memory, not from L2:
+    bench/gemv_sweep.py, docs/benchmarks.md). It sums a word's eight products in fp16, so
+    it is a little less exact than Marlin (6.5e-4 against 2e-4 relative to the dequantised
+    weight's product on random layers).
     """
     step = min(layer.group_size, 128)
-    half2 = out.is_cuda  # Triton's interpreter (the CPU tests) cannot run inline PTX
+    half2 = x.is_cuda  # Triton's interpreter (the CPU tests) cannot run inline PTX
 
     def grid(meta: dict) -> tuple[int, int]:
         return (layer.out_features // meta["BLOCK_N"], meta["SPLIT"])
 
-    mode, delta = (_NORMED if norm else _GATED if gated else _PLAIN), x is not None
-    x = x if x is not None else out  # unread without a delta
-    gather = norm.gather if norm is not None and norm.gather is not None else None
-    args = (
-        x, layer.qweight, layer.scales, layer.zeros, out, layer.in_features, layer.out_features,
-        norm.residual if norm else out, norm.residual_out if norm else out,
-        norm.weight if norm else out, gather if gather is not None else out,
-        norm.sums if norm else out, gated.sums if gated else out,
-        gated.width if gated else 1, gated.eps if gated else 0.0,
-    )  # fmt: skip
+    args = (x, layer.qweight, layer.scales, layer.zeros, out, layer.in_features,
+            layer.out_features)  # fmt: skip
     constants = {"GROUP": layer.group_size, "WORDS": step // 8, "HALF2": half2, "ASM": _WORD_DOT,
-                 "INPUT": mode, "HAS_DELTA": delta, "GATHER": gather is not None,
-                 **pdl(out.device)}  # fmt: skip
-    if out.is_cuda:
+                 **pdl(x.device)}  # fmt: skip
+    if x.is_cuda:
         _gemv_kernel[grid](*args, **constants)
     else:  # no autotuning under the interpreter
-        block_n = 256 if layer.out_features % 256 == 0 else 128
-        fixed = {"BLOCK_N": block_n, "SPLIT": 2 if layer.in_features % (2 * step) == 0 else 1}
+        fixed = {"BLOCK_N": 256, "SPLIT": 2 if layer.in_features % (2 * step) == 0 else 1}
         _gemv_kernel.fn[grid(fixed)](*args, **constants, **fixed)
     return out
 
@@ -903,29 +788,21 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(
         qkv_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
-        stride_qkv, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, sums_ptr, width, eps,
-        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        SCALED: tl.constexpr, PDL: tl.constexpr,
+        stride_qkv, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One head of one token: round to fp16, rotate q/k, write q out and k/v to the cache.
-
-        With `SCALED`, q/k/v are first multiplied by the `RmsScale` factor of the norm fused
-        into the GEMV that wrote them.
-        """
+        """One head of one token: round to fp16, rotate q/k, write q out and k/v to the cache."""
         _after_previous(PDL)
         token = tl.program_id(0)
         head = tl.program_id(1)
         half: tl.constexpr = HEAD_DIM // 2
         offs = tl.arange(0, HEAD_DIM)
         base = qkv_ptr + token * stride_qkv + head * HEAD_DIM
-        factor = 1.0
-        if SCALED:
-            factor = tl.rsqrt(tl.load(sums_ptr + token) / width + eps)
-        x = (tl.load(base + offs) * factor).to(tl.float16)
+        x = tl.load(base + offs).to(tl.float16)
         position = tl.load(positions_ptr + token)
         row = tl.load(rows_ptr + token)
         if head < HEADS + KV_HEADS:
-            partner = (tl.load(base + (offs + half) % HEAD_DIM) * factor).to(tl.float16)
+            partner = tl.load(base + (offs + half) % HEAD_DIM).to(tl.float16)
             rotated = tl.where(offs < half, -partner, partner)
             cos = tl.load(cos_ptr + position * HEAD_DIM + offs)
             sin = tl.load(sin_ptr + position * HEAD_DIM + offs)
@@ -942,21 +819,14 @@ if triton is not None:
 def rope_and_cache(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
     rows: torch.Tensor, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    scale: RmsScale | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """q/k rotary embedding and the k/v cache write for each token (``rows``: its cache row).
-
-    With `scale` (one token), q, k and v are first multiplied by its RMSNorm factor: `qkv`
-    is then the output of a GEMV with a `NormedInput`.
-    """
+    """q/k rotary embedding and the k/v cache write for each token (``rows``: its cache row)."""
     tokens = qkv.shape[0]
     heads, kv_heads, dim = q_out.shape[1], k_cache.shape[2], q_out.shape[2]
     _rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
         qkv, cos, sin, positions, rows, q_out, k_cache, v_cache,
         qkv.stride(0), q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        scale.sums if scale else qkv, scale.width if scale else 1, scale.eps if scale else 0.0,
-        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, SCALED=scale is not None,
-        num_warps=1, **pdl(qkv.device),
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, num_warps=1, **pdl(qkv.device),
     )  # fmt: skip
     return q_out

@@ -119,8 +119,6 @@ ROPE_CASES = [(8, 2, 64), (4, 2, 32)]
 
 GEMV_CASES = [32, 64, 128, 256, -1]
 """Group sizes of the batch-1 GEMV's cases (4-bit, rows in order; -1: one group)."""
-GEMV_NORMED_CASES = [(True, True), (False, True), (True, False)]
-"""(act-order gather, a delta to add) of the GEMV with the residual add and norm fused in."""
 
 
 def case_names() -> list[str]:
@@ -133,8 +131,6 @@ def case_names() -> list[str]:
         + [_norm_name(*c) for c in NORM_CASES]
         + [f"rope-h{h}-kv{kv}-d{d}" for h, kv, d in ROPE_CASES]
         + [f"gemv-g{group}" for group in GEMV_CASES]
-        + [_gemv_normed_name(*c) for c in GEMV_NORMED_CASES]
-        + ["gemv-silu"]
         + ["model"]
     )
 
@@ -142,10 +138,6 @@ def case_names() -> list[str]:
 def _linear_name(bits: int, group: int, m: int, act_order: bool) -> str:
     order = "act" if act_order else "ordered"
     return f"linear-{bits}bit-g{group}-m{m}-{order}"
-
-
-def _gemv_normed_name(gather: bool, delta: bool) -> str:
-    return f"gemv-normed-{'gather' if gather else 'ordered'}-{'delta' if delta else 'first'}"
 
 
 def _norm_name(n: int, residual: bool, strided: bool) -> str:
@@ -194,61 +186,6 @@ def check_gemv(group: int, gen: torch.Generator) -> dict:
         "rel_vs_reference": rel(out, K.gptq_linear_reference(x, packed)),
         "rel_vs_definition": rel(out, x.float() @ dequantize_reference(layer, 4)),
         "outside_written": float(outside.abs().max()),
-    }
-
-
-def check_gemv_normed(gather: bool, delta: bool, gen: torch.Generator) -> dict:
-    """`gemv` with a `NormedInput` against `add_rms_norm` then the layer, on the references."""
-    from langchain_synthia import _kernels as K
-    from langchain_synthia._gptq import pack_gptq
-
-    n, eps = 512, 1e-5
-    layer = random_gptq(K_IN, n, 4, 128, generator=gen, act_order=False)
-    packed = pack_gptq([layer], 4, 128)
-    weight = (torch.rand(K_IN, generator=gen) + 0.5).half()
-    order = torch.randperm(K_IN, generator=gen) if gather else torch.arange(K_IN)
-    residual = torch.randn(1, K_IN, generator=gen).half()
-    x = _padded(1, K_IN, torch.float32)  # the fp32 output of the layer before, sliced
-    x.copy_(torch.randn(1, K_IN, generator=gen) * 3)
-    before = residual.clone()
-    residual_out = torch.full_like(residual, float("nan"))
-    sums = torch.zeros(1)
-    out = _padded(1, n, torch.float32)
-    norm = K.NormedInput(
-        residual, residual_out, weight[order], order.to(torch.int32) if gather else None, sums
-    )
-    K.gemv(x if delta else None, packed, out, norm=norm)
-    h = (residual.float() + x.half().float()).half() if delta else residual.clone()
-    normed = K.rms_norm_reference(h, weight, eps)[:, order]
-    factor = torch.rsqrt(sums / K_IN + eps)
-    wide = out._base
-    return {
-        "residual_out_equal": bool(torch.equal(residual_out, h)),  # fp16(res + fp16(delta))
-        "residual_unchanged": bool(torch.equal(residual, before)),
-        "sums_rel": rel(sums, h.float().pow(2).sum(-1)),
-        "rel_vs_reference": rel(out * factor, K.gptq_linear_reference(normed, packed)),
-        "outside_written": float(torch.cat([wide[:, :8], wide[:, 8 + n :]], dim=1).abs().max()),
-    }
-
-
-def check_gemv_gated(gen: torch.Generator) -> dict:
-    """`gemv` of ``silu(gate) * up`` of an fp32 gate/up output times an `RmsScale` factor."""
-    from langchain_synthia import _kernels as K
-    from langchain_synthia._gptq import pack_gptq
-
-    n, eps, width = 256, 1e-5, 300
-    layer = random_gptq(K_IN, n, 4, 64, generator=gen, act_order=False)
-    packed = pack_gptq([layer], 4, 64)
-    gate_up = _padded(1, 2 * K_IN, torch.float32)
-    gate_up.copy_(torch.randn(1, 2 * K_IN, generator=gen) * 20)
-    sums = torch.tensor([float(width) * 90.0])  # a factor near 1/9.5
-    factor = torch.rsqrt(sums / width + eps)
-    out = _padded(1, n, torch.float32)
-    K.gemv(gate_up, packed, out, gated=K.RmsScale(sums, width, eps))
-    act = K.gated_input(gate_up * factor)
-    return {
-        "rel_vs_reference": rel(out, K.gptq_linear_reference(act, packed)),
-        "rel_vs_unscaled": rel(out, K.gptq_linear_reference(K.gated_input(gate_up), packed)),
     }
 
 
@@ -398,16 +335,11 @@ def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dic
     cos, sin = _rotary_tables(10000.0, dim, max_len, torch.device("cpu"))
     width = (heads + 2 * kv_heads) * dim
     results = {}
-    for kind in ("decode", "prefill", "scaled"):
-        scale = None
+    for kind in ("decode", "prefill"):
         if kind == "decode":  # one token per cache row, each at its own position
             tokens = 3
             rows = torch.randperm(cache_rows, generator=gen)[:tokens]
             positions = torch.randint(0, max_len, (tokens,), generator=gen)
-        elif kind == "scaled":  # one token, q/k/v times a fused norm's factor first
-            tokens = 1
-            rows, positions = torch.tensor([1]), torch.tensor([17])
-            scale = K.RmsScale(torch.tensor([50.0 * width]), width, 1e-5)  # factor about 1/7
         else:  # consecutive positions of one row
             tokens = 7
             rows = torch.full((tokens,), 2)
@@ -417,8 +349,7 @@ def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dic
         k_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
         v_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
         expected_k, expected_v = k_cache.clone(), v_cache.clone()
-        factor = 1.0 if scale is None else float(torch.rsqrt(scale.sums / width + scale.eps))
-        h = (qkv * factor).half()
+        h = qkv.half()
         q = h[:, : heads * dim].reshape(tokens, heads, dim)
         k = h[:, heads * dim : (heads + kv_heads) * dim].reshape(tokens, kv_heads, dim)
         v = h[:, (heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim)
@@ -427,7 +358,7 @@ def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dic
         expected_k[rows, positions] = K.rotate(k, c, s)
         expected_v[rows, positions] = v
         q_out = torch.full((tokens, heads, dim), float("nan"), dtype=torch.float16)
-        K.rope_and_cache(qkv, cos, sin, positions, rows, q_out, k_cache, v_cache, scale)
+        K.rope_and_cache(qkv, cos, sin, positions, rows, q_out, k_cache, v_cache)
         results[kind] = {
             "q_rel": rel(q_out, expected_q),
             "k_rel": rel(k_cache, expected_k),
@@ -477,20 +408,7 @@ def check_model(tiny: str, gen: torch.Generator) -> dict:
             decode.append([rel(out[row], ref[row]) for row in range(len(prompts))])
             agree &= _same_choice(out, ref)
             tokens, positions = ref.argmax(-1), positions + 1
-        # batch 1: the norms and the silu product fused into the GEMVs (`fused_gemvs`)
-        single, token, position = [], tokens[:1], positions[:1]
-        for _ in range(3):
-            ref, out = (m.decode(1, token, position) for m in models)
-            single.append(rel(out[0], ref[0]))
-            agree &= _same_choice(out, ref)
-            token, position = ref.argmax(-1), position + 1
-    return {
-        "rel_prefill": prefill,
-        "rel_decode_per_step_and_row": decode,
-        "rel_batch1_per_step": single,
-        "batch1_fused": models[1].fused_gemvs is not None,
-        "argmax_agrees": agree,
-    }
+    return {"rel_prefill": prefill, "rel_decode_per_step_and_row": decode, "argmax_agrees": agree}
 
 
 def _cases(tiny: str | None) -> dict[str, Callable[[torch.Generator], dict]]:
@@ -509,11 +427,6 @@ def _cases(tiny: str | None) -> dict[str, Callable[[torch.Generator], dict]]:
         cases[f"rope-h{h}-kv{kv}-d{d}"] = lambda g, c=(h, kv, d): check_rope(*c, g)
     for group in GEMV_CASES:
         cases[f"gemv-g{group}"] = lambda g, group=group: check_gemv(group, g)
-    for gather, delta in GEMV_NORMED_CASES:
-        cases[_gemv_normed_name(gather, delta)] = lambda g, c=(gather, delta): check_gemv_normed(
-            *c, g
-        )
-    cases["gemv-silu"] = check_gemv_gated
     if tiny:
         cases["model"] = lambda g: check_model(tiny, g)
     return cases
