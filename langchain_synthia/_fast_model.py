@@ -127,8 +127,6 @@ class _MarlinLinear:
         self.dense = pack_gptq(parts, bits, group) if dense else None
         self.gemv = False
         """Whether one row goes through `K.gemv` on `dense` (set by `FastMistral`'s race)."""
-        self.gemv_config: tuple[int, int, int] | None = None
-        """The GEMV configuration that won the race (`K.gemv_configs`)."""
         from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
         from gptqmodel.utils.backend import BACKEND
 
@@ -200,9 +198,8 @@ class FastMistral:
         self.norm = tensors["model.norm.weight"].to(torch.float16)
         self.lm_head = tensors["lm_head.weight"].to(torch.float16)
         tensors.close()
-        self.gemv_race: dict[str, tuple[float, float, tuple[int, int, int]]] = {}
-        """Per layer shape: (our GEMV, Marlin) µs for one row, timed at load, and our GEMV's
-        fastest configuration (see `_race`)."""
+        self.gemv_race: dict[str, tuple[float, float]] = {}
+        """Per layer shape: (our GEMV, Marlin) µs for one row, timed at load (see `_race`)."""
         if self.dense_prefill and self.use_kernels:
             self._race()
         theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
@@ -235,7 +232,7 @@ class FastMistral:
             if linear.dense is not None and x.shape[0] >= DENSE_ROWS:
                 return K.dense_matmul(source, linear.dense)
             if linear.gemv and out is not None and x.shape[0] == 1:
-                return K.gemv(source, linear.dense, out, linear.gemv_config)
+                return K.gemv(source, linear.dense, out)
             return linear(source)
         if out is None:
             width = sum(linear.out_features for linear in linears)
@@ -501,37 +498,28 @@ class FastMistral:
             self.gemv_race[name] = race
             for linear in firsts:
                 linear.gemv = race[0] < race[1]
-                linear.gemv_config = race[2]
 
-    def _race_one(self, firsts: list) -> tuple[float, float, tuple[int, int, int]]:
-        """(our GEMV, Marlin) µs per layer for one row, and the GEMV's configuration.
-
-        One call per layer in a CUDA graph. Every one of `K.gemv_configs` is timed so (cold)
-        and the fastest kept: Triton's autotuner would time them warm, from L2.
-        """
+    def _race_one(self, firsts: list) -> tuple[float, float]:
+        """(our GEMV, Marlin) µs per layer for one row, one call per layer in a CUDA graph."""
         x = torch.randn(1, firsts[0].in_features, dtype=torch.float16, device=self.device)
         out = torch.zeros(1, firsts[0].out_features, dtype=torch.float32, device=self.device)
 
-        def ours(config: tuple[int, int, int]) -> None:
+        def ours(x: torch.Tensor = x, out: torch.Tensor = out, firsts: list = firsts) -> None:
             for linear in firsts:
-                K.gemv(x, linear.dense, out, config)
+                K.gemv(x, linear.dense, out)
 
-        def marlin() -> None:
+        def marlin(x: torch.Tensor = x, firsts: list = firsts) -> None:
             for linear in firsts:
                 linear(x)
 
         layers = len(firsts)
-        timed = {
-            config: _graph_us(lambda config=config: ours(config), calls=1) / layers
-            for config in K.gemv_configs(firsts[0].dense)
-        }
-        config = min(timed, key=timed.__getitem__)
+        ours_us = _graph_us(ours, calls=1) / layers
         marlin_us = _graph_us(marlin, calls=1) / layers
-        return round(timed[config], 2), round(marlin_us, 2), config
+        return round(ours_us, 2), round(marlin_us, 2)
 
     def gemv_race_won(self) -> dict[str, bool]:
         """Per layer shape raced at load: whether batch-1 steps use our GEMV for it."""
-        return {name: race[0] < race[1] for name, race in self.gemv_race.items()}
+        return {name: ours < marlin for name, (ours, marlin) in self.gemv_race.items()}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -578,9 +566,8 @@ class FastMistral:
         return total
 
 
-_RACES: dict[tuple, tuple[float, float, tuple[int, int, int]]] = {}
-"""`FastMistral._race`'s results in this process: (our GEMV, Marlin) µs per layer shape, and
-the GEMV configuration that ran in that time."""
+_RACES: dict[tuple, tuple[float, float]] = {}
+"""`FastMistral._race`'s results in this process: (our GEMV, Marlin) µs per layer shape."""
 
 
 def _graph_us(fn: Any, calls: int = 20, replays: int = 20) -> float:

@@ -400,20 +400,7 @@ def gemv_fits(layer: PackedLinear) -> bool:
     )  # fmt: skip
 
 
-def gemv_configs(layer: PackedLinear) -> list[tuple[int, int, int]]:
-    """The configurations ``(BLOCK_N, SPLIT, num_warps)`` of `gemv` that fit `layer`."""
-    words = min(layer.group_size, 128) // 8
-    named = {"N": layer.out_features, "K": layer.in_features}
-    return [
-        (c.kwargs["BLOCK_N"], c.kwargs["SPLIT"], c.num_warps)
-        for c in _valid_gemv_configs(_GEMV_CONFIGS, named, WORDS=words)
-    ]
-
-
-def gemv(
-    x: torch.Tensor, layer: PackedLinear, out: torch.Tensor,
-    config: tuple[int, int, int] | None = None,
-) -> torch.Tensor:  # fmt: skip
+def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tensor:
     """Add ``x @ W`` for one row (fp32) into `out` ``[1, N]``, which the caller zeroed.
 
     The batch-1 decode GEMV (`_gemv_kernel`, for layers that `gemv_fits`). `FastMistral`
@@ -422,9 +409,6 @@ def gemv(
     bench/gemv_sweep.py, docs/benchmarks.md). It sums a word's eight products in fp16, so
     it is a little less exact than Marlin (6.5e-4 against 2e-4 relative to the dequantised
     weight's product on random layers).
-
-    `config` (one of `gemv_configs`) pins the configuration; without it Triton's autotuner
-    picks one, timing repeated calls on one layer (weights from L2, unlike a decode step).
     """
     step = min(layer.group_size, 128)
     half2 = x.is_cuda  # Triton's interpreter (the CPU tests) cannot run inline PTX
@@ -436,11 +420,7 @@ def gemv(
             layer.out_features)  # fmt: skip
     constants = {"GROUP": layer.group_size, "WORDS": step // 8, "HALF2": half2, "ASM": _WORD_DOT,
                  **pdl(x.device)}  # fmt: skip
-    if config is not None:
-        block_n, split, warps = config
-        fixed = {"BLOCK_N": block_n, "SPLIT": split}
-        _gemv_kernel.fn[grid(fixed)](*args, **constants, **fixed, num_warps=warps)
-    elif x.is_cuda:
+    if x.is_cuda:
         _gemv_kernel[grid](*args, **constants)
     else:  # no autotuning under the interpreter
         fixed = {"BLOCK_N": 256, "SPLIT": 2 if layer.in_features % (2 * step) == 0 else 1}
