@@ -186,8 +186,8 @@ class RemoteEngine:
             "add_special_tokens": True,
             "add_special": True,
         }
+        extra = {} if timeout is None else {"timeout": timeout}
         for path in ("/tokenize", "/extras/tokenize"):
-            extra = {} if timeout is None else {"timeout": timeout}
             response = self._http().post(f"{root}{path}", json=body, **extra)
             if response.status_code != 404:
                 break
