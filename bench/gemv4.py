@@ -15,8 +15,37 @@ import torch
 import triton
 import triton.language as tl
 
-from langchain_synthia import _kernels as K
 from langchain_synthia._gptq import PackedLinear
+
+_WORD_DOT = """
+{
+.reg .b32 k, t, a, b, c, d, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k, 0x64006400;
+lop3.b32 a, $1, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 4;
+lop3.b32 b, t, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 8;
+lop3.b32 c, t, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 12;
+lop3.b32 d, t, 0x000f000f, k, 0xea;
+sub.f16x2 a, a, k;
+sub.f16x2 b, b, k;
+sub.f16x2 c, c, k;
+sub.f16x2 d, d, k;
+mul.rn.f16x2 acc, a, $2;
+fma.rn.f16x2 acc, b, $3, acc;
+fma.rn.f16x2 acc, c, $4, acc;
+fma.rn.f16x2 acc, d, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
+"""One word of eight 4-bit codes (GPTQ's order: row 8p+j in nibble j) times its eight
+inputs in fp16x2, summed to fp32; rows 8p+j and 8p+j+4 share a half2."""
 
 
 @triton.jit
@@ -91,7 +120,9 @@ def gemv4(
 ) -> torch.Tensor:  # fmt: skip
     """Add ``x @ W`` (one row, fp32) into `out` ``[1, N]`` (zeroed by the caller).
 
-    For a 4-bit layer whose rows are already in `x`'s order (``perm is None``), ``N`` a
+    `layer`'s words are packed as GPTQ packs them (`kernel_probe.gptq_words`), not in the
+    engine's `word_slots` order. For a 4-bit layer whose rows are already in `x`'s order
+    (``perm is None``), ``N`` a
     multiple of `block_n` and ``K`` of ``block_k * split``; groups of 32 rows or more that
     divide `block_k` or are whole multiples of it.
     """
@@ -99,7 +130,7 @@ def gemv4(
     _gemv4_kernel[(n // block_n, split)](
         x, layer.qweight, layer.scales, layer.zeros, out, k, n,
         GROUP=layer.group_size, GROUPS=max(1, block_k // layer.group_size), BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT=split, HALF2=half2, ASM=K._WORD_DOT,
+        BLOCK_K=block_k, SPLIT=split, HALF2=half2, ASM=_WORD_DOT,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import _gptq_tensors
-from langchain_synthia._gptq import pack_gptq, unpack_rows
+from langchain_synthia._gptq import pack_gptq, pack_rows, unpack_words
 
 PRESORTED = ("gemv4", "gemlite", "marlin_sorted", "dequant+cublas", "cublas_fp16")
 GEMV4 = [  # our batch-1 GEMV's configurations: (block_n, block_k, split, half2)
@@ -66,11 +66,16 @@ def marlin_plain(qweight, qzeros, scales, bits, group, k, n):
     return module
 
 
+def gptq_words(packed):
+    """The layer's codes packed as GPTQ packs them (rows in order in a word), sorted rows."""
+    return pack_rows(unpack_words(packed.qweight, packed.bits), packed.bits)
+
+
 def gemlite(packed):
     import gemlite
     from gemlite import DType, GemLiteLinear
 
-    codes = unpack_rows(packed.qweight, packed.bits)  # [K, N], rows sorted
+    codes = unpack_words(packed.qweight, packed.bits)  # [K, N], rows sorted
     layer = GemLiteLinear(
         packed.bits,
         group_size=packed.group_size,
@@ -117,7 +122,13 @@ def main() -> None:
                     impls["marlin"] = lambda x, m=m: m(x)
                 elif impl == "marlin_sorted":
                     ms = marlin_plain(
-                        packed.qweight, part["qzeros"], part["scales"], args.bits, args.group, k, n
+                        gptq_words(packed),
+                        part["qzeros"],
+                        part["scales"],
+                        args.bits,
+                        args.group,
+                        k,
+                        n,
                     )
                     p = packed.perm.long()
                     impls["marlin_sorted"] = lambda x, m=ms: m(x)
@@ -155,15 +166,18 @@ def main() -> None:
                     impls["dequant+cublas"] = lambda x, p=packed: x @ K._dequantized(p)
                     impls["cublas_fp16"] = lambda x, w=dense: x @ w  # the fp16 model's bound
                 elif impl == "gemv4":  # ours, one row: every configuration in GEMV4
+                    import dataclasses
+
                     from gemv4 import gemv4
 
+                    natural = dataclasses.replace(packed, qweight=gptq_words(packed))
                     for block_n, block_k, split, half2 in GEMV4:
                         if n % block_n or k % (block_k * split):
                             continue
                         out = torch.zeros(1, n, device="cuda")
                         config = dict(block_n=block_n, block_k=block_k, split=split, half2=half2)
                         label = f"gemv4/{'h2' if half2 else 'f32'}/n{block_n}/k{block_k}/s{split}"
-                        impls[label] = lambda x, p=packed, o=out, c=config: gemv4(x, p, o, **c)
+                        impls[label] = lambda x, p=natural, o=out, c=config: gemv4(x, p, o, **c)
                         gemv_outs[label] = out  # zeroed before the checked call only
                 elif impl == "gemlite":
                     layer, gl = gemlite(packed)

@@ -12,6 +12,8 @@ A GPTQ (v1, AutoGPTQ) linear layer of ``K`` inputs and ``N`` outputs is stored a
 one group are scattered; we sort the rows by group once at load (``perm``), so that every group
 is a run of ``group_size`` consecutive rows, and the input is read as ``x[perm]``.
 Layers that read the same input with the same ``perm`` (q/k/v, gate/up) are fused along ``N``.
+Within a word the rows are reordered too (`pack_words`): even rows in the low half, odd rows in
+the high half, so that the batch-1 GEMV's fp16x2 pairs of codes meet pairs of adjacent inputs.
 
 `sort_rows` and `permute_columns` rewrite a checkpoint's tensors so that the network itself
 produces its inputs in sorted order (the fast model folds each ``perm`` into the norm before
@@ -30,7 +32,7 @@ class PackedLinear:
     """One (possibly fused) GPTQ linear layer, rows sorted by group, ready for the kernels."""
 
     qweight: torch.Tensor
-    """int32 ``[K / pack, N]``, same packing as GPTQ, rows in ``perm`` order."""
+    """int32 ``[K / pack, N]``: rows in ``perm`` order, packed by `pack_words`."""
     scales: torch.Tensor
     """fp16 ``[groups, N]``."""
     zeros: torch.Tensor
@@ -48,7 +50,7 @@ class PackedLinear:
 
     def dequantize(self) -> torch.Tensor:
         """The fp16 weight ``[K, N]`` in *original* row order (the reference for the kernels)."""
-        codes = unpack_rows(self.qweight, self.bits).to(torch.float32)
+        codes = unpack_words(self.qweight, self.bits).to(torch.float32)
         groups = torch.arange(self.in_features, device=codes.device) // self.group_size
         weight = (codes - self.zeros[groups].float()) * self.scales[groups].float()
         if self.perm is not None:
@@ -72,6 +74,34 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     grouped = codes.to(torch.int32).reshape(codes.shape[0] // pack, pack, codes.shape[1])
     shifts = torch.arange(0, 32, bits, device=codes.device, dtype=torch.int32)
     return (grouped << shifts[None, :, None]).sum(dim=1, dtype=torch.int32)
+
+
+def word_slots(bits: int) -> list[int]:
+    """The slot of each of a word's rows in `pack_words`'s order.
+
+    Row ``i`` sits in slot ``i // 2 + (pack / 2) * (i % 2)``: even rows in the low half, odd
+    rows in the high half. Slots ``j`` and ``j + pack / 2`` (4-bit: nibbles j and j+4, one
+    LOP3 apart in the GEMV's fp16x2 dequantisation) then hold rows ``2j`` and ``2j + 1``,
+    whose inputs are one aligned 32-bit load of fp16 pairs.
+    """
+    half = 32 // bits // 2
+    return [i // 2 + half * (i % 2) for i in range(2 * half)]
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[K, N]`` -> int32 ``[K / pack, N]``, rows in `word_slots` order."""
+    pack = 32 // bits
+    slots = word_slots(bits)
+    rows = [slots.index(slot) for slot in range(pack)]  # the row each slot holds
+    by_slot = codes.reshape(codes.shape[0] // pack, pack, codes.shape[1])[:, rows]
+    return pack_rows(by_slot.reshape(codes.shape), bits)
+
+
+def unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[K / pack, N]`` from `pack_words` -> uint8 codes ``[K, N]``."""
+    pack = 32 // bits
+    by_slot = unpack_rows(packed, bits).reshape(packed.shape[0], pack, packed.shape[1])
+    return by_slot[:, word_slots(bits)].reshape(packed.shape[0] * pack, packed.shape[1])
 
 
 def unpack_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -174,7 +204,7 @@ def pack_gptq(
         codes = unpack_rows(layer["qweight"], bits)
         if perm is not None:
             codes = codes[perm]
-        qweights.append(pack_rows(codes, bits))
+        qweights.append(pack_words(codes, bits))
         scale = layer["scales"].to(torch.float16)
         zero = unpack_columns(layer["qzeros"], bits) + 1  # v1 checkpoints store zero - 1
         scales.append(scale)

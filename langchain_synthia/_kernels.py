@@ -164,6 +164,13 @@ if triton is not None:
             if k % (c.kwargs["SPLIT"] * kwargs.get("BLOCK_K", named_args.get("BLOCK_K", 1))) == 0
         ] or configs[:1]  # fmt: skip
 
+    @triton.jit
+    def _slot_shifts(BITS: tl.constexpr):
+        """Where each of a word's rows sits, in bits (`word_slots`: even rows low, odd high)."""
+        pack: tl.constexpr = 32 // BITS
+        row = tl.arange(0, pack)
+        return BITS * (row // 2 + (pack // 2) * (row % 2))
+
     _CONFIGS = [
         triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps, num_stages=stages)
         for block_n in (64, 128)
@@ -201,7 +208,7 @@ if triton is not None:
         mask_m = offs_m < M
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        shifts = tl.arange(0, pack) * BITS
+        shifts = _slot_shifts(BITS)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         span = K // SPLIT
         for k0 in range(pid_k * span, (pid_k + 1) * span, BLOCK_K):
@@ -241,7 +248,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         packed = tl.load(w_ptr + offs_p[:, None] * N + offs_n[None, :], mask=mask_n[None, :])
-        shifts = tl.arange(0, pack) * BITS
+        shifts = _slot_shifts(BITS)
         codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
         codes = tl.reshape(codes, [BLOCK_K, BLOCK_N]).to(tl.float16)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -251,53 +258,105 @@ if triton is not None:
         out = out_ptr + offs_k[:, None] * N + offs_n[None, :]
         tl.store(out, (codes - zero) * scale, mask=mask_n[None, :])
 
-    _WORD_DOT = """
+    _WORDS_DOT = """
     {
-    .reg .b32 k, t, a, b, c, d, acc;
+    .reg .b32 k, s, t, a, b, c, d, acc;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
     mov.b32 k, 0x64006400;
+    mov.b32 s, 0x2c002c00;
     lop3.b32 a, $1, 0x000f000f, k, 0xea;
-    shr.u32 t, $1, 4;
-    lop3.b32 b, t, 0x000f000f, k, 0xea;
+    lop3.b32 b, $1, 0x00f000f0, k, 0xea;
     shr.u32 t, $1, 8;
     lop3.b32 c, t, 0x000f000f, k, 0xea;
-    shr.u32 t, $1, 12;
-    lop3.b32 d, t, 0x000f000f, k, 0xea;
-    sub.f16x2 a, a, k;
-    sub.f16x2 b, b, k;
-    sub.f16x2 c, c, k;
-    sub.f16x2 d, d, k;
-    mul.rn.f16x2 acc, a, $2;
-    fma.rn.f16x2 acc, b, $3, acc;
-    fma.rn.f16x2 acc, c, $4, acc;
-    fma.rn.f16x2 acc, d, $5, acc;
+    lop3.b32 d, t, 0x00f000f0, k, 0xea;
+    sub.f16x2 a, a, $11;
+    fma.rn.f16x2 b, b, s, $12;
+    sub.f16x2 c, c, $11;
+    fma.rn.f16x2 d, d, s, $12;
+    mul.rn.f16x2 acc, a, $3;
+    fma.rn.f16x2 acc, b, $4, acc;
+    fma.rn.f16x2 acc, c, $5, acc;
+    fma.rn.f16x2 acc, d, $6, acc;
+    lop3.b32 a, $2, 0x000f000f, k, 0xea;
+    lop3.b32 b, $2, 0x00f000f0, k, 0xea;
+    shr.u32 t, $2, 8;
+    lop3.b32 c, t, 0x000f000f, k, 0xea;
+    lop3.b32 d, t, 0x00f000f0, k, 0xea;
+    sub.f16x2 a, a, $11;
+    fma.rn.f16x2 b, b, s, $12;
+    sub.f16x2 c, c, $11;
+    fma.rn.f16x2 d, d, s, $12;
+    fma.rn.f16x2 acc, a, $7, acc;
+    fma.rn.f16x2 acc, b, $8, acc;
+    fma.rn.f16x2 acc, c, $9, acc;
+    fma.rn.f16x2 acc, d, $10, acc;
     mov.b32 {lo, hi}, acc;
     cvt.f32.f16 flo, lo;
     cvt.f32.f16 fhi, hi;
     add.f32 $0, flo, fhi;
     }
     """
-    """One word of eight 4-bit codes times its eight inputs, in fp16x2 (two products an
-    instruction), summed to fp32. ``0x6400 | code`` is the fp16 1024 + code (one LOP3 makes
-    two), minus 1024 exactly; rows 8p+j and 8p+j+4 share a half2 (nibbles j and j+4)."""
+    """Two words of eight 4-bit codes (`word_slots` order) times their sixteen inputs, summed
+    in fp16x2 (two products an instruction), then to fp32. ``0x6400 | code`` is the fp16
+    1024 + code, so one LOP3 makes two; nibbles 1, 3, 5 and 7 are taken without a shift, as
+    1024 + 16 * code, and scaled by 1/16 in the FMA that subtracts the zero point: one shift a
+    word. Every step is exact up to the products. Operands: the two words, their input pairs
+    (``$3``-``$10``), ``1024 + zero`` and ``-(64 + zero)`` (both halves)."""
 
     @triton.jit
-    def _input_pair(x_ptr, row, j: tl.constexpr):
-        """Inputs of rows ``row + j`` (low half) and ``row + j + 4`` (high half), one int32."""
-        low = tl.load(x_ptr + row + j).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        high = tl.load(x_ptr + row + j + 4).to(tl.int16, bitcast=True).to(tl.int32)
-        return low | (high << 16)
+    def _half2(value):
+        """fp16x2 with `value` (fp32, exact in fp16) in both halves, as an int32."""
+        bits = value.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return bits | (bits << 16)
 
     @triton.jit
     def _gemv_step(w_ptr, s_ptr, z_ptr, k0, N, offs_w, offs_n, GROUP: tl.constexpr):
-        """Where the step of rows from `k0` keeps its codes ``[WORDS, BLOCK_N]``, scales, zeros."""
+        """Where the step of rows from `k0` keeps its even words, scales and zeros.
+
+        Even words are a ``[WORDS / 2, BLOCK_N]`` tile; the odd words are one row further.
+        """
         group = (k0 // GROUP) * N + offs_n
         return (
             w_ptr + (k0 // 8 + offs_w)[:, None] * N + offs_n[None, :],
             s_ptr + group,
             z_ptr + group,
         )
+
+    @triton.jit
+    def _step_dots(
+        x_ptr, k0, offs_w, even, odd, zero, HALF2: tl.constexpr, ASM: tl.constexpr
+    ):  # fmt: skip
+        """Per column, ``sum((code - zero) * x)`` over the step's rows.
+
+        `even` and `odd` are the step's even and odd words; word ``w`` holds rows ``8w...8w+7``,
+        its slot ``j`` row ``2j`` and slot ``j + 4`` row ``2j + 1`` (`word_slots`), so the
+        inputs of slots j and j+4 are the fp16 pair at int32 ``4w + j`` of `x`.
+        """
+        words = k0 // 8 + offs_w
+        if HALF2:
+            pairs = x_ptr.to(tl.pointer_type(tl.int32)) + words * 4  # odd words' are 4 on
+            products = tl.inline_asm_elementwise(
+                ASM, "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+                [even, odd, tl.load(pairs)[:, None], tl.load(pairs + 1)[:, None],
+                 tl.load(pairs + 2)[:, None], tl.load(pairs + 3)[:, None],
+                 tl.load(pairs + 4)[:, None], tl.load(pairs + 5)[:, None],
+                 tl.load(pairs + 6)[:, None], tl.load(pairs + 7)[:, None],
+                 _half2(zero.to(tl.float32) + 1024.0)[None, :],
+                 _half2(-(zero.to(tl.float32) + 64.0))[None, :]],
+                dtype=tl.float32, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:  # in fp32: Triton's interpreter (the CPU tests) cannot run inline PTX
+            products = tl.zeros(even.shape, dtype=tl.float32)
+            for slot in tl.static_range(8):
+                row = 2 * (slot % 4) + slot // 4
+                low = tl.load(x_ptr + words * 8 + row).to(tl.float32)[:, None]
+                high = tl.load(x_ptr + words * 8 + 8 + row).to(tl.float32)[:, None]
+                codes = (even >> (4 * slot)) & 15
+                products += (codes.to(tl.float32) - zero.to(tl.float32)[None, :]) * low
+                codes = (odd >> (4 * slot)) & 15
+                products += (codes.to(tl.float32) - zero.to(tl.float32)[None, :]) * high
+        return tl.sum(products, axis=0)
 
     def _valid_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
         """Keep the tiles that divide N and the split-K factors that divide K's groups."""
@@ -307,12 +366,12 @@ if triton is not None:
             if n % c.kwargs["BLOCK_N"] == 0 and k % (8 * words * c.kwargs["SPLIT"]) == 0
         ] or configs[-1:]  # fmt: skip
 
-    _GEMV_CONFIGS = [  # the fastest of bench/gemv_sweep.py on an H100 and an H200; splits
-        # that divide down_proj's 112 groups; last, one that fits every layer `gemv_fits`
+    _GEMV_CONFIGS = [  # the fastest of bench/gemv_variants.py on an H200 (docs/benchmarks.md);
+        # last, one that fits every layer `gemv_fits`
         triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps)
         for block_n, split, warps in (
-            (512, 32, 4), (512, 32, 8), (1024, 32, 4), (512, 32, 2), (256, 32, 2),
-            (512, 56, 4), (512, 28, 8), (256, 56, 4), (512, 16, 8), (256, 1, 4),
+            (512, 32, 4), (256, 32, 2), (1024, 8, 8), (512, 8, 4), (512, 16, 4),
+            (512, 56, 4), (512, 28, 4), (256, 56, 4), (512, 112, 4), (256, 1, 4),
         )
     ]  # fmt: skip
 
@@ -334,18 +393,19 @@ if triton is not None:
         """``out += x @ W`` for one row of a 4-bit weight: `gemv`.
 
         Each thread owns whole columns, so nothing is reduced across threads: a step is one
-        group of rows (at most 128), its `WORDS` words of codes loaded as one ``[WORDS,
-        BLOCK_N]`` tile, each word times its eight inputs (read as scalars) in fp16x2 (`HALF2`:
-        `_WORD_DOT`; in fp32 otherwise, which Triton's interpreter runs), then ``scale * (dots
-        - zero * sum(x))`` per column. Split-K programs add atomically. The weights of a
-        step are loaded a step ahead, the first step's before the kernel waits for the one
-        before it (`_after_previous`): weights never change, so under PDL their loads overlap
-        the previous kernel's end; only the input `x` has to wait.
+        group of rows (at most 128), its `WORDS` words of codes loaded as two ``[WORDS / 2,
+        BLOCK_N]`` tiles (even and odd words), two words at a time times their inputs in fp16x2
+        (`HALF2`: `_WORDS_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
+        ``scale * dots`` per column. Split-K programs add atomically, relaxed: the kernel
+        after reads the sums only once this one has finished. The weights of a step are
+        loaded a step ahead, the first step's before the kernel waits for the one before it
+        (`_after_previous`): weights never change, so under PDL their loads overlap the
+        previous kernel's end; only the input `x` has to wait.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_w = tl.arange(0, WORDS)
+        offs_w = tl.arange(0, WORDS // 2) * 2
         span = K // SPLIT
         step: tl.constexpr = WORDS * 8
         first = pid_k * span
@@ -353,7 +413,8 @@ if triton is not None:
         at_words, at_scale, at_zero = _gemv_step(
             w_ptr, s_ptr, z_ptr, first, N, offs_w, offs_n, GROUP
         )
-        words, scale, zero = tl.load(at_words), tl.load(at_scale), tl.load(at_zero)
+        even, odd = tl.load(at_words), tl.load(at_words + N)
+        scale, zero = tl.load(at_scale), tl.load(at_zero)
         _after_previous(PDL)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(first, end, step):
@@ -362,28 +423,14 @@ if triton is not None:
             at_words, at_scale, at_zero = _gemv_step(
                 w_ptr, s_ptr, z_ptr, ahead, N, offs_w, offs_n, GROUP
             )
-            next_words = tl.load(at_words, mask=more[None, :], other=0)
+            next_even = tl.load(at_words, mask=more[None, :], other=0)
+            next_odd = tl.load(at_words + N, mask=more[None, :], other=0)
             next_scale = tl.load(at_scale, mask=more, other=0.0)
             next_zero = tl.load(at_zero, mask=more, other=0.0)
-            rows = k0 + offs_w * 8
-            if HALF2:
-                products = tl.inline_asm_elementwise(
-                    ASM, "=f,r,r,r,r,r",
-                    [words, _input_pair(x_ptr, rows, 0)[:, None],
-                     _input_pair(x_ptr, rows, 1)[:, None], _input_pair(x_ptr, rows, 2)[:, None],
-                     _input_pair(x_ptr, rows, 3)[:, None]],
-                    dtype=tl.float32, is_pure=True, pack=1,
-                )  # fmt: skip
-            else:
-                products = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
-                for j in tl.static_range(8):
-                    code = ((words >> (4 * j)) & 15).to(tl.float32)
-                    products += code * tl.load(x_ptr + rows + j).to(tl.float32)[:, None]
-            dots = tl.sum(products, axis=0)
-            xsum = tl.sum(tl.load(x_ptr + k0 + tl.arange(0, step)).to(tl.float32), axis=0)
-            acc += scale.to(tl.float32) * (dots - zero.to(tl.float32) * xsum)
-            words, scale, zero = next_words, next_scale, next_zero
-        tl.atomic_add(out_ptr + offs_n, acc)
+            dots = _step_dots(x_ptr, k0, offs_w, even, odd, zero, HALF2, ASM)
+            acc += scale.to(tl.float32) * dots
+            even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
+        tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
 
 
 def gemv_fits(layer: PackedLinear) -> bool:
@@ -404,11 +451,11 @@ def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tenso
     """Add ``x @ W`` for one row (fp32) into `out` ``[1, N]``, which the caller zeroed.
 
     The batch-1 decode GEMV (`_gemv_kernel`, for layers that `gemv_fits`). `FastMistral`
-    races it against Marlin per layer shape at load; on an H100 and an H200 it wins on
-    gate/up (about 21 against 26 µs a layer with weights read from memory, not from L2:
-    bench/gemv_sweep.py, docs/benchmarks.md). It sums a word's eight products in fp16, so
-    it is a little less exact than Marlin (6.5e-4 against 2e-4 relative to the dequantised
-    weight's product on random layers).
+    races it against Marlin per layer shape at load; on an H200 it wins on all four of
+    Mistral-7B's (µs a layer, weights read from memory, not from L2: q/k/v 4.8 against 10.0,
+    o 3.8 against 9.9, gate/up 20.5 against 26.1, down 10.6 against 16.3; docs/benchmarks.md).
+    It sums two words' sixteen products in fp16, so it is a little less exact than Marlin
+    (4.7e-4 against 2e-4 relative to the dequantised weight's product on random layers).
     """
     step = min(layer.group_size, 128)
     half2 = x.is_cuda  # Triton's interpreter (the CPU tests) cannot run inline PTX
@@ -418,7 +465,7 @@ def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tenso
 
     args = (x, layer.qweight, layer.scales, layer.zeros, out, layer.in_features,
             layer.out_features)  # fmt: skip
-    constants = {"GROUP": layer.group_size, "WORDS": step // 8, "HALF2": half2, "ASM": _WORD_DOT,
+    constants = {"GROUP": layer.group_size, "WORDS": step // 8, "HALF2": half2, "ASM": _WORDS_DOT,
                  **pdl(x.device)}  # fmt: skip
     if x.is_cuda:
         _gemv_kernel[grid](*args, **constants)

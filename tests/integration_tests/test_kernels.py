@@ -20,9 +20,12 @@ import torch
 from langchain_synthia._gptq import (
     pack_gptq,
     pack_rows,
+    pack_words,
     permute_columns,
     sort_rows,
     unpack_rows,
+    unpack_words,
+    word_slots,
 )
 from tests.conftest import tiny_model_path
 from tests.integration_tests._kernel_checks import (
@@ -196,6 +199,25 @@ def test_pack_rows_and_unpack_rows_are_inverse(bits: int) -> None:
     assert torch.equal(unpack_rows(pack_rows(random_codes, bits), bits), random_codes)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_words_puts_even_rows_low_and_odd_rows_high(bits: int) -> None:
+    """`PackedLinear`'s order: row ``2j`` of a word in slot ``j``, row ``2j + 1`` in slot
+    ``j + pack / 2``; 4-bit: nibbles j and j+4 (one fp16x2 in the GEMV) are rows 2j, 2j+1."""
+    pack = 32 // bits
+    codes = torch.randint(0, 2**bits, (64, 48), dtype=torch.uint8)
+    words = pack_words(codes, bits)
+    assert torch.equal(unpack_words(words, bits), codes)
+    slots = torch.tensor(word_slots(bits))
+    assert sorted(slots.tolist()) == list(range(pack))
+    k = torch.arange(64)
+    stored = (words.to(torch.int64)[k // pack] >> (bits * slots[k % pack])[:, None]) & (2**bits - 1)
+    assert torch.equal(stored, codes.to(torch.int64))
+    if bits == 4:
+        assert word_slots(4) == [0, 4, 1, 5, 2, 6, 3, 7]
+        row = torch.arange(8, dtype=torch.uint8)[:, None]
+        assert pack_words(row, 4).item() & 0xFFFFFFFF == 0x75316420
+
+
 def _assert_dequantized(weight: torch.Tensor, layer: dict[str, torch.Tensor], bits: int) -> None:
     """fp16 rounding of ``W`` and of ``zero * scale`` is the only difference allowed."""
     expected = dequantize_reference(layer, bits)
@@ -347,7 +369,7 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
         kernel = kernel.fn
     constants, pointers = PDL_KERNELS[name]
     if name == "_gemv_kernel":
-        constants = {**constants, "ASM": K._WORD_DOT}
+        constants = {**constants, "ASM": K._WORDS_DOT}
     for pdl in (True, False):
         values = {**constants, "PDL": pdl}
         signature = {

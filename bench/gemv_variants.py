@@ -1,0 +1,400 @@
+"""A/B of batch-1 GEMV variants, timed cold on the four Mistral-7B layer shapes.
+
+Each shape is timed as a decode step meets it: one call on each of 32 copies of the layer in
+a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every configuration of
+`CONFIGS`. Kernels:
+
+* `_orig_kernel`: the GEMV as it landed in 43c8a06, codes in GPTQ's order. ``RELAXED=False``
+  is its ``tl.atomic_add`` with Triton's default ordering, which compiles to ``MEMBAR.ALL.GPU;
+  ATOMG; CCTL.IVALL`` (a full fence before the split-K add, an L1 invalidation after);
+  ``RELAXED=True`` is one fire-and-forget ``REDG``.
+* `_paired_kernel`: relaxed, codes in `word_slots` order (a word's nibbles j and j+4 hold rows
+  2j and 2j+1, so its fp16x2 pairs are one aligned int32 of the input: 4 loads a word, not 8
+  loads and bit twiddling), the zero point subtracted in fp16x2 with the codes' bias (exact,
+  so no ``sum(x)`` and no cross-warp reduction a step). `_PAIRED_DOT` does a word at a time,
+  `_PAIRED_DOT2` two words summed in fp16x2, `_PAIRED_DOT3` two words with one shift a word
+  instead of three (what the engine adopted); ``VEC`` loads a word's four pairs in one 16-byte
+  load; ``READ`` does no arithmetic (XOR of the words): what memory alone allows.
+* ``engine``: `langchain_synthia._kernels.gemv` as the engine runs it (autotuned, PDL).
+
+Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran without PDL as
+``acq_rel``, ``relaxed``, ``paired`` (`_PAIRED_DOT`), ``paired2``, ``paired3`` and ``read``;
+round 2 (``-round2.json``) is the `variants` table below. Name variants to run only those.
+
+    python bench/gemv_variants.py [VARIANT ...]   (on a GPU; writes $OUT/gemv_variants.json)
+"""
+
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gemv4 import _WORD_DOT
+from kernel_probe import SHAPES
+
+from bench import _gptq_tensors
+from langchain_synthia import _kernels as K
+from langchain_synthia._fast_model import _graph_us
+from langchain_synthia._gptq import pack_gptq, pack_rows, sort_rows, unpack_words
+from langchain_synthia._kernels import _after_previous
+
+COPIES = 32
+CONFIGS = [(512, 32, 4), (512, 32, 8), (1024, 32, 4), (256, 32, 2), (512, 56, 4),
+           (512, 28, 8), (256, 56, 4), (512, 16, 8), (256, 16, 4), (512, 16, 4),
+           (512, 8, 4), (1024, 8, 4), (512, 4, 4), (256, 8, 4), (512, 14, 4), (512, 28, 4),
+           (1024, 16, 8), (1024, 8, 8)]  # fmt: skip
+
+_PAIRED_DOT = """
+{
+.reg .b32 k, t, a, b, c, d, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k, 0x64006400;
+lop3.b32 a, $1, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 4;
+lop3.b32 b, t, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 8;
+lop3.b32 c, t, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 12;
+lop3.b32 d, t, 0x000f000f, k, 0xea;
+sub.f16x2 a, a, $6;
+sub.f16x2 b, b, $6;
+sub.f16x2 c, c, $6;
+sub.f16x2 d, d, $6;
+mul.rn.f16x2 acc, a, $2;
+fma.rn.f16x2 acc, b, $3, acc;
+fma.rn.f16x2 acc, c, $4, acc;
+fma.rn.f16x2 acc, d, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
+
+_PAIRED_DOT3 = """
+{
+.reg .b32 k, s, t, a, b, c, d, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k, 0x64006400;
+mov.b32 s, 0x2c002c00;
+lop3.b32 a, $1, 0x000f000f, k, 0xea;
+lop3.b32 b, $1, 0x00f000f0, k, 0xea;
+shr.u32 t, $1, 8;
+lop3.b32 c, t, 0x000f000f, k, 0xea;
+lop3.b32 d, t, 0x00f000f0, k, 0xea;
+sub.f16x2 a, a, $11;
+fma.rn.f16x2 b, b, s, $12;
+sub.f16x2 c, c, $11;
+fma.rn.f16x2 d, d, s, $12;
+mul.rn.f16x2 acc, a, $3;
+fma.rn.f16x2 acc, b, $4, acc;
+fma.rn.f16x2 acc, c, $5, acc;
+fma.rn.f16x2 acc, d, $6, acc;
+lop3.b32 a, $2, 0x000f000f, k, 0xea;
+lop3.b32 b, $2, 0x00f000f0, k, 0xea;
+shr.u32 t, $2, 8;
+lop3.b32 c, t, 0x000f000f, k, 0xea;
+lop3.b32 d, t, 0x00f000f0, k, 0xea;
+sub.f16x2 a, a, $11;
+fma.rn.f16x2 b, b, s, $12;
+sub.f16x2 c, c, $11;
+fma.rn.f16x2 d, d, s, $12;
+fma.rn.f16x2 acc, a, $7, acc;
+fma.rn.f16x2 acc, b, $8, acc;
+fma.rn.f16x2 acc, c, $9, acc;
+fma.rn.f16x2 acc, d, $10, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
+"""Two words; nibbles 1 and 5, 3 and 7 taken unshifted (1024 + 16 code) and scaled by 1/16 in
+the zero point's FMA: one shift a word instead of three."""
+
+_PAIRED_DOT2 = """
+{
+.reg .b32 k, t, a, b, c, d, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k, 0x64006400;
+lop3.b32 a, $1, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 4;
+lop3.b32 b, t, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 8;
+lop3.b32 c, t, 0x000f000f, k, 0xea;
+shr.u32 t, $1, 12;
+lop3.b32 d, t, 0x000f000f, k, 0xea;
+sub.f16x2 a, a, $11;
+sub.f16x2 b, b, $11;
+sub.f16x2 c, c, $11;
+sub.f16x2 d, d, $11;
+mul.rn.f16x2 acc, a, $3;
+fma.rn.f16x2 acc, b, $4, acc;
+fma.rn.f16x2 acc, c, $5, acc;
+fma.rn.f16x2 acc, d, $6, acc;
+lop3.b32 a, $2, 0x000f000f, k, 0xea;
+shr.u32 t, $2, 4;
+lop3.b32 b, t, 0x000f000f, k, 0xea;
+shr.u32 t, $2, 8;
+lop3.b32 c, t, 0x000f000f, k, 0xea;
+shr.u32 t, $2, 12;
+lop3.b32 d, t, 0x000f000f, k, 0xea;
+sub.f16x2 a, a, $11;
+sub.f16x2 b, b, $11;
+sub.f16x2 c, c, $11;
+sub.f16x2 d, d, $11;
+fma.rn.f16x2 acc, a, $7, acc;
+fma.rn.f16x2 acc, b, $8, acc;
+fma.rn.f16x2 acc, c, $9, acc;
+fma.rn.f16x2 acc, d, $10, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
+
+
+@triton.jit
+def _input_pair(x_ptr, row, j: tl.constexpr):
+    low = tl.load(x_ptr + row + j).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high = tl.load(x_ptr + row + j + 4).to(tl.int16, bitcast=True).to(tl.int32)
+    return low | (high << 16)
+
+
+@triton.jit
+def _orig_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
+    WORDS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    RELAXED: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """The landed `_gemv_kernel` (GROUP 128, fp16x2, no PDL), with the atomic's ordering."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS)
+    span = K // SPLIT
+    step: tl.constexpr = WORDS * 8
+    first = pid_k * span
+    end = first + span
+    g = (first // 128) * N + offs_n
+    words = tl.load(w_ptr + (first // 8 + offs_w)[:, None] * N + offs_n[None, :])
+    scale, zero = tl.load(s_ptr + g), tl.load(z_ptr + g)
+    _after_previous(PDL)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(first, end, step):
+        ahead = k0 + step
+        more = offs_n * 0 + ahead < end
+        g = (ahead // 128) * N + offs_n
+        next_words = tl.load(w_ptr + (ahead // 8 + offs_w)[:, None] * N + offs_n[None, :],
+                             mask=more[None, :], other=0)  # fmt: skip
+        next_scale = tl.load(s_ptr + g, mask=more, other=0.0)
+        next_zero = tl.load(z_ptr + g, mask=more, other=0.0)
+        rows = k0 + offs_w * 8
+        products = tl.inline_asm_elementwise(
+            ASM, "=f,r,r,r,r,r",
+            [words, _input_pair(x_ptr, rows, 0)[:, None], _input_pair(x_ptr, rows, 1)[:, None],
+             _input_pair(x_ptr, rows, 2)[:, None], _input_pair(x_ptr, rows, 3)[:, None]],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+        dots = tl.sum(products, axis=0)
+        xsum = tl.sum(tl.load(x_ptr + k0 + tl.arange(0, step)).to(tl.float32), axis=0)
+        acc += scale.to(tl.float32) * (dots - zero.to(tl.float32) * xsum)
+        words, scale, zero = next_words, next_scale, next_zero
+    if RELAXED:
+        tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
+    else:
+        tl.atomic_add(out_ptr + offs_n, acc)
+
+
+@triton.jit
+def _biased_zero(zero):
+    """fp16x2 of ``1024 + zero`` in both halves (the codes' bias plus the zero point)."""
+    bits = (zero.to(tl.float32) + 1024.0).to(tl.float16).to(tl.int16, bitcast=True)
+    bits = bits.to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _biased_zero16(zero):
+    """fp16x2 of ``-(64 + zero)`` in both halves."""
+    bits = (-(zero.to(tl.float32) + 64.0)).to(tl.float16).to(tl.int16, bitcast=True)
+    bits = bits.to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _pairs(at):
+    """A word's four input pairs, one 16-byte load (not reordered across the PDL wait)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];",
+        "=r,=r,=r,=r,l",
+        [at],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _paired_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
+    WORDS: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    TWO: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr, VEC: tl.constexpr,
+):  # fmt: skip
+    """Paired nibbles: a word's fp16x2 pair j is int32 ``4 * word + j`` of the input."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    x32 = x_ptr.to(tl.pointer_type(tl.int32))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = WORDS // 2
+    offs_w = tl.arange(0, HALF) * 2  # even words; odd words are +1
+    span = K // SPLIT
+    step: tl.constexpr = WORDS * 8
+    first = pid_k * span
+    end = first + span
+    g = (first // 128) * N + offs_n
+    at = w_ptr + (first // 8 + offs_w)[:, None] * N + offs_n[None, :]
+    even, odd = tl.load(at), tl.load(at + N)
+    scale, zero = tl.load(s_ptr + g), tl.load(z_ptr + g)
+    _after_previous(PDL)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(first, end, step):
+        ahead = k0 + step
+        more1 = offs_n * 0 + ahead < end
+        more = more1[None, :]
+        g = (ahead // 128) * N + offs_n
+        at = w_ptr + (ahead // 8 + offs_w)[:, None] * N + offs_n[None, :]
+        next_even = tl.load(at, mask=more, other=0)
+        next_odd = tl.load(at + N, mask=more, other=0)
+        next_scale = tl.load(s_ptr + g, mask=more1, other=0.0)
+        next_zero = tl.load(z_ptr + g, mask=more1, other=0.0)
+        if READ:
+            dots = tl.sum(even ^ odd, axis=0).to(tl.float32)
+        else:
+            kz = _biased_zero(zero)[None, :]
+            pe = x32 + (k0 // 8 + offs_w) * 4
+            po = pe + 4
+            if VEC:
+                e0, e1, e2, e3 = _pairs(pe)
+                o0, o1, o2, o3 = _pairs(po)
+                products = tl.inline_asm_elementwise(
+                    ASM, "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+                    [even, odd, e0[:, None], e1[:, None], e2[:, None], e3[:, None],
+                     o0[:, None], o1[:, None], o2[:, None], o3[:, None], kz,
+                     _biased_zero16(zero)[None, :]],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+                dots = tl.sum(products, axis=0)
+            elif TWO:
+                products = tl.inline_asm_elementwise(
+                    ASM, "=f,r,r,r,r,r,r,r,r,r,r,r,r",
+                    [even, odd, tl.load(pe)[:, None], tl.load(pe + 1)[:, None],
+                     tl.load(pe + 2)[:, None], tl.load(pe + 3)[:, None], tl.load(po)[:, None],
+                     tl.load(po + 1)[:, None], tl.load(po + 2)[:, None],
+                     tl.load(po + 3)[:, None], kz, _biased_zero16(zero)[None, :]],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+                dots = tl.sum(products, axis=0)
+            else:
+                pe_products = tl.inline_asm_elementwise(
+                    ASM, "=f,r,r,r,r,r,r",
+                    [even, tl.load(pe)[:, None], tl.load(pe + 1)[:, None],
+                     tl.load(pe + 2)[:, None], tl.load(pe + 3)[:, None], kz],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+                po_products = tl.inline_asm_elementwise(
+                    ASM, "=f,r,r,r,r,r,r",
+                    [odd, tl.load(po)[:, None], tl.load(po + 1)[:, None],
+                     tl.load(po + 2)[:, None], tl.load(po + 3)[:, None], kz],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )  # fmt: skip
+                dots = tl.sum(pe_products + po_products, axis=0)
+        acc += scale.to(tl.float32) * dots
+        even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
+    tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
+
+
+def main() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    results: dict = {"device": torch.cuda.get_device_name(), "triton": triton.__version__}
+    base = {"TWO": True, "READ": False, "VEC": False}
+    variants = {  # name: kernel, constants, paired codes, PDL
+        "acq_rel_pdl": (_orig_kernel, {"ASM": _WORD_DOT, "RELAXED": False}, False, True),
+        "relaxed_pdl": (_orig_kernel, {"ASM": _WORD_DOT, "RELAXED": True}, False, True),
+        "paired3_pdl": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3}, True, True),
+        "paired4_pdl": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3, "VEC": True}, True, True),
+        "paired4": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3, "VEC": True}, True, False),
+        "read_pdl": (_paired_kernel, {**base, "ASM": "", "READ": True}, True, True),
+        "engine": (None, {}, True, True),  # `K.gemv` as the engine runs it (autotuned)
+    }
+    chosen = sys.argv[1:] or list(variants)
+    for name, (k, n) in SHAPES.items():
+        perm = torch.randperm(k, device="cuda", generator=gen)
+        part = {key: v.cuda() for key, v in _gptq_tensors(k, n, 4, 128, perm, gen).items()}
+        (part,), _ = sort_rows([part], 4, 128)
+        packed = [pack_gptq([part], 4, 128) for _ in range(COPIES)]  # `word_slots` order
+        natural = [pack_rows(unpack_words(p.qweight, 4), 4) for p in packed]  # GPTQ's order
+        x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+        out = torch.zeros(1, n, device="cuda")
+        ref = x.float() @ packed[0].dequantize().float()
+        packed_words = [p.qweight for p in packed]
+        for variant, (kernel, constants, is_paired, pdl) in variants.items():
+            if variant not in chosen:
+                continue
+            timed = []
+            if kernel is None:
+                out.zero_()
+                K.gemv(x, packed[0], out)
+                err = float((out - ref).norm() / ref.norm())
+                us = _graph_us(lambda p=packed: [K.gemv(x, q, out) for q in p], calls=1) / COPIES
+                config = K._gemv_kernel.best_config
+                results[f"{name}/{variant}"] = {"us": round(us, 2), "rel_err": err,
+                                                "config": str(config)}  # fmt: skip
+                print(f"{name:8s} {variant:8s} {us:.2f} µs, {config} (rel err {err:.1e})")
+                continue
+            for block_n, split, warps in CONFIGS:
+                if n % block_n or k % (128 * split):
+                    continue
+
+                def call(i, block_n=block_n, split=split, warps=warps, kernel=kernel,
+                         constants=constants, pdl=pdl, p=packed,
+                         words=packed_words if is_paired else natural):  # fmt: skip
+                    kernel[(n // block_n, split)](
+                        x, words[i], p[i].scales, p[i].zeros, out, k, n,
+                        WORDS=16, BLOCK_N=block_n, SPLIT=split, num_warps=warps, **constants,
+                        PDL=pdl, **({"launch_pdl": True} if pdl else {}),
+                    )  # fmt: skip
+
+                label = f"n{block_n}/s{split}/w{warps}"
+                try:
+                    out.zero_()
+                    call(0)
+                    err = float((out - ref).norm() / ref.norm())
+                    us = _graph_us(lambda c=call: [c(i) for i in range(COPIES)], calls=1)
+                    us /= COPIES
+                except Exception as error:
+                    results[f"{name}/{variant}/{label}"] = {"error": repr(error)[-300:]}
+                    print(name, variant, label, repr(error)[-300:], flush=True)
+                    continue
+                results[f"{name}/{variant}/{label}"] = {"us": round(us, 2), "rel_err": err}
+                timed.append((us, label, err))
+            timed.sort()
+            best = ", ".join(f"{label} {us:.2f}" for us, label, _ in timed[:3])
+            errs = max((e for _, _, e in timed), default=float("nan"))
+            print(f"{name:8s} {variant:8s} best: {best}  (max rel err {errs:.1e})", flush=True)
+        del packed, natural, packed_words
+        torch.cuda.empty_cache()
+    with open(os.path.join(os.environ.get("OUT", "."), "gemv_variants.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
