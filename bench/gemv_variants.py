@@ -15,7 +15,10 @@ a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every conf
   `_PAIRED_DOT2` two words summed in fp16x2, `_PAIRED_DOT3` two words with one shift a word
   instead of three (what the engine adopted); ``VEC`` loads a word's four pairs in one 16-byte
   load; ``READ`` does no arithmetic (XOR of the words): what memory alone allows.
-* ``engine``: `langchain_synthia._kernels.gemv` as the engine runs it (autotuned, PDL).
+* ``engine``: `langchain_synthia._kernels.gemv` as the engine runs it (autotuned, PDL);
+* ``streamk``: the engine's `_gemv_kernel` in every configuration of `STREAMK`: classic
+  split-K (``SPLIT`` programs a column tile) or an equal run of the work for each of
+  ``WAVES`` programs an SM.
 
 Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran without PDL as
 ``acq_rel``, ``relaxed``, ``paired`` (`_PAIRED_DOT`), ``paired2``, ``paired3`` and ``read``;
@@ -47,6 +50,14 @@ CONFIGS = [(512, 32, 4), (512, 32, 8), (1024, 32, 4), (256, 32, 2), (512, 56, 4)
            (512, 28, 8), (256, 56, 4), (512, 16, 8), (256, 16, 4), (512, 16, 4),
            (512, 8, 4), (1024, 8, 4), (512, 4, 4), (256, 8, 4), (512, 14, 4), (512, 28, 4),
            (1024, 16, 8), (1024, 8, 8)]  # fmt: skip
+
+STREAMK = [  # BLOCK_N, SPLIT (programs a tile; 0: WAVES programs an SM), WAVES, warps
+    (512, 32, 0, 4), (256, 32, 0, 2), (1024, 8, 0, 8), (512, 8, 0, 4), (512, 16, 0, 4),
+    (512, 56, 0, 4), (512, 28, 0, 4), (256, 56, 0, 4),
+    (512, 0, 1, 4), (512, 0, 2, 4), (512, 0, 3, 4), (512, 0, 4, 4), (512, 0, 6, 4),
+    (1024, 0, 1, 8), (1024, 0, 2, 8), (1024, 0, 3, 8), (256, 0, 4, 2), (256, 0, 6, 2),
+    (256, 0, 8, 2), (256, 0, 4, 4), (1024, 0, 2, 4), (512, 0, 2, 8),
+]  # fmt: skip
 
 _PAIRED_DOT = """
 {
@@ -322,6 +333,53 @@ def _paired_kernel(
     tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
 
 
+@triton.jit
+def _old_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, N, eps, gather_ptr,
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """`_add_rms_norm_kernel` as it landed in 43c8a06 (residual and gather, one row): waits
+    first, gathers through a global store and reload."""
+    _after_previous(PDL)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs).to(tl.float16)
+    x = (x.to(tl.float32) + tl.load(residual_ptr + offs).to(tl.float32)).to(tl.float16)
+    tl.store(residual_ptr + offs, x)
+    h = x.to(tl.float32)
+    scale = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    src = tl.load(gather_ptr + offs)
+    tl.debug_barrier()
+    h = tl.load(residual_ptr + src).to(tl.float32) * scale
+    tl.store(out_ptr + offs, (h.to(tl.float16) * tl.load(w_ptr + offs)).to(tl.float16))
+
+
+def norm_ab(results: dict) -> None:
+    """The residual add + RMSNorm + gather of a decode step, 64 calls in a graph (PDL)."""
+    n = 4096
+    x = torch.randn(1, n, device="cuda")
+    residual = torch.randn(1, n, device="cuda").half()
+    w = torch.rand(n, device="cuda").half()
+    gather = torch.randperm(n, device="cuda").to(torch.int32)
+    out = torch.empty(1, n, device="cuda").half()
+
+    def old() -> None:
+        _old_norm_kernel[(1,)](x, residual, w, out, n, 1e-5, gather, BLOCK=n, PDL=True,
+                               launch_pdl=True, num_warps=8)  # fmt: skip
+
+    def new() -> None:
+        K.add_rms_norm(x, residual, w, 1e-5, out, gather)
+
+    start = residual.clone()
+    old()
+    expected = out.clone()
+    residual.copy_(start)
+    new()
+    same = bool(torch.equal(out, expected))
+    for name, fn in (("old", old), ("new", new)):
+        us = _graph_us(lambda fn=fn: [fn() for _ in range(64)], calls=1) / 64
+        results[f"norm/{name}"] = round(us, 2)
+    results["norm/same_output"] = same
+    print(f"norm: old {results['norm/old']} µs, new {results['norm/new']} µs, same {same}")
+
+
 def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     results: dict = {"device": torch.cuda.get_device_name(), "triton": triton.__version__}
@@ -334,8 +392,11 @@ def main() -> None:
         "paired4": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3, "VEC": True}, True, False),
         "read_pdl": (_paired_kernel, {**base, "ASM": "", "READ": True}, True, True),
         "engine": (None, {}, True, True),  # `K.gemv` as the engine runs it (autotuned)
+        "streamk": ("streamk", {}, True, True),  # the engine's kernel in every STREAMK config
     }
-    chosen = sys.argv[1:] or list(variants)
+    chosen = sys.argv[1:] or [*variants, "norm"]
+    if "norm" in chosen:
+        norm_ab(results)
     for name, (k, n) in SHAPES.items():
         perm = torch.randperm(k, device="cuda", generator=gen)
         part = {key: v.cuda() for key, v in _gptq_tensors(k, n, 4, 128, perm, gen).items()}
@@ -350,6 +411,32 @@ def main() -> None:
             if variant not in chosen:
                 continue
             timed = []
+            if kernel == "streamk":
+                for block_n, split, waves, warps in STREAMK:
+                    if n % block_n or (not waves and k % (128 * split)):
+                        continue
+                    meta = {"BLOCK_N": block_n, "SPLIT": split, "WAVES": waves}
+                    grid = K.gemv_grid(x.device, packed[0], meta)
+
+                    def run(q, grid=grid, meta=meta, warps=warps):
+                        K._gemv_kernel.fn[grid](
+                            x, q.qweight, q.scales, q.zeros, out, k, n, GROUP=128, WORDS=16,
+                            HALF2=True, ASM=K._WORDS_DOT, **meta, PDL=True, launch_pdl=True,
+                            num_warps=warps,
+                        )  # fmt: skip
+
+                    out.zero_()
+                    run(packed[0])
+                    err = float((out - ref).norm() / ref.norm())
+                    us = _graph_us(lambda r=run, p=packed: [r(q) for q in p], calls=1) / COPIES
+                    label = f"n{block_n}/s{split}/v{waves}/w{warps}"
+                    results[f"{name}/{variant}/{label}"] = {"us": round(us, 2), "rel_err": err}
+                    timed.append((us, label, err))
+                timed.sort()
+                best = ", ".join(f"{label} {us:.2f}" for us, label, _ in timed[:4])
+                errs = max((e for _, _, e in timed), default=float("nan"))
+                print(f"{name:8s} {variant:8s} best: {best}  (max rel err {errs:.1e})", flush=True)
+                continue
             if kernel is None:
                 out.zero_()
                 K.gemv(x, packed[0], out)

@@ -302,7 +302,7 @@ def test_permuted_columns_are_the_outputs_in_that_order(bits: int) -> None:
 PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, pointers not fp16
     "_silu_mul_kernel": ({"BLOCK": 1024}, {"x_ptr": "*fp32"}),
     "_gemv_kernel": (
-        {"GROUP": 128, "WORDS": 16, "HALF2": True, "BLOCK_N": 512, "SPLIT": 32},
+        {"GROUP": 128, "WORDS": 16, "HALF2": True, "BLOCK_N": 512, "SPLIT": 0, "WAVES": 2},
         {"w_ptr": "*i32", "out_ptr": "*fp32"},
     ),
     "_decode_attention_kernel": (
@@ -333,8 +333,12 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
 }
 
 
-READ_EARLY = {"_gemv_kernel": ("w_ptr", "s_ptr", "z_ptr")}
-"""Kernels that load some of their pointers' data before they wait: weights, never written."""
+READ_EARLY = {
+    "_gemv_kernel": ("w_ptr", "s_ptr", "z_ptr"),
+    "_add_rms_norm_kernel": ("w_ptr", "gather_ptr"),
+}
+"""Kernels that load some of their pointers' data before they wait: weights and orders, never
+written."""
 
 
 def _addressed_from(body: str, kernel, params: tuple[str, ...]) -> set[str]:
@@ -355,8 +359,9 @@ def _addressed_from(body: str, kernel, params: tuple[str, ...]) -> set[str]:
 def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> None:
     """Compiled for a Hopper card (sm_90, no GPU needed), with `PDL` each kernel waits for the
     kernel before (``griddepcontrol.wait``) before it reads anything that kernel may write, and
-    lets the next one start; without it, neither instruction is there. Only the GEMV reads
-    ahead of the wait, and only its weights: every load there is addressed from them."""
+    lets the next one start; without it, neither instruction is there. Only the GEMV and the
+    norm read ahead of the wait, and only constants: every load there is addressed from their
+    weights (and the norm's gather order)."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
