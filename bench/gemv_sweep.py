@@ -52,10 +52,10 @@ def main() -> None:
                 continue
 
             def call(p, block_n=block_n, split=split, warps=warps):
-                K._gemv_kernel.fn[(n // block_n * split,)](
+                K._gemv_kernel.fn[(n // block_n, split)](
                     x, p.qweight, p.scales, p.zeros, out, k, n, GROUP=128, WORDS=16,
-                    HALF2=True, ASM=K._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, WAVES=0,
-                    PDL=False, num_warps=warps,
+                    HALF2=True, ASM=K._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, PDL=False,
+                    num_warps=warps,
                 )  # fmt: skip
 
             try:

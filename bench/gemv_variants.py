@@ -16,9 +16,11 @@ a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every conf
   instead of three (what the engine adopted); ``VEC`` loads a word's four pairs in one 16-byte
   load; ``READ`` does no arithmetic (XOR of the words): what memory alone allows.
 * ``engine``: `langchain_synthia._kernels.gemv` as the engine runs it (autotuned, PDL);
-* ``streamk``: the engine's `_gemv_kernel` in every configuration of `STREAMK`: classic
-  split-K (``SPLIT`` programs a column tile) or an equal run of the work for each of
-  ``WAVES`` programs an SM.
+* ``streamk``: `_streamk_kernel` (the engine's GEMV as it was in 5492a5a) in every
+  configuration of `STREAMK`: classic split-K (``SPLIT`` programs a column tile) or an equal
+  run of the work for each of ``WAVES`` programs an SM. Alone it was faster on gate/up
+  (``-streamk.json``), but in a decode step the step got slower, so it was reverted
+  (docs/benchmarks.md).
 
 Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran without PDL as
 ``acq_rel``, ``relaxed``, ``paired`` (`_PAIRED_DOT`), ``paired2``, ``paired3`` and ``read``;
@@ -43,7 +45,7 @@ from bench import _gptq_tensors
 from langchain_synthia import _kernels as K
 from langchain_synthia._fast_model import _graph_us
 from langchain_synthia._gptq import pack_gptq, pack_rows, sort_rows, unpack_words
-from langchain_synthia._kernels import _after_previous
+from langchain_synthia._kernels import _after_previous, _gemv_step, _step_dots
 
 COPIES = 32
 CONFIGS = [(512, 32, 4), (512, 32, 8), (1024, 32, 4), (256, 32, 2), (512, 56, 4),
@@ -351,6 +353,78 @@ def _old_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, N, eps, gather_ptr,
     tl.store(out_ptr + offs, (h.to(tl.float16) * tl.load(w_ptr + offs)).to(tl.float16))
 
 
+@triton.jit
+def _streamk_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
+    GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WAVES: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """`langchain_synthia._kernels.gemv`'s kernel as it was in 5492a5a (reverted).
+
+    The work is ``N / BLOCK_N`` column tiles times ``K / (8 * WORDS)`` steps of rows (one
+    group, at most 128 rows), numbered step-fastest; each program takes an equal run of
+    it (to within one step), adding its sums into `out` atomically (relaxed: the kernel
+    after reads them only once this one has finished) at the end of each tile it works
+    on. `streamk_grid` launches either ``SPLIT`` programs a tile (classic split-K), or
+    ``WAVES`` programs an SM, so that every SM gets the same share of the weights (no
+    tail of half-empty SMs).
+
+    Each thread owns whole columns, so nothing is reduced across threads: a step's
+    `WORDS` words of codes are loaded as two ``[WORDS / 2, BLOCK_N]`` tiles (even and odd
+    words), two words at a time times their inputs in fp16x2 (`HALF2`: `_WORDS_DOT`; in
+    fp32 otherwise, which Triton's interpreter runs), then ``scale * dots`` per column.
+    The weights of a step are loaded a step ahead, the first step's before the kernel
+    waits for the one before it (`_after_previous`): weights never change, so under PDL
+    their loads overlap the previous kernel's end; only the input `x` has to wait.
+    """
+    step: tl.constexpr = WORDS * 8
+    steps = K // step  # a tile's steps
+    work = (N // BLOCK_N) * steps
+    programs = tl.num_programs(0)
+    pid = tl.program_id(0)
+    begin = (pid * work) // programs
+    end = ((pid + 1) * work) // programs
+    offs_w = tl.arange(0, WORDS // 2) * 2
+    lane = tl.arange(0, BLOCK_N)
+    at_words, at_scale, at_zero = _gemv_step(
+        w_ptr, s_ptr, z_ptr, (begin % steps) * step, N, offs_w,
+        (begin // steps) * BLOCK_N + lane, GROUP,
+    )  # fmt: skip
+    even, odd = tl.load(at_words), tl.load(at_words + N)
+    scale, zero = tl.load(at_scale), tl.load(at_zero)
+    _after_previous(PDL)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for item in range(begin, end):
+        ahead = item + 1
+        more = lane * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
+        at_words, at_scale, at_zero = _gemv_step(
+            w_ptr, s_ptr, z_ptr, (ahead % steps) * step, N, offs_w,
+            (ahead // steps) * BLOCK_N + lane, GROUP,
+        )  # fmt: skip
+        next_even = tl.load(at_words, mask=more[None, :], other=0)
+        next_odd = tl.load(at_words + N, mask=more[None, :], other=0)
+        next_scale = tl.load(at_scale, mask=more, other=0.0)
+        next_zero = tl.load(at_zero, mask=more, other=0.0)
+        k0 = (item % steps) * step
+        dots = _step_dots(x_ptr, k0, offs_w, even, odd, zero, HALF2, ASM)
+        acc += scale.to(tl.float32) * dots
+        if (item % steps == steps - 1) | (ahead == end):  # the tile's or the run's end
+            tile = (item // steps) * BLOCK_N
+            tl.atomic_add(out_ptr + tile + lane, acc, sem="relaxed")
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
+
+
+def streamk_grid(layer, meta: dict) -> tuple[int]:
+    """Programs of `_streamk_kernel` for `layer` in configuration `meta`."""
+    tiles = layer.out_features // meta["BLOCK_N"]
+    work = tiles * (layer.in_features // min(layer.group_size, 128))
+    if not meta["WAVES"]:
+        return (tiles * meta["SPLIT"],)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return (min(work, meta["WAVES"] * sms),)
+
+
 def norm_ab(results: dict) -> None:
     """The residual add + RMSNorm + gather of a decode step, 64 calls in a graph (PDL)."""
     n = 4096
@@ -416,10 +490,10 @@ def main() -> None:
                     if n % block_n or (not waves and k % (128 * split)):
                         continue
                     meta = {"BLOCK_N": block_n, "SPLIT": split, "WAVES": waves}
-                    grid = K.gemv_grid(x.device, packed[0], meta)
+                    grid = streamk_grid(packed[0], meta)
 
                     def run(q, grid=grid, meta=meta, warps=warps):
-                        K._gemv_kernel.fn[grid](
+                        _streamk_kernel[grid](
                             x, q.qweight, q.scales, q.zeros, out, k, n, GROUP=128, WORDS=16,
                             HALF2=True, ASM=K._WORDS_DOT, **meta, PDL=True, launch_pdl=True,
                             num_warps=warps,

@@ -359,22 +359,19 @@ if triton is not None:
         return tl.sum(products, axis=0)
 
     def _valid_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
-        """Keep the tiles that divide N, and the split-K factors that divide K's steps."""
+        """Keep the tiles that divide N and the split-K factors that divide K's groups."""
         n, k, words = named_args["N"], named_args["K"], kwargs["WORDS"]
         return [
             c for c in configs
-            if n % c.kwargs["BLOCK_N"] == 0
-            and (c.kwargs["WAVES"] or k % (8 * words * c.kwargs["SPLIT"]) == 0)
+            if n % c.kwargs["BLOCK_N"] == 0 and k % (8 * words * c.kwargs["SPLIT"]) == 0
         ] or configs[-1:]  # fmt: skip
 
     _GEMV_CONFIGS = [  # the fastest of bench/gemv_variants.py on an H200 (docs/benchmarks.md);
         # last, one that fits every layer `gemv_fits`
-        triton.Config({"BLOCK_N": block_n, "SPLIT": split, "WAVES": waves}, num_warps=warps)
-        for block_n, split, waves, warps in (
-            (512, 32, 0, 4), (256, 32, 0, 2), (1024, 8, 0, 8), (512, 8, 0, 4), (512, 16, 0, 4),
-            (512, 56, 0, 4), (512, 28, 0, 4), (256, 56, 0, 4),
-            (512, 0, 2, 4), (512, 0, 3, 4), (512, 0, 4, 4), (1024, 0, 2, 8), (256, 0, 6, 2),
-            (256, 1, 0, 4),
+        triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps)
+        for block_n, split, warps in (
+            (512, 32, 4), (256, 32, 2), (1024, 8, 8), (512, 8, 4), (512, 16, 4),
+            (512, 56, 4), (512, 28, 4), (256, 56, 4), (512, 112, 4), (256, 1, 4),
         )
     ]  # fmt: skip
 
@@ -391,77 +388,49 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
         GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WAVES: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``out += x @ W`` for one row of a 4-bit weight: `gemv`.
 
-        The work is ``N / BLOCK_N`` column tiles times ``K / (8 * WORDS)`` steps of rows (one
-        group, at most 128 rows), numbered step-fastest; each program takes an equal run of
-        it (to within one step), adding its sums into `out` atomically (relaxed: the kernel
-        after reads them only once this one has finished) at the end of each tile it works
-        on. `gemv_grid` launches either ``SPLIT`` programs a tile (classic split-K), or
-        ``WAVES`` programs an SM, so that every SM gets the same share of the weights (no
-        tail of half-empty SMs).
-
-        Each thread owns whole columns, so nothing is reduced across threads: a step's
-        `WORDS` words of codes are loaded as two ``[WORDS / 2, BLOCK_N]`` tiles (even and odd
-        words), two words at a time times their inputs in fp16x2 (`HALF2`: `_WORDS_DOT`; in
-        fp32 otherwise, which Triton's interpreter runs), then ``scale * dots`` per column.
-        The weights of a step are loaded a step ahead, the first step's before the kernel
-        waits for the one before it (`_after_previous`): weights never change, so under PDL
-        their loads overlap the previous kernel's end; only the input `x` has to wait.
+        Each thread owns whole columns, so nothing is reduced across threads: a step is one
+        group of rows (at most 128), its `WORDS` words of codes loaded as two ``[WORDS / 2,
+        BLOCK_N]`` tiles (even and odd words), two words at a time times their inputs in fp16x2
+        (`HALF2`: `_WORDS_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
+        ``scale * dots`` per column. Split-K programs add atomically, relaxed: the kernel
+        after reads the sums only once this one has finished. The weights of a step are
+        loaded a step ahead, the first step's before the kernel waits for the one before it
+        (`_after_previous`): weights never change, so under PDL their loads overlap the
+        previous kernel's end; only the input `x` has to wait.
         """
-        step: tl.constexpr = WORDS * 8
-        steps = K // step  # a tile's steps
-        work = (N // BLOCK_N) * steps
-        programs = tl.num_programs(0)
-        pid = tl.program_id(0)
-        begin = (pid * work) // programs
-        end = ((pid + 1) * work) // programs
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, WORDS // 2) * 2
-        lane = tl.arange(0, BLOCK_N)
+        span = K // SPLIT
+        step: tl.constexpr = WORDS * 8
+        first = pid_k * span
+        end = first + span
         at_words, at_scale, at_zero = _gemv_step(
-            w_ptr, s_ptr, z_ptr, (begin % steps) * step, N, offs_w,
-            (begin // steps) * BLOCK_N + lane, GROUP,
-        )  # fmt: skip
+            w_ptr, s_ptr, z_ptr, first, N, offs_w, offs_n, GROUP
+        )
         even, odd = tl.load(at_words), tl.load(at_words + N)
         scale, zero = tl.load(at_scale), tl.load(at_zero)
         _after_previous(PDL)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for item in range(begin, end):
-            ahead = item + 1
-            more = lane * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
+        for k0 in range(first, end, step):
+            ahead = k0 + step
+            more = offs_n * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
             at_words, at_scale, at_zero = _gemv_step(
-                w_ptr, s_ptr, z_ptr, (ahead % steps) * step, N, offs_w,
-                (ahead // steps) * BLOCK_N + lane, GROUP,
-            )  # fmt: skip
+                w_ptr, s_ptr, z_ptr, ahead, N, offs_w, offs_n, GROUP
+            )
             next_even = tl.load(at_words, mask=more[None, :], other=0)
             next_odd = tl.load(at_words + N, mask=more[None, :], other=0)
             next_scale = tl.load(at_scale, mask=more, other=0.0)
             next_zero = tl.load(at_zero, mask=more, other=0.0)
-            k0 = (item % steps) * step
             dots = _step_dots(x_ptr, k0, offs_w, even, odd, zero, HALF2, ASM)
             acc += scale.to(tl.float32) * dots
-            if (item % steps == steps - 1) | (ahead == end):  # the tile's or the run's end
-                tile = (item // steps) * BLOCK_N
-                tl.atomic_add(out_ptr + tile + lane, acc, sem="relaxed")
-                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def gemv_grid(device: torch.device, layer: PackedLinear, meta: dict) -> tuple[int]:
-    """Programs of `_gemv_kernel` for `layer` in configuration `meta`."""
-    tiles = layer.out_features // meta["BLOCK_N"]
-    work = tiles * (layer.in_features // min(layer.group_size, 128))
-    if not meta["WAVES"]:
-        return (tiles * meta["SPLIT"],)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return (min(work, meta["WAVES"] * sms),)
+        tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
 
 
 def gemv_fits(layer: PackedLinear) -> bool:
@@ -491,8 +460,8 @@ def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tenso
     step = min(layer.group_size, 128)
     half2 = x.is_cuda  # Triton's interpreter (the CPU tests) cannot run inline PTX
 
-    def grid(meta: dict) -> tuple[int]:
-        return gemv_grid(x.device, layer, meta)
+    def grid(meta: dict) -> tuple[int, int]:
+        return (layer.out_features // meta["BLOCK_N"], meta["SPLIT"])
 
     args = (x, layer.qweight, layer.scales, layer.zeros, out, layer.in_features,
             layer.out_features)  # fmt: skip
@@ -500,8 +469,9 @@ def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tenso
                  **pdl(x.device)}  # fmt: skip
     if x.is_cuda:
         _gemv_kernel[grid](*args, **constants)
-    else:  # no autotuning under the interpreter: three programs, so runs cross tiles
-        _gemv_kernel.fn[(3,)](*args, **constants, BLOCK_N=256, SPLIT=0, WAVES=1)
+    else:  # no autotuning under the interpreter
+        fixed = {"BLOCK_N": 256, "SPLIT": 2 if layer.in_features % (2 * step) == 0 else 1}
+        _gemv_kernel.fn[grid(fixed)](*args, **constants, **fixed)
     return out
 
 

@@ -302,7 +302,7 @@ def test_permuted_columns_are_the_outputs_in_that_order(bits: int) -> None:
 PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, pointers not fp16
     "_silu_mul_kernel": ({"BLOCK": 1024}, {"x_ptr": "*fp32"}),
     "_gemv_kernel": (
-        {"GROUP": 128, "WORDS": 16, "HALF2": True, "BLOCK_N": 512, "SPLIT": 0, "WAVES": 2},
+        {"GROUP": 128, "WORDS": 16, "HALF2": True, "BLOCK_N": 512, "SPLIT": 32},
         {"w_ptr": "*i32", "out_ptr": "*fp32"},
     ),
     "_decode_attention_kernel": (
