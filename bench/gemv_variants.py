@@ -61,118 +61,32 @@ STREAMK = [  # BLOCK_N, SPLIT (programs a tile; 0: WAVES programs an SM), WAVES,
     (256, 0, 8, 2), (256, 0, 4, 4), (1024, 0, 2, 4), (512, 0, 2, 8),
 ]  # fmt: skip
 
-_PAIRED_DOT = """
-{
-.reg .b32 k, t, a, b, c, d, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 k, 0x64006400;
-lop3.b32 a, $1, 0x000f000f, k, 0xea;
-shr.u32 t, $1, 4;
-lop3.b32 b, t, 0x000f000f, k, 0xea;
-shr.u32 t, $1, 8;
-lop3.b32 c, t, 0x000f000f, k, 0xea;
-shr.u32 t, $1, 12;
-lop3.b32 d, t, 0x000f000f, k, 0xea;
-sub.f16x2 a, a, $6;
-sub.f16x2 b, b, $6;
-sub.f16x2 c, c, $6;
-sub.f16x2 d, d, $6;
-mul.rn.f16x2 acc, a, $2;
-fma.rn.f16x2 acc, b, $3, acc;
-fma.rn.f16x2 acc, c, $4, acc;
-fma.rn.f16x2 acc, d, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-"""
 
-_PAIRED_DOT3 = """
-{
-.reg .b32 k, s, t, a, b, c, d, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 k, 0x64006400;
-mov.b32 s, 0x2c002c00;
-lop3.b32 a, $1, 0x000f000f, k, 0xea;
-lop3.b32 b, $1, 0x00f000f0, k, 0xea;
-shr.u32 t, $1, 8;
-lop3.b32 c, t, 0x000f000f, k, 0xea;
-lop3.b32 d, t, 0x00f000f0, k, 0xea;
-sub.f16x2 a, a, $11;
-fma.rn.f16x2 b, b, s, $12;
-sub.f16x2 c, c, $11;
-fma.rn.f16x2 d, d, s, $12;
-mul.rn.f16x2 acc, a, $3;
-fma.rn.f16x2 acc, b, $4, acc;
-fma.rn.f16x2 acc, c, $5, acc;
-fma.rn.f16x2 acc, d, $6, acc;
-lop3.b32 a, $2, 0x000f000f, k, 0xea;
-lop3.b32 b, $2, 0x00f000f0, k, 0xea;
-shr.u32 t, $2, 8;
-lop3.b32 c, t, 0x000f000f, k, 0xea;
-lop3.b32 d, t, 0x00f000f0, k, 0xea;
-sub.f16x2 a, a, $11;
-fma.rn.f16x2 b, b, s, $12;
-sub.f16x2 c, c, $11;
-fma.rn.f16x2 d, d, s, $12;
-fma.rn.f16x2 acc, a, $7, acc;
-fma.rn.f16x2 acc, b, $8, acc;
-fma.rn.f16x2 acc, c, $9, acc;
-fma.rn.f16x2 acc, d, $10, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-"""
+def _paired_asm(words: int) -> str:
+    """`words` words (``$1``...) times their input pairs, three shifts a word, in fp16x2."""
+    body = []
+    for w in range(words):
+        word, x = f"${1 + w}", [f"${1 + words + 4 * w + j}" for j in range(4)]
+        body += [f"lop3.b32 a, {word}, 0x000f000f, k, 0xea;"]
+        for name, shift in (("b", 4), ("c", 8), ("d", 12)):
+            body += [f"shr.u32 t, {word}, {shift};", f"lop3.b32 {name}, t, 0x000f000f, k, 0xea;"]
+        body += [f"sub.f16x2 {name}, {name}, ${1 + 5 * words};" for name in "abcd"]
+        first = f"mul.rn.f16x2 acc, a, {x[0]};" if w == 0 else f"fma.rn.f16x2 acc, a, {x[0]}, acc;"
+        body += [first] + [
+            f"fma.rn.f16x2 acc, {n}, {x[j]}, acc;" for j, n in ((1, "b"), (2, "c"), (3, "d"))
+        ]
+    return "\n".join([
+        "{", ".reg .b32 k, t, a, b, c, d, acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
+        "mov.b32 k, 0x64006400;", *body, "mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;",
+        "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;", "}",
+    ])  # fmt: skip
+
+
+_PAIRED_DOT = _paired_asm(1)
+_PAIRED_DOT2 = _paired_asm(2)
+_PAIRED_DOT3 = K._WORDS_DOT
 """Two words; nibbles 1 and 5, 3 and 7 taken unshifted (1024 + 16 code) and scaled by 1/16 in
-the zero point's FMA: one shift a word instead of three."""
-
-_PAIRED_DOT2 = """
-{
-.reg .b32 k, t, a, b, c, d, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 k, 0x64006400;
-lop3.b32 a, $1, 0x000f000f, k, 0xea;
-shr.u32 t, $1, 4;
-lop3.b32 b, t, 0x000f000f, k, 0xea;
-shr.u32 t, $1, 8;
-lop3.b32 c, t, 0x000f000f, k, 0xea;
-shr.u32 t, $1, 12;
-lop3.b32 d, t, 0x000f000f, k, 0xea;
-sub.f16x2 a, a, $11;
-sub.f16x2 b, b, $11;
-sub.f16x2 c, c, $11;
-sub.f16x2 d, d, $11;
-mul.rn.f16x2 acc, a, $3;
-fma.rn.f16x2 acc, b, $4, acc;
-fma.rn.f16x2 acc, c, $5, acc;
-fma.rn.f16x2 acc, d, $6, acc;
-lop3.b32 a, $2, 0x000f000f, k, 0xea;
-shr.u32 t, $2, 4;
-lop3.b32 b, t, 0x000f000f, k, 0xea;
-shr.u32 t, $2, 8;
-lop3.b32 c, t, 0x000f000f, k, 0xea;
-shr.u32 t, $2, 12;
-lop3.b32 d, t, 0x000f000f, k, 0xea;
-sub.f16x2 a, a, $11;
-sub.f16x2 b, b, $11;
-sub.f16x2 c, c, $11;
-sub.f16x2 d, d, $11;
-fma.rn.f16x2 acc, a, $7, acc;
-fma.rn.f16x2 acc, b, $8, acc;
-fma.rn.f16x2 acc, c, $9, acc;
-fma.rn.f16x2 acc, d, $10, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-"""
+the zero point's FMA: one shift a word instead of three (what the engine adopted)."""
 
 
 @triton.jit

@@ -258,45 +258,44 @@ if triton is not None:
         out = out_ptr + offs_k[:, None] * N + offs_n[None, :]
         tl.store(out, (codes - zero) * scale, mask=mask_n[None, :])
 
-    _WORDS_DOT = """
+    _WORD_PRODUCTS = """
+    lop3.b32 a, {word}, 0x000f000f, k, 0xea;
+    lop3.b32 b, {word}, 0x00f000f0, k, 0xea;
+    shr.u32 t, {word}, 8;
+    lop3.b32 c, t, 0x000f000f, k, 0xea;
+    lop3.b32 d, t, 0x00f000f0, k, 0xea;
+    sub.f16x2 a, a, $11;
+    fma.rn.f16x2 b, b, s, $12;
+    sub.f16x2 c, c, $11;
+    fma.rn.f16x2 d, d, s, $12;
+    {first}
+    fma.rn.f16x2 acc, b, {x1}, acc;
+    fma.rn.f16x2 acc, c, {x2}, acc;
+    fma.rn.f16x2 acc, d, {x3}, acc;"""
+    """One word's eight products (the pairs of slots j and j+4 in a, b, c, d) into `acc`."""
+
+    _WORDS_DOT = (
+        """
     {
     .reg .b32 k, s, t, a, b, c, d, acc;
     .reg .b16 lo, hi;
     .reg .f32 flo, fhi;
     mov.b32 k, 0x64006400;
-    mov.b32 s, 0x2c002c00;
-    lop3.b32 a, $1, 0x000f000f, k, 0xea;
-    lop3.b32 b, $1, 0x00f000f0, k, 0xea;
-    shr.u32 t, $1, 8;
-    lop3.b32 c, t, 0x000f000f, k, 0xea;
-    lop3.b32 d, t, 0x00f000f0, k, 0xea;
-    sub.f16x2 a, a, $11;
-    fma.rn.f16x2 b, b, s, $12;
-    sub.f16x2 c, c, $11;
-    fma.rn.f16x2 d, d, s, $12;
-    mul.rn.f16x2 acc, a, $3;
-    fma.rn.f16x2 acc, b, $4, acc;
-    fma.rn.f16x2 acc, c, $5, acc;
-    fma.rn.f16x2 acc, d, $6, acc;
-    lop3.b32 a, $2, 0x000f000f, k, 0xea;
-    lop3.b32 b, $2, 0x00f000f0, k, 0xea;
-    shr.u32 t, $2, 8;
-    lop3.b32 c, t, 0x000f000f, k, 0xea;
-    lop3.b32 d, t, 0x00f000f0, k, 0xea;
-    sub.f16x2 a, a, $11;
-    fma.rn.f16x2 b, b, s, $12;
-    sub.f16x2 c, c, $11;
-    fma.rn.f16x2 d, d, s, $12;
-    fma.rn.f16x2 acc, a, $7, acc;
-    fma.rn.f16x2 acc, b, $8, acc;
-    fma.rn.f16x2 acc, c, $9, acc;
-    fma.rn.f16x2 acc, d, $10, acc;
+    mov.b32 s, 0x2c002c00;"""
+        + _WORD_PRODUCTS.format(
+            word="$1", first="mul.rn.f16x2 acc, a, $3;", x1="$4", x2="$5", x3="$6"
+        )
+        + _WORD_PRODUCTS.format(
+            word="$2", first="fma.rn.f16x2 acc, a, $7, acc;", x1="$8", x2="$9", x3="$10"
+        )
+        + """
     mov.b32 {lo, hi}, acc;
     cvt.f32.f16 flo, lo;
     cvt.f32.f16 fhi, hi;
     add.f32 $0, flo, fhi;
     }
     """
+    )
     """Two words of eight 4-bit codes (`word_slots` order) times their sixteen inputs, summed
     in fp16x2 (two products an instruction), then to fp32. ``0x6400 | code`` is the fp16
     1024 + code, so one LOP3 makes two; nibbles 1, 3, 5 and 7 are taken without a shift, as
