@@ -22,9 +22,10 @@ a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every conf
   (``-streamk.json``), but in a decode step the step got slower, so it was reverted
   (docs/benchmarks.md).
 
-Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran without PDL as
-``acq_rel``, ``relaxed``, ``paired`` (`_PAIRED_DOT`), ``paired2``, ``paired3`` and ``read``;
-round 2 (``-round2.json``) is the `variants` table below. Name variants to run only those.
+Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran the variants without
+PDL (``acq_rel`` ... ``read``), round 2 (``-round2.json``) those with ``_pdl`` and
+``paired4``, and the last run (``-streamk.json``) ``norm``, ``streamk`` and ``engine``. Name
+variants to run only those.
 
     python bench/gemv_variants.py [VARIANT ...]   (on a GPU; writes $OUT/gemv_variants.json)
 """
@@ -373,6 +374,12 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "triton": triton.__version__}
     base = {"TWO": True, "READ": False, "VEC": False}
     variants = {  # name: kernel, constants, paired codes, PDL
+        "acq_rel": (_orig_kernel, {"ASM": _WORD_DOT, "RELAXED": False}, False, False),
+        "relaxed": (_orig_kernel, {"ASM": _WORD_DOT, "RELAXED": True}, False, False),
+        "paired": (_paired_kernel, {**base, "ASM": _PAIRED_DOT, "TWO": False}, True, False),
+        "paired2": (_paired_kernel, {**base, "ASM": _PAIRED_DOT2}, True, False),
+        "paired3": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3}, True, False),
+        "read": (_paired_kernel, {**base, "ASM": "", "READ": True}, True, False),
         "acq_rel_pdl": (_orig_kernel, {"ASM": _WORD_DOT, "RELAXED": False}, False, True),
         "relaxed_pdl": (_orig_kernel, {"ASM": _WORD_DOT, "RELAXED": True}, False, True),
         "paired3_pdl": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3}, True, True),
@@ -380,7 +387,7 @@ def main() -> None:
         "paired4": (_paired_kernel, {**base, "ASM": _PAIRED_DOT3, "VEC": True}, True, False),
         "read_pdl": (_paired_kernel, {**base, "ASM": "", "READ": True}, True, True),
         "engine": (None, {}, True, True),  # `K.gemv` as the engine runs it (autotuned)
-        "streamk": ("streamk", {}, True, True),  # the engine's kernel in every STREAMK config
+        "streamk": ("streamk", {}, True, True),  # `_streamk_kernel` in every STREAMK config
     }
     chosen = sys.argv[1:] or [*variants, "norm"]
     if "norm" in chosen:

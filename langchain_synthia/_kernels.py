@@ -347,14 +347,14 @@ if triton is not None:
             )  # fmt: skip
         else:  # in fp32: Triton's interpreter (the CPU tests) cannot run inline PTX
             products = tl.zeros(even.shape, dtype=tl.float32)
+            rows = x_ptr + words * 8  # an odd word's rows are 8 on
+            z = zero.to(tl.float32)[None, :]
             for slot in tl.static_range(8):
                 row = 2 * (slot % 4) + slot // 4
-                low = tl.load(x_ptr + words * 8 + row).to(tl.float32)[:, None]
-                high = tl.load(x_ptr + words * 8 + 8 + row).to(tl.float32)[:, None]
-                codes = (even >> (4 * slot)) & 15
-                products += (codes.to(tl.float32) - zero.to(tl.float32)[None, :]) * low
-                codes = (odd >> (4 * slot)) & 15
-                products += (codes.to(tl.float32) - zero.to(tl.float32)[None, :]) * high
+                low = tl.load(rows + row).to(tl.float32)[:, None]
+                high = tl.load(rows + 8 + row).to(tl.float32)[:, None]
+                products += (((even >> (4 * slot)) & 15).to(tl.float32) - z) * low
+                products += (((odd >> (4 * slot)) & 15).to(tl.float32) - z) * high
         return tl.sum(products, axis=0)
 
     def _valid_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
