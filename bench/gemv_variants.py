@@ -21,6 +21,11 @@ a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every conf
   run of the work for each of ``WAVES`` programs an SM. Alone it was faster on gate/up
   (``-streamk.json``), but in a decode step the step got slower, so it was reverted
   (docs/benchmarks.md).
+* ``sweep``: the engine's kernel cold in every configuration of `SWEEP`, register caps
+  (``maxnreg``) included: what the autotuner, which times warm calls, may miss.
+* ``prefetch``: `_prefetch_kernel`, the engine's GEMV before it knew `K` when compiling: a
+  program of one step kept registers for a step ahead (compiled for sm_90 by Triton 3.9, 255
+  registers with 512 columns and 4 warps, against 96 without: 2 programs an SM, not 5).
 
 Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran the variants without
 PDL (``acq_rel`` ... ``read``), round 2 (``-round2.json``) those with ``_pdl`` and
@@ -53,6 +58,13 @@ CONFIGS = [(512, 32, 4), (512, 32, 8), (1024, 32, 4), (256, 32, 2), (512, 56, 4)
            (512, 28, 8), (256, 56, 4), (512, 16, 8), (256, 16, 4), (512, 16, 4),
            (512, 8, 4), (1024, 8, 4), (512, 4, 4), (256, 8, 4), (512, 14, 4), (512, 28, 4),
            (1024, 16, 8), (1024, 8, 8)]  # fmt: skip
+
+SWEEP = [  # BLOCK_N, SPLIT, warps, maxnreg (None: the compiler's choice) of the engine's kernel
+    (block_n, split, warps, regs)
+    for block_n, warps in ((256, 2), (256, 4), (512, 4), (512, 8), (1024, 8))
+    for split in (8, 16, 32, 56)
+    for regs in (None, 168, 128)
+]
 
 STREAMK = [  # BLOCK_N, SPLIT (programs a tile; 0: WAVES programs an SM), WAVES, warps
     (512, 32, 0, 4), (256, 32, 0, 2), (1024, 8, 0, 8), (512, 8, 0, 4), (512, 16, 0, 4),
@@ -369,6 +381,87 @@ def norm_ab(results: dict) -> None:
     print(f"norm: old {results['norm/old']} µs, new {results['norm/new']} µs, same {same}")
 
 
+@triton.jit
+def _prefetch_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
+    GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """The engine's GEMV as it was in 9d16b19: a step ahead in registers, even with one step.
+
+    ``out += x @ W`` for one row of a 4-bit weight.
+
+    Each thread owns whole columns, so nothing is reduced across threads: a step is one
+    group of rows (at most 128), its `WORDS` words of codes loaded as two ``[WORDS / 2,
+    BLOCK_N]`` tiles (even and odd words), two words at a time times their inputs in fp16x2
+    (`HALF2`: `_WORDS_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
+    ``scale * dots`` per column. Split-K programs add atomically, relaxed: the kernel
+    after reads the sums only once this one has finished. The weights of a step are
+    loaded a step ahead, the first step's before the kernel waits for the one before it
+    (`_after_previous`): weights never change, so under PDL their loads overlap the
+    previous kernel's end; only the input `x` has to wait.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WORDS // 2) * 2
+    span = K // SPLIT
+    step: tl.constexpr = WORDS * 8
+    first = pid_k * span
+    end = first + span
+    at_words, at_scale, at_zero = _gemv_step(w_ptr, s_ptr, z_ptr, first, N, offs_w, offs_n, GROUP)
+    even, odd = tl.load(at_words), tl.load(at_words + N)
+    scale, zero = tl.load(at_scale), tl.load(at_zero)
+    _after_previous(PDL)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(first, end, step):
+        ahead = k0 + step
+        more = offs_n * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
+        at_words, at_scale, at_zero = _gemv_step(
+            w_ptr, s_ptr, z_ptr, ahead, N, offs_w, offs_n, GROUP
+        )
+        next_even = tl.load(at_words, mask=more[None, :], other=0)
+        next_odd = tl.load(at_words + N, mask=more[None, :], other=0)
+        next_scale = tl.load(at_scale, mask=more, other=0.0)
+        next_zero = tl.load(at_zero, mask=more, other=0.0)
+        dots = _step_dots(x_ptr, k0, offs_w, even, odd, zero, HALF2, ASM)
+        acc += scale.to(tl.float32) * dots
+        even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
+    tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
+
+
+def sweep(name: str, packed: list, x, out, ref, results: dict) -> None:
+    """The engine's `_gemv_kernel` in every `SWEEP` configuration, register caps included."""
+    k, n = packed[0].in_features, packed[0].out_features
+    timed = []
+    for block_n, split, warps, regs in SWEEP:
+        if n % block_n or k % (128 * split):
+            continue
+        caps = {} if regs is None else {"maxnreg": regs}
+
+        def run(q, block_n=block_n, split=split, warps=warps, caps=caps):
+            K._gemv_kernel.fn[(n // block_n, split)](
+                x, q.qweight, q.scales, q.zeros, out, k, n, GROUP=128, WORDS=16, HALF2=True,
+                ASM=K._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, PDL=True, launch_pdl=True,
+                num_warps=warps, **caps,
+            )  # fmt: skip
+
+        label = f"n{block_n}/s{split}/w{warps}/r{regs}"
+        try:
+            out.zero_()
+            run(packed[0])
+            err = float((out - ref).norm() / ref.norm())
+            us = _graph_us(lambda r=run, p=packed: [r(q) for q in p], calls=1) / COPIES
+        except Exception as error:
+            results[f"{name}/sweep/{label}"] = {"error": repr(error)[-300:]}
+            print(name, "sweep", label, repr(error)[-300:], flush=True)
+            continue
+        results[f"{name}/sweep/{label}"] = {"us": round(us, 2), "rel_err": err}
+        timed.append((us, label))
+    timed.sort()
+    print(f"{name:8s} sweep    best: " + ", ".join(f"{lb} {us:.2f}" for us, lb in timed[:6]))
+
+
 def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     results: dict = {"device": torch.cuda.get_device_name(), "triton": triton.__version__}
@@ -388,6 +481,13 @@ def main() -> None:
         "read_pdl": (_paired_kernel, {**base, "ASM": "", "READ": True}, True, True),
         "engine": (None, {}, True, True),  # `K.gemv` as the engine runs it (autotuned)
         "streamk": ("streamk", {}, True, True),  # `_streamk_kernel` in every STREAMK config
+        "sweep": ("sweep", {}, True, True),  # the engine's kernel in every SWEEP config
+        "prefetch": (
+            _prefetch_kernel,
+            {"GROUP": 128, "HALF2": True, "ASM": K._WORDS_DOT},
+            True,
+            True,
+        ),
     }
     chosen = sys.argv[1:] or [*variants, "norm"]
     if "norm" in chosen:
@@ -406,6 +506,9 @@ def main() -> None:
             if variant not in chosen:
                 continue
             timed = []
+            if kernel == "sweep":
+                sweep(name, packed, x, out, ref, results)
+                continue
             if kernel == "streamk":
                 for block_n, split, waves, warps in STREAMK:
                     if n % block_n or (not waves and k % (128 * split)):

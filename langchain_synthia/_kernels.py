@@ -365,12 +365,13 @@ if triton is not None:
             if n % c.kwargs["BLOCK_N"] == 0 and k % (8 * words * c.kwargs["SPLIT"]) == 0
         ] or configs[-1:]  # fmt: skip
 
-    _GEMV_CONFIGS = [  # the fastest of bench/gemv_variants.py on an H200 (docs/benchmarks.md);
-        # last, one that fits every layer `gemv_fits`
-        triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps)
-        for block_n, split, warps in (
-            (512, 32, 4), (256, 32, 2), (1024, 8, 8), (512, 8, 4), (512, 16, 4),
-            (512, 56, 4), (512, 28, 4), (256, 56, 4), (512, 112, 4), (256, 1, 4),
+    _GEMV_CONFIGS = [  # per split-K class, the two fastest timed cold on an H200
+        # (`bench/gemv_variants.py sweep`, docs/benchmarks.md): 32 splits for 4,096 inputs (one
+        # 128-row step a program), 56 for 14,336 (two); last, one that fits every layer
+        triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps, maxnreg=regs)
+        for block_n, split, warps, regs in (
+            (512, 32, 4, 168), (1024, 32, 8, 128), (512, 56, 4, 128), (1024, 56, 8, None),
+            (256, 1, 4, None),
         )
     ]  # fmt: skip
 
@@ -385,7 +386,7 @@ if triton is not None:
     )
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
+        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K: tl.constexpr, N,
         GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
@@ -399,13 +400,14 @@ if triton is not None:
         after reads the sums only once this one has finished. The weights of a step are
         loaded a step ahead, the first step's before the kernel waits for the one before it
         (`_after_previous`): weights never change, so under PDL their loads overlap the
-        previous kernel's end; only the input `x` has to wait.
+        previous kernel's end; only the input `x` has to wait. A program of one step (`K` is a
+        constant, so that is known when compiling) holds no registers for a step ahead.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, WORDS // 2) * 2
-        span = K // SPLIT
+        span: tl.constexpr = K // SPLIT
         step: tl.constexpr = WORDS * 8
         first = pid_k * span
         end = first + span
@@ -415,6 +417,10 @@ if triton is not None:
         even, odd = tl.load(at_words), tl.load(at_words + N)
         scale, zero = tl.load(at_scale), tl.load(at_zero)
         _after_previous(PDL)
+        if span == step:
+            dots = _step_dots(x_ptr, first, offs_w, even, odd, zero, HALF2, ASM)
+            tl.atomic_add(out_ptr + offs_n, scale.to(tl.float32) * dots, sem="relaxed")
+            return
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(first, end, step):
             ahead = k0 + step

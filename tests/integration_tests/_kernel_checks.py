@@ -181,10 +181,21 @@ def check_gemv(group: int, gen: torch.Generator) -> dict:
     K.gemv(x, packed, out)
     wide = out._base
     outside = torch.cat([wide[:, :8], wide[:, 8 + n :]], dim=1)
+    # `gemv` runs several steps a program here; the kernel's other path, one step a program
+    # (no step ahead), is what the autotuner picks for the GPU's small layers
+    step = min(packed.group_size, 128)
+    single = torch.zeros(1, n)
+    K._gemv_kernel.fn[(n // 256, K_IN // step)](
+        x, packed.qweight, packed.scales, packed.zeros, single, K_IN, n, GROUP=packed.group_size,
+        WORDS=step // 8, HALF2=False, ASM=K._WORDS_DOT, BLOCK_N=256, SPLIT=K_IN // step,
+        PDL=False,
+    )  # fmt: skip
+    reference = K.gptq_linear_reference(x, packed)
     return {
         "fits": K.gemv_fits(packed),
-        "rel_vs_reference": rel(out, K.gptq_linear_reference(x, packed)),
+        "rel_vs_reference": rel(out, reference),
         "rel_vs_definition": rel(out, x.float() @ dequantize_reference(layer, 4)),
+        "rel_one_step_vs_reference": rel(single, reference),
         "outside_written": float(outside.abs().max()),
     }
 
