@@ -26,6 +26,9 @@ a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every conf
 * ``prefetch``: `_prefetch_kernel`, the engine's GEMV before it knew `K` when compiling: a
   program of one step kept registers for a step ahead (compiled for sm_90 by Triton 3.9, 255
   registers with 512 columns and 4 warps, against 96 without: 2 programs an SM, not 5).
+* ``attention`` (not a GEMV): a decode step's attention at batch 1 as three kernels
+  (`K.rope_and_cache`, `_old_attention_kernel`, `_old_combine_kernel`) against the engine's
+  two, whose splits rotate q and write the step's k and v themselves.
 
 Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran the variants without
 PDL (``acq_rel`` ... ``read``), round 2 (``-round2.json``) those with ``_pdl`` and
@@ -382,6 +385,106 @@ def norm_ab(results: dict) -> None:
 
 
 @triton.jit
+def _old_attention_kernel(
+    q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, acc_ptr, stats_ptr,
+    queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale,
+    SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """`_decode_attention_kernel` as it was in 9d16b19, before its last split combined.
+
+    One split of the keys for `PER_BLOCK` queries and the `GROUP` heads of a KV head. The tile has `GROUP_PAD` rows: one query's heads (padded) in a decode step, or the
+    heads of `PER_BLOCK` consecutive queries of one prompt (one cache row, each query up to
+    its own length), so that they read each key block once.
+    """
+    _after_previous(PDL)
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    per_query: tl.constexpr = GROUP_PAD // PER_BLOCK
+    offs_r = tl.arange(0, GROUP_PAD)
+    query = block * PER_BLOCK + offs_r // per_query
+    g = offs_r % per_query
+    valid = (g < GROUP) & (offs_r // per_query < PER_BLOCK) & (query < queries)
+    query = tl.where(valid, query, block * PER_BLOCK)
+    length = tl.load(lengths_ptr + query)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + tl.where(valid, g, 0)
+    q = tl.load(
+        q_ptr + query[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )
+    m_i = tl.full([GROUP_PAD], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, tl.max(length, axis=0))
+    first = block * PER_BLOCK
+    cache_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first
+    base = cache_row * stride_cb + kv_head * stride_ch
+    for s0 in range(start, end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < end
+        where = base + offs_s[:, None] * stride_cs + offs_d[None, :]
+        k = tl.load(k_ptr + where, mask=mask_s[:, None], other=0.0)
+        v = tl.load(v_ptr + where, mask=mask_s[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        seen = mask_s[None, :] & (offs_s[None, :] < length[:, None])  # this split, causal
+        scores = tl.where(seen, scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    row = (query * tl.num_programs(1) + kv_head) * SPLITS + split
+    slot = row * GROUP_PAD + g
+    out = acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(out, acc, mask=valid[:, None])
+    tl.store(stats_ptr + slot * 2, m_i, mask=valid)
+    tl.store(stats_ptr + slot * 2 + 1, l_i, mask=valid)
+
+
+@triton.jit
+def _old_combine_kernel(
+    acc_ptr,
+    stats_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    scatter_ptr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+    HAS_SCATTER: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _after_previous(PDL)
+    batch = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    g = head % GROUP
+    offs_s = tl.arange(0, SPLITS)
+    rows = ((batch * tl.num_programs(1) // GROUP + kv_head) * SPLITS + offs_s) * GROUP_PAD + g
+    m = tl.load(stats_ptr + rows * 2)
+    l_s = tl.load(stats_ptr + rows * 2 + 1)
+    m_max = tl.max(m, axis=0)
+    weight = tl.where(l_s > 0, tl.exp(m - m_max), 0.0)
+    total = tl.sum(weight * l_s, axis=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / total
+    dst = head * stride_oh + offs_d
+    if HAS_SCATTER:
+        dst = tl.load(scatter_ptr + head * HEAD_DIM + offs_d)
+    tl.store(out_ptr + batch * stride_ob + dst, out.to(tl.float16))
+
+
+@triton.jit
 def _prefetch_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
     GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
@@ -428,6 +531,81 @@ def _prefetch_kernel(
         acc += scale.to(tl.float32) * dots
         even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
     tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
+
+
+def attention_ab(results: dict) -> None:
+    """A decode step's attention at batch 1, 32 calls (its layers) in a graph with PDL: the
+    three kernels of 9d16b19 (rotary and cache write, the splits, the combine) against the
+    engine's two (`K.decode_attention` with ``rope``: the splits rotate q and write the step's
+    k and v themselves).
+
+    Also tried, on an H200 (``-attention.json``): the combine done by each tile's last split
+    to finish (an acq_rel counter), so that a layer's attention is one kernel. Correct, but
+    slower in every form: 8.9-27 µs a call with 768 keys and 16-54 µs with 4,096, against
+    6.9 and 8.4 µs for the two kernels here (7.4 and 10.5 for the three before): one program
+    a KV head reads every split's partial result, where the combine kernel spreads that
+    over a program a head."""
+    from langchain_synthia._fast_model import _rotary_tables
+
+    heads, kv_heads, dim, max_len = 32, 8, 128, 4096
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    caches = [
+        torch.randn(1, max_len, kv_heads, dim, device="cuda", generator=gen).half()
+        for _ in range(2)
+    ]
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * dim, device="cuda", generator=gen)
+    cos, sin = _rotary_tables(10000.0, dim, max_len, torch.device("cuda"))
+    q = torch.empty(1, heads, dim, device="cuda").half()
+    scatter = torch.randperm(heads * dim, device="cuda", generator=gen).to(torch.int32)
+    out = torch.empty(1, heads * dim, device="cuda").half()
+    work = K.AttentionWorkspace(1, heads, kv_heads, dim, max_len, torch.device("cuda"))
+    rows = torch.zeros(1, dtype=torch.long, device="cuda")
+    for length in (768, 4096):
+        lengths = torch.tensor([length], dtype=torch.int32, device="cuda")
+        positions = (lengths - 1).long()
+
+        def old(lengths=lengths, positions=positions) -> None:
+            K.rope_and_cache(qkv, cos, sin, positions, rows, q, *caches)
+            grid = (1, kv_heads, work.splits)
+            _old_attention_kernel[grid](
+                q, *caches, lengths, lengths, work.acc, work.stats, 1, q.stride(0),
+                q.stride(1), caches[0].stride(0), caches[0].stride(1), caches[0].stride(2),
+                1.0 / dim**0.5, SPLIT_LEN=work.split_len, GROUP=work.group,
+                GROUP_PAD=work.group_pad, HEAD_DIM=dim, BLOCK_S=64, SPLITS=work.splits,
+                HAS_ROWS=False, PER_BLOCK=1, num_warps=4, PDL=True, launch_pdl=True,
+            )  # fmt: skip
+            _old_combine_kernel[(1, heads)](
+                work.acc, work.stats, out, out.stride(0), dim, scatter, GROUP=work.group,
+                GROUP_PAD=work.group_pad, HEAD_DIM=dim, SPLITS=work.splits, HAS_SCATTER=True,
+                num_warps=4, PDL=True, launch_pdl=True,
+            )  # fmt: skip
+
+        def new(lengths=lengths) -> None:
+            K.decode_attention(qkv, *caches, lengths, work, out, scatter, rope=(cos, sin))
+
+        old()
+        expected, cached = out.clone(), [c[0, length - 1].clone() for c in caches]
+        reference = K.decode_attention_reference(q, *caches, lengths).reshape(1, -1)
+        in_order = torch.empty_like(reference)
+        in_order[:, scatter.long()] = reference  # o_proj's order, as `out`
+        for name, fn in (("old", old), ("new", new)):
+            for c in caches:
+                c[0, length - 1] = 0
+            out.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            same_cache = all(
+                torch.equal(c[0, length - 1], e) for c, e in zip(caches, cached, strict=True)
+            )
+            diff = float((out.float() - expected.float()).abs().max())
+            err = float((out.float() - in_order.float()).norm() / in_order.float().norm())
+            us = _graph_us(lambda fn=fn: [fn() for _ in range(32)], calls=1) / 32
+            results[f"attention/{length}/{name}"] = {
+                "us": round(us, 2), "max_abs_diff_vs_old": diff, "rel_vs_reference": err,
+                "cache_equal": same_cache,
+            }  # fmt: skip
+            print(f"attention, {length} keys, {name}: {us:.2f} µs, |diff| {diff:.1e}, "
+                  f"rel err {err:.1e}, cache equal {same_cache}", flush=True)  # fmt: skip
 
 
 def sweep(name: str, packed: list, x, out, ref, results: dict) -> None:
@@ -489,9 +667,11 @@ def main() -> None:
             True,
         ),
     }
-    chosen = sys.argv[1:] or [*variants, "norm"]
+    chosen = sys.argv[1:] or [*variants, "norm", "attention"]
     if "norm" in chosen:
         norm_ab(results)
+    if "attention" in chosen:
+        attention_ab(results)
     for name, (k, n) in SHAPES.items():
         perm = torch.randperm(k, device="cuda", generator=gen)
         part = {key: v.cuda() for key, v in _gptq_tensors(k, n, 4, 128, perm, gen).items()}

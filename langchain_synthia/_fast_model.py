@@ -374,7 +374,8 @@ class FastMistral:
         lengths = buf["lengths"]
         lengths.copy_(positions + 1)
         cache_rows = None if rows is None else rows[:batch]
-        rows = torch.arange(batch, device=self.device) if cache_rows is None else cache_rows
+        if not self.use_kernels:  # the CPU references' cache row of each token
+            rows = torch.arange(batch, device=self.device) if cache_rows is None else cache_rows
         delta = None
         for index, layer in enumerate(self.layers):
             qkv, o, gate_up, down = buf["outs"][index]
@@ -383,18 +384,21 @@ class FastMistral:
             else:
                 self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
             qkv = self._linear(normed, layer.qkv, qkv)
-            q = self._rope_and_cache(index, qkv, positions, rows, buf["q"])
             caches = (self.k_cache[index], self.v_cache[index], lengths)
-            if self.use_kernels and layer.o_order is not None:  # written in o_proj's order
-                o_in = buf["o_in"]
-                K.decode_attention(q, *caches, buf["attn_work"], o_in, layer.o_order.scatter,
-                                   rows=cache_rows)  # fmt: skip
+            if self.use_kernels:
+                scatter = None if layer.o_order is None else layer.o_order.scatter
+                attn = buf["attn"] if scatter is None else buf["o_in"]  # o_proj's order
+                if cache_rows is None:  # rotary and cache write inside the attention kernel
+                    K.decode_attention(qkv, *caches, buf["attn_work"], attn, scatter,
+                                       rope=(self.cos, self.sin))  # fmt: skip
+                else:  # a prompt's tokens read each other's keys: all written first
+                    q = self._rope_and_cache(index, qkv, positions, cache_rows, buf["q"])
+                    K.decode_attention(q, *caches, buf["attn_work"], attn, scatter,
+                                       rows=cache_rows)  # fmt: skip
+                o_in = attn.reshape(batch, -1)
             else:
-                attn = buf["attn"]
-                if self.use_kernels:
-                    K.decode_attention(q, *caches, buf["attn_work"], attn, rows=cache_rows)
-                else:
-                    attn.copy_(K.decode_attention_reference(q, *caches, cache_rows))
+                q = self._rope_and_cache(index, qkv, positions, rows)
+                attn = K.decode_attention_reference(q, *caches, cache_rows)
                 o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
             o = self._linear(o_in, [layer.o], o)
             self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)

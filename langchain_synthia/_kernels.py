@@ -6,7 +6,8 @@
 * `decode_attention`: one query token per row against its rows of the static KV cache,
   lengths read on the device (CUDA-graph safe), split over the sequence (flash-decoding).
 * `add_rms_norm`: residual add + RMSNorm in one pass, with transformers' rounding.
-* `rope_and_cache`: rotary embedding of q and k, and the k/v write into the cache.
+* `rope_and_cache`: rotary embedding of q and k, and the k/v write into the cache (prefill;
+  a decode step does both inside `decode_attention`).
 
 On Hopper (and newer) GPUs the decode-step kernels launch with programmatic dependent launch
 (`pdl`), so that each can start while the kernel before it drains.
@@ -560,17 +561,22 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, acc_ptr, stats_ptr,
+        q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, acc_ptr, stats_ptr, cos_ptr, sin_ptr,
         queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale,
         SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, PDL: tl.constexpr,
+        HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One split of the keys for `PER_BLOCK` queries and the `GROUP` heads of a KV head.
 
         The tile has `GROUP_PAD` rows: one query's heads (padded) in a decode step, or the
         heads of `PER_BLOCK` consecutive queries of one prompt (one cache row, each query up to
         its own length), so that they read each key block once.
+
+        With `ROPE` (one query a cache row, so no `HAS_ROWS`), `q_ptr` is the step's q/k/v
+        projection and each query is at position ``length - 1``: q is rotated here, and the
+        split holding a query's position writes that token's rotated k and its v into the
+        cache (then reads them with the rest), as `_rope_cache_kernel` would have before.
         """
         _after_previous(PDL)
         block = tl.program_id(0)
@@ -585,19 +591,31 @@ if triton is not None:
         length = tl.load(lengths_ptr + query)
         offs_d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + tl.where(valid, g, 0)
-        q = tl.load(
-            q_ptr + query[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )
-        m_i = tl.full([GROUP_PAD], -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
         start = split * SPLIT_LEN
         end = tl.minimum(start + SPLIT_LEN, tl.max(length, axis=0))
         first = block * PER_BLOCK
         cache_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first
         base = cache_row * stride_cb + kv_head * stride_ch
+        q_rows = q_ptr + query[:, None] * stride_qb + heads[:, None] * stride_qh
+        if ROPE:
+            q = _rotated(q_rows, length - 1, cos_ptr, sin_ptr, valid, HEAD_DIM)
+            position = tl.load(lengths_ptr + first + tl.zeros([1], tl.int32)) - 1  # its k, v
+            here = (position >= start) & (position < start + SPLIT_LEN)
+            kv_heads = tl.num_programs(1)
+            k_rows = q_ptr + first * stride_qb + GROUP * kv_heads * stride_qh
+            k_new = _rotated(k_rows + kv_head * stride_qh + tl.zeros([1, 1], tl.int32),
+                             position, cos_ptr, sin_ptr, here, HEAD_DIM)  # fmt: skip
+            v_rows = k_rows + (kv_heads + kv_head) * stride_qh + offs_d[None, :]
+            v_new = tl.load(v_rows, mask=here[:, None], other=0.0).to(tl.float16)
+            at = base + position[:, None] * stride_cs + offs_d[None, :]
+            tl.store(k_ptr + at, k_new, mask=here[:, None])
+            tl.store(v_ptr + at, v_new, mask=here[:, None])
+            tl.debug_barrier()  # written by some of this program's threads, read by others
+        else:
+            q = tl.load(q_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
+        m_i = tl.full([GROUP_PAD], -float("inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
         for s0 in range(start, end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             mask_s = offs_s < end
@@ -620,6 +638,23 @@ if triton is not None:
         tl.store(out, acc, mask=valid[:, None])
         tl.store(stats_ptr + slot * 2, m_i, mask=valid)
         tl.store(stats_ptr + slot * 2 + 1, l_i, mask=valid)
+
+    @triton.jit
+    def _rotated(rows, position, cos_ptr, sin_ptr, mask, HEAD_DIM: tl.constexpr):
+        """Transformers' rotary embedding, with its fp16 rounding, of the heads at `rows`.
+
+        `rows` are ``[R, 1]`` pointers to each head's start, rotated at `position` ``[R]``.
+        """
+        half: tl.constexpr = HEAD_DIM // 2
+        offs = tl.arange(0, HEAD_DIM)[None, :]
+        x = tl.load(rows + offs, mask=mask[:, None], other=0.0).to(tl.float16)
+        partner = tl.load(rows + (offs + half) % HEAD_DIM, mask=mask[:, None], other=0.0)
+        partner = partner.to(tl.float16)
+        rotated = tl.where(offs < half, -partner, partner)
+        table = position[:, None] * HEAD_DIM + offs
+        cos = tl.load(cos_ptr + table, mask=mask[:, None], other=0.0)
+        sin = tl.load(sin_ptr + table, mask=mask[:, None], other=0.0)
+        return (x * cos).to(tl.float16) + (rotated * sin).to(tl.float16)
 
     @triton.jit
     def _combine_kernel(
@@ -697,6 +732,7 @@ def decode_attention(
     out: torch.Tensor,
     scatter: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`decode_attention_reference`, on the GPU, into `out` ``[B, H, D]``.
 
@@ -706,51 +742,34 @@ def decode_attention(
 
     With `scatter` (int32 ``[H * D]``), `out` is ``[B, H * D]`` and element ``h * D + d`` goes
     to column ``scatter[h * D + d]``: o_proj's act-order input order.
+
+    With `rope` (the cos and sin tables), `q` is the step's fused q/k/v projection
+    ``[B, (H + 2 * KVH) * D]``, each token at position ``lengths - 1``: its q and k are
+    rotated and its k and v written into the caches first, as `rope_and_cache` does. Not with
+    `rows`: there, queries read keys that other programs' tokens write (`rope_and_cache` first).
     """
-    batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
+    if rope is not None and rows is not None:
+        msg = "decode_attention: rope= needs one query a cache row; with rows=, run rope_and_cache"
+        raise ValueError(msg)
+    batch = q.shape[0]
+    kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
     per_block = work.per_block if rows is not None else 1
+    cos, sin = rope if rope is not None else (lengths, lengths)
     _decode_attention_kernel[(triton.cdiv(batch, per_block), kv_heads, work.splits)](
-        q,
-        k_cache,
-        v_cache,
-        lengths,
-        rows if rows is not None else lengths,
-        work.acc,
-        work.stats,
-        batch,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        1.0 / math.sqrt(dim),
-        SPLIT_LEN=work.split_len,
-        GROUP=work.group,
-        GROUP_PAD=work.group_pad,
-        HEAD_DIM=dim,
-        BLOCK_S=64,
-        SPLITS=work.splits,
-        HAS_ROWS=rows is not None,
-        PER_BLOCK=per_block,
-        num_warps=4,
-        **pdl(q.device),
-    )
+        q, k_cache, v_cache, lengths, rows if rows is not None else lengths, work.acc,
+        work.stats, cos, sin, batch, q.stride(0), dim if rope is not None else q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dim),
+        SPLIT_LEN=work.split_len, GROUP=work.group, GROUP_PAD=work.group_pad, HEAD_DIM=dim,
+        BLOCK_S=64, SPLITS=work.splits, HAS_ROWS=rows is not None, PER_BLOCK=per_block,
+        ROPE=rope is not None, num_warps=4, **pdl(q.device),
+    )  # fmt: skip
+    heads = out.shape[1] if scatter is None else out.shape[1] // dim
     _combine_kernel[(batch, heads)](
-        work.acc,
-        work.stats,
-        out,
-        out.stride(0),
-        dim if scatter is not None else out.stride(1),
-        scatter if scatter is not None else lengths,
-        GROUP=work.group,
-        GROUP_PAD=work.group_pad,
-        HEAD_DIM=dim,
-        SPLITS=work.splits,
-        HAS_SCATTER=scatter is not None,
-        num_warps=4,
+        work.acc, work.stats, out, out.stride(0), dim if scatter is not None else out.stride(1),
+        scatter if scatter is not None else lengths, GROUP=work.group, GROUP_PAD=work.group_pad,
+        HEAD_DIM=dim, SPLITS=work.splits, HAS_SCATTER=scatter is not None, num_warps=4,
         **pdl(q.device),
-    )
+    )  # fmt: skip
     return out
 
 

@@ -360,6 +360,7 @@ def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dic
         k_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
         v_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
         expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        fused = _fused_rope(qkv, cos, sin, positions, rows, k_cache, v_cache, kind, heads)
         h = qkv.half()
         q = h[:, : heads * dim].reshape(tokens, heads, dim)
         k = h[:, heads * dim : (heads + kv_heads) * dim].reshape(tokens, kv_heads, dim)
@@ -380,8 +381,43 @@ def check_rope(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -> dic
                     expected_k.index_put((rows, positions), torch.zeros(1, dtype=torch.float16)),
                 )
             ),
+            **fused,
         }
     return results
+
+
+def _fused_rope(qkv, cos, sin, positions, rows, k_cache, v_cache, kind: str, heads: int) -> dict:
+    """A decode step's way: rotary and cache write inside `decode_attention` (`rope`), against
+    `rope_and_cache` then `decode_attention`: the same caches and the same attention. Refused
+    with `rows` (one prompt's tokens in one cache row, reading each other's keys)."""
+    from langchain_synthia import _kernels as K
+
+    tokens, (_, max_len, kv_heads, dim) = qkv.shape[0], k_cache.shape
+    lengths = (positions + 1).to(torch.int32)
+    if kind == "prefill":
+        work = K.AttentionWorkspace(tokens, heads, kv_heads, dim, max_len, torch.device("cpu"),
+                                    shared_rows=True)  # fmt: skip
+        out = torch.empty(tokens, heads, dim, dtype=torch.float16)
+        try:
+            K.decode_attention(qkv, k_cache.clone(), v_cache.clone(), lengths, work, out,
+                               rows=rows, rope=(cos, sin))  # fmt: skip
+        except ValueError as error:
+            return {"fused_refused_with_rows": "rope_and_cache" in str(error)}
+        return {"fused_refused_with_rows": False}
+    rows = torch.arange(tokens)  # token b in cache row b, as a decode step has them
+    work = K.AttentionWorkspace(tokens, heads, kv_heads, dim, max_len, torch.device("cpu"))
+    two_caches, one_caches = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
+    q = torch.empty(tokens, heads, dim, dtype=torch.float16)
+    K.rope_and_cache(qkv, cos, sin, positions, rows, q, *two_caches)
+    two = torch.full((tokens, heads, dim), float("nan"), dtype=torch.float16)
+    K.decode_attention(q, *two_caches, lengths, work, two)
+    one = torch.full((tokens, heads, dim), float("nan"), dtype=torch.float16)
+    K.decode_attention(qkv, *one_caches, lengths, work, one, rope=(cos, sin))
+    return {
+        "fused_out_equal": bool(torch.equal(one, two)),
+        "fused_caches_equal": all(map(torch.equal, one_caches, two_caches)),
+        "fused_caches_written": not torch.equal(one_caches[0], k_cache),
+    }
 
 
 def _same_choice(out: torch.Tensor, ref: torch.Tensor) -> bool:

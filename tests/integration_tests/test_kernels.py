@@ -161,7 +161,8 @@ def test_add_rms_norm_updates_the_residual_and_normalises(kernel_runs, case: str
 
 @pytest.mark.parametrize("case", cases("rope-"))
 def test_rope_and_cache_rotates_and_writes_only_its_cache_rows(kernel_runs, case: str) -> None:
-    """Decode-like (one token per row, scattered positions) and prefill-like (one row) calls."""
+    """Decode-like (one token per row, scattered positions) and prefill-like (one row) calls;
+    and the same inside `decode_attention` (``rope``), as a decode step runs it."""
     where, m = metrics_of(kernel_runs, case)
     assert sorted(m) == ["decode", "prefill"], where
     for part in m.values():
@@ -169,6 +170,12 @@ def test_rope_and_cache_rotates_and_writes_only_its_cache_rows(kernel_runs, case
         assert part["k_rel"] < FP16_REL, where
         assert part["v_equal"], where
         assert part["k_elsewhere_equal"], where
+    # a decode step rotates and writes inside `decode_attention`: the same, to the bit
+    assert m["decode"]["fused_caches_written"], where
+    assert m["decode"]["fused_caches_equal"], where
+    assert m["decode"]["fused_out_equal"], where
+    # not for one prompt's tokens in one row: another program may write a key read here
+    assert m["prefill"]["fused_refused_with_rows"], where
 
 
 def test_network_on_the_kernels_matches_the_network_on_the_references(kernel_runs) -> None:
@@ -316,8 +323,15 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
             SPLITS=32,
             HAS_ROWS=False,
             PER_BLOCK=1,
+            ROPE=True,
         ),
-        {"lengths_ptr": "*i32", "rows_ptr": "*i32", "acc_ptr": "*fp32", "stats_ptr": "*fp32"},
+        {
+            "q_ptr": "*fp32",
+            "lengths_ptr": "*i32",
+            "rows_ptr": "*i32",
+            "acc_ptr": "*fp32",
+            "stats_ptr": "*fp32",
+        },
     ),
     "_combine_kernel": (
         {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": 128, "SPLITS": 32, "HAS_SCATTER": True},
