@@ -23,12 +23,15 @@ a CUDA graph (`bench/gemv_sweep.py` does the same against Marlin), in every conf
   (docs/benchmarks.md).
 * ``sweep``: the engine's kernel cold in every configuration of `SWEEP`, register caps
   (``maxnreg``) included: what the autotuner, which times warm calls, may miss.
-* ``prefetch``: `_prefetch_kernel`, the engine's GEMV before it knew `K` when compiling: a
-  program of one step kept registers for a step ahead (compiled for sm_90 by Triton 3.9, 255
-  registers with 512 columns and 4 warps, against 96 without: 2 programs an SM, not 5).
-* ``attention`` (not a GEMV): a decode step's attention at batch 1 as three kernels
-  (`K.rope_and_cache`, `_old_attention_kernel`, `_old_combine_kernel`) against the engine's
-  two, whose splits rotate q and write the step's k and v themselves.
+  ``-gemv-variants-onestep.json`` also holds ``prefetch``: 9d16b19's `_gemv_kernel` (before
+  it knew `K` when compiling, so a program of one step kept registers for a step ahead:
+  compiled for sm_90 by Triton 3.9, 255 registers with 512 columns and 4 warps against 96
+  now) in every configuration of `CONFIGS`; that copy was removed after its run.
+* ``attention`` (not a GEMV): a decode step's attention at batch 1 as three kernels, as in
+  9d16b19 (`K.rope_and_cache`, then `K.decode_attention` without ``rope``: the splits and the
+  combine) against the engine's two, whose splits rotate q and write the step's k and v
+  themselves. (The runs recorded in ``-gemv-variants-attention*.json`` timed 9d16b19's split
+  kernel from a verbatim copy; without ``rope`` the engine's runs the same code.)
 
 Round 1 (bench/results/2026-12-02-H200-gemv-variants-round1.json) ran the variants without
 PDL (``acq_rel`` ... ``read``), round 2 (``-round2.json``) those with ``_pdl`` and
@@ -384,155 +387,6 @@ def norm_ab(results: dict) -> None:
     print(f"norm: old {results['norm/old']} µs, new {results['norm/new']} µs, same {same}")
 
 
-@triton.jit
-def _old_attention_kernel(
-    q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, acc_ptr, stats_ptr,
-    queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale,
-    SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """`_decode_attention_kernel` as it was in 9d16b19, before its last split combined.
-
-    One split of the keys for `PER_BLOCK` queries and the `GROUP` heads of a KV head. The tile has `GROUP_PAD` rows: one query's heads (padded) in a decode step, or the
-    heads of `PER_BLOCK` consecutive queries of one prompt (one cache row, each query up to
-    its own length), so that they read each key block once.
-    """
-    _after_previous(PDL)
-    block = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    per_query: tl.constexpr = GROUP_PAD // PER_BLOCK
-    offs_r = tl.arange(0, GROUP_PAD)
-    query = block * PER_BLOCK + offs_r // per_query
-    g = offs_r % per_query
-    valid = (g < GROUP) & (offs_r // per_query < PER_BLOCK) & (query < queries)
-    query = tl.where(valid, query, block * PER_BLOCK)
-    length = tl.load(lengths_ptr + query)
-    offs_d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + tl.where(valid, g, 0)
-    q = tl.load(
-        q_ptr + query[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=valid[:, None],
-        other=0.0,
-    )
-    m_i = tl.full([GROUP_PAD], -float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    start = split * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, tl.max(length, axis=0))
-    first = block * PER_BLOCK
-    cache_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first
-    base = cache_row * stride_cb + kv_head * stride_ch
-    for s0 in range(start, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask_s = offs_s < end
-        where = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-        k = tl.load(k_ptr + where, mask=mask_s[:, None], other=0.0)
-        v = tl.load(v_ptr + where, mask=mask_s[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        seen = mask_s[None, :] & (offs_s[None, :] < length[:, None])  # this split, causal
-        scores = tl.where(seen, scores, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-        m_i = m_new
-    row = (query * tl.num_programs(1) + kv_head) * SPLITS + split
-    slot = row * GROUP_PAD + g
-    out = acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(out, acc, mask=valid[:, None])
-    tl.store(stats_ptr + slot * 2, m_i, mask=valid)
-    tl.store(stats_ptr + slot * 2 + 1, l_i, mask=valid)
-
-
-@triton.jit
-def _old_combine_kernel(
-    acc_ptr,
-    stats_ptr,
-    out_ptr,
-    stride_ob,
-    stride_oh,
-    scatter_ptr,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SPLITS: tl.constexpr,
-    HAS_SCATTER: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    _after_previous(PDL)
-    batch = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // GROUP
-    g = head % GROUP
-    offs_s = tl.arange(0, SPLITS)
-    rows = ((batch * tl.num_programs(1) // GROUP + kv_head) * SPLITS + offs_s) * GROUP_PAD + g
-    m = tl.load(stats_ptr + rows * 2)
-    l_s = tl.load(stats_ptr + rows * 2 + 1)
-    m_max = tl.max(m, axis=0)
-    weight = tl.where(l_s > 0, tl.exp(m - m_max), 0.0)
-    total = tl.sum(weight * l_s, axis=0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :])
-    out = tl.sum(acc * weight[:, None], axis=0) / total
-    dst = head * stride_oh + offs_d
-    if HAS_SCATTER:
-        dst = tl.load(scatter_ptr + head * HEAD_DIM + offs_d)
-    tl.store(out_ptr + batch * stride_ob + dst, out.to(tl.float16))
-
-
-@triton.jit
-def _prefetch_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, K, N,
-    GROUP: tl.constexpr, WORDS: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """The engine's GEMV as it was in 9d16b19: a step ahead in registers, even with one step.
-
-    ``out += x @ W`` for one row of a 4-bit weight.
-
-    Each thread owns whole columns, so nothing is reduced across threads: a step is one
-    group of rows (at most 128), its `WORDS` words of codes loaded as two ``[WORDS / 2,
-    BLOCK_N]`` tiles (even and odd words), two words at a time times their inputs in fp16x2
-    (`HALF2`: `_WORDS_DOT`; in fp32 otherwise, which Triton's interpreter runs), then
-    ``scale * dots`` per column. Split-K programs add atomically, relaxed: the kernel
-    after reads the sums only once this one has finished. The weights of a step are
-    loaded a step ahead, the first step's before the kernel waits for the one before it
-    (`_after_previous`): weights never change, so under PDL their loads overlap the
-    previous kernel's end; only the input `x` has to wait.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, WORDS // 2) * 2
-    span = K // SPLIT
-    step: tl.constexpr = WORDS * 8
-    first = pid_k * span
-    end = first + span
-    at_words, at_scale, at_zero = _gemv_step(w_ptr, s_ptr, z_ptr, first, N, offs_w, offs_n, GROUP)
-    even, odd = tl.load(at_words), tl.load(at_words + N)
-    scale, zero = tl.load(at_scale), tl.load(at_zero)
-    _after_previous(PDL)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(first, end, step):
-        ahead = k0 + step
-        more = offs_n * 0 + ahead < end  # a vector: the interpreter takes no scalar mask
-        at_words, at_scale, at_zero = _gemv_step(
-            w_ptr, s_ptr, z_ptr, ahead, N, offs_w, offs_n, GROUP
-        )
-        next_even = tl.load(at_words, mask=more[None, :], other=0)
-        next_odd = tl.load(at_words + N, mask=more[None, :], other=0)
-        next_scale = tl.load(at_scale, mask=more, other=0.0)
-        next_zero = tl.load(at_zero, mask=more, other=0.0)
-        dots = _step_dots(x_ptr, k0, offs_w, even, odd, zero, HALF2, ASM)
-        acc += scale.to(tl.float32) * dots
-        even, odd, scale, zero = next_even, next_odd, next_scale, next_zero
-    tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
-
-
 def attention_ab(results: dict) -> None:
     """A decode step's attention at batch 1, 32 calls (its layers) in a graph with PDL: the
     three kernels of 9d16b19 (rotary and cache write, the splits, the combine) against the
@@ -564,21 +418,9 @@ def attention_ab(results: dict) -> None:
         lengths = torch.tensor([length], dtype=torch.int32, device="cuda")
         positions = (lengths - 1).long()
 
-        def old(lengths=lengths, positions=positions) -> None:
+        def old(positions=positions, lengths=lengths) -> None:  # as in 9d16b19
             K.rope_and_cache(qkv, cos, sin, positions, rows, q, *caches)
-            grid = (1, kv_heads, work.splits)
-            _old_attention_kernel[grid](
-                q, *caches, lengths, lengths, work.acc, work.stats, 1, q.stride(0),
-                q.stride(1), caches[0].stride(0), caches[0].stride(1), caches[0].stride(2),
-                1.0 / dim**0.5, SPLIT_LEN=work.split_len, GROUP=work.group,
-                GROUP_PAD=work.group_pad, HEAD_DIM=dim, BLOCK_S=64, SPLITS=work.splits,
-                HAS_ROWS=False, PER_BLOCK=1, num_warps=4, PDL=True, launch_pdl=True,
-            )  # fmt: skip
-            _old_combine_kernel[(1, heads)](
-                work.acc, work.stats, out, out.stride(0), dim, scatter, GROUP=work.group,
-                GROUP_PAD=work.group_pad, HEAD_DIM=dim, SPLITS=work.splits, HAS_SCATTER=True,
-                num_warps=4, PDL=True, launch_pdl=True,
-            )  # fmt: skip
+            K.decode_attention(q, *caches, lengths, work, out, scatter)
 
         def new(lengths=lengths) -> None:
             K.decode_attention(qkv, *caches, lengths, work, out, scatter, rope=(cos, sin))
@@ -660,12 +502,6 @@ def main() -> None:
         "engine": (None, {}, True, True),  # `K.gemv` as the engine runs it (autotuned)
         "streamk": ("streamk", {}, True, True),  # `_streamk_kernel` in every STREAMK config
         "sweep": ("sweep", {}, True, True),  # the engine's kernel in every SWEEP config
-        "prefetch": (
-            _prefetch_kernel,
-            {"GROUP": 128, "HALF2": True, "ASM": K._WORDS_DOT},
-            True,
-            True,
-        ),
     }
     chosen = sys.argv[1:] or [*variants, "norm", "attention"]
     if "norm" in chosen:
