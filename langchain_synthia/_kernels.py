@@ -862,19 +862,15 @@ if triton is not None:
         _after_previous(PDL)
         token = tl.program_id(0)
         head = tl.program_id(1)
-        half: tl.constexpr = HEAD_DIM // 2
-        offs = tl.arange(0, HEAD_DIM)
-        base = qkv_ptr + token * stride_qkv + head * HEAD_DIM
-        x = tl.load(base + offs).to(tl.float16)
-        position = tl.load(positions_ptr + token)
+        offs = tl.arange(0, HEAD_DIM)[None, :]  # a [1, HEAD_DIM] tile, as `_rotated` takes
+        base = qkv_ptr + token * stride_qkv + head * HEAD_DIM + tl.zeros([1, 1], tl.int32)
+        position = tl.load(positions_ptr + token + tl.zeros([1], tl.int32))
         row = tl.load(rows_ptr + token)
         if head < HEADS + KV_HEADS:
-            partner = tl.load(base + (offs + half) % HEAD_DIM).to(tl.float16)
-            rotated = tl.where(offs < half, -partner, partner)
-            cos = tl.load(cos_ptr + position * HEAD_DIM + offs)
-            sin = tl.load(sin_ptr + position * HEAD_DIM + offs)
-            x = (x * cos).to(tl.float16) + (rotated * sin).to(tl.float16)
-        cache = row * stride_cb + position * stride_cs + offs
+            x = _rotated(base, position, cos_ptr, sin_ptr, tl.full([1], 1, tl.int1), HEAD_DIM)
+        else:
+            x = tl.load(base + offs).to(tl.float16)
+        cache = row * stride_cb + position[:, None] * stride_cs + offs
         if head < HEADS:
             tl.store(q_ptr + token * stride_qb + head * stride_qh + offs, x)
         elif head < HEADS + KV_HEADS:
