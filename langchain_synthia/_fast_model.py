@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from langchain_synthia import _kernels as K
-from langchain_synthia._gptq import group_order, pack_gptq, permute_columns, sort_rows
+from langchain_synthia._gptq import (
+    PackedLinear,
+    group_order,
+    pack_gptq,
+    permute_columns,
+    sort_rows,
+)
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
@@ -199,8 +205,8 @@ class FastMistral:
         self.lm_head = tensors["lm_head.weight"].to(torch.float16)
         tensors.close()
         self.gemv_race: dict[str, tuple[float, float]] = {}
-        """Per layer shape: (our GEMV, Marlin) µs for one row, timed at load (see `_race`)."""
-        if self.dense_prefill and self.use_kernels:
+        """Per layer shape: (our GEMV, the kernel's own) µs for one row, timed at load (`_race`)."""
+        if self.use_kernels and (self.dense_prefill or self.kernel == "triton"):
             self._race()
         theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
             "rope_theta", 10000.0
@@ -226,13 +232,14 @@ class FastMistral:
         Marlin returns its fp16 product as it is (what transformers + gptqmodel compute). Triton
         and the CPU references accumulate in fp32 into `out` (zeroed; made when not given).
         """
+        if len(linears) == 1 and linears[0].gemv and out is not None and x.shape[0] == 1:
+            source = K.gated_product(x) if gated else x.half()
+            return K.gemv(source, _gemv_weights(linears[0]), out)
         if self.kernel == "gptq_marlin" and len(linears) == 1:
             linear = linears[0]
             source = K.gated_product(x) if gated else x.half()
             if linear.dense is not None and x.shape[0] >= DENSE_ROWS:
                 return K.dense_matmul(source, linear.dense)
-            if linear.gemv and out is not None and x.shape[0] == 1:
-                return K.gemv(source, linear.dense, out)
             return linear(source)
         if out is None:
             width = sum(linear.out_features for linear in linears)
@@ -471,32 +478,26 @@ class FastMistral:
         }
 
     def _race(self) -> None:
-        """Race our GEMV against Marlin, one row, on each layer shape; keep the faster.
+        """Race our GEMV against the kernel's own, one row, on each layer shape; keep the faster.
 
-        Timed on this GPU as a decode step meets them: one call per layer in a CUDA graph (no
-        launch overhead), so each call reads its weights from memory, not from the L2 cache
-        that repeating one layer's call would warm (a warm race picked our GEMV for all four
-        shapes and made the step slower). Batch-1 decode steps then use our GEMV for the
-        shapes where it was faster (docs/benchmarks.md).
+        The kernel's own is Marlin, or with ``kernel="triton"`` our tensor-core GPTQ kernel
+        (`K.gptq_linear`). Timed on this GPU as a decode step meets them: one call per layer in
+        a CUDA graph (no launch overhead), so each call reads its weights from memory, not from
+        the L2 cache that repeating one layer's call would warm (a warm race picked our GEMV for
+        all four shapes and made the step slower). Batch-1 decode steps then use our GEMV for
+        the shapes where it was faster (docs/benchmarks.md).
 
-        A shape is raced once per process and device (`_RACES`): every model loaded later
-        makes the same choice, so two engines on one checkpoint give the same tokens (a race
-        run again could flip a near tie, and the two kernels round differently).
+        A shape is raced once per process, device and kernel (`_RACES`): every model loaded
+        later makes the same choice, so two engines on one checkpoint give the same tokens (a
+        race run again could flip a near tie, and the kernels round differently).
         """
         for name, per_layer in self._shapes().items():
             firsts = [linears[0] for linears in per_layer if len(linears) == 1]
-            if len(firsts) < len(per_layer) or any(
-                f.dense is None or not K.gemv_fits(f.dense) for f in firsts
-            ):
+            weights = [_gemv_weights(f) for f in firsts]
+            if len(firsts) < len(per_layer) or not all(w and K.gemv_fits(w) for w in weights):
                 continue
-            dense = firsts[0].dense
-            key = (
-                self.device,
-                dense.in_features,
-                dense.out_features,
-                dense.group_size,
-                len(firsts),
-            )
+            shape = (weights[0].in_features, weights[0].out_features, weights[0].group_size)
+            key = (self.device, self.kernel, *shape, len(firsts))
             # the first result stored wins, also when two threads load models at once
             race = _RACES.get(key) or _RACES.setdefault(key, self._race_one(firsts))
             self.gemv_race[name] = race
@@ -504,26 +505,29 @@ class FastMistral:
                 linear.gemv = race[0] < race[1]
 
     def _race_one(self, firsts: list) -> tuple[float, float]:
-        """(our GEMV, Marlin) µs per layer for one row, one call per layer in a CUDA graph."""
+        """(our GEMV, the kernel's own) µs a layer for one row, a call a layer in a CUDA graph."""
         x = torch.randn(1, firsts[0].in_features, dtype=torch.float16, device=self.device)
         out = torch.zeros(1, firsts[0].out_features, dtype=torch.float32, device=self.device)
 
         def ours(x: torch.Tensor = x, out: torch.Tensor = out, firsts: list = firsts) -> None:
             for linear in firsts:
-                K.gemv(x, linear.dense, out)
+                K.gemv(x, _gemv_weights(linear), out)
 
-        def marlin(x: torch.Tensor = x, firsts: list = firsts) -> None:
+        def own(x: torch.Tensor = x, out: torch.Tensor = out, firsts: list = firsts) -> None:
             for linear in firsts:
-                linear(x)
+                if isinstance(linear, _MarlinLinear):
+                    linear(x)
+                else:
+                    K.gptq_linear(x, linear, out)
 
         layers = len(firsts)
         ours_us = _graph_us(ours, calls=1) / layers
-        marlin_us = _graph_us(marlin, calls=1) / layers
-        return round(ours_us, 2), round(marlin_us, 2)
+        own_us = _graph_us(own, calls=1) / layers
+        return round(ours_us, 2), round(own_us, 2)
 
     def gemv_race_won(self) -> dict[str, bool]:
         """Per layer shape raced at load: whether batch-1 steps use our GEMV for it."""
-        return {name: ours < marlin for name, (ours, marlin) in self.gemv_race.items()}
+        return {name: ours < own for name, (ours, own) in self.gemv_race.items()}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -572,6 +576,11 @@ class FastMistral:
 
 _RACES: dict[tuple, tuple[float, float]] = {}
 """`FastMistral._race`'s results in this process: (our GEMV, Marlin) µs per layer shape."""
+
+
+def _gemv_weights(linear: Any) -> PackedLinear | None:
+    """The packed weights our batch-1 GEMV reads for `linear` (Marlin's: its dense copy)."""
+    return linear.dense if isinstance(linear, _MarlinLinear) else linear
 
 
 def _graph_us(fn: Any, calls: int = 20, replays: int = 20) -> float:

@@ -47,6 +47,8 @@ class PackedLinear:
     out_features: int
     splits: tuple[int, ...] = ()
     """Output widths of the fused layers, in order (empty for a single layer)."""
+    gemv: bool = False
+    """Whether a one-row product goes through the batch-1 GEMV (`FastMistral`'s race sets it)."""
 
     def dequantize(self) -> torch.Tensor:
         """The fp16 weight ``[K, N]`` in *original* row order (the reference for the kernels)."""
