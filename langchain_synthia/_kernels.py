@@ -48,11 +48,12 @@ def pdl(device: torch.device) -> dict[str, bool]:
     """Launch options of our decode-step kernels on `device` (each kernel's ``PDL`` constant).
 
     On Hopper and newer GPUs they use programmatic dependent launch: a kernel may start while
-    the one before it drains, waits for that one's results (``gdc_wait``) before it reads or
-    writes anything, then lets the next one start (``gdc_launch_dependents``). In a captured
-    decode step this overlaps each kernel's launch with the end of the one before (H200:
-    batch 1 404.5-404.9 tok/s against 392.4 without, docs/benchmarks.md). ``SYNTHIA_PDL=0`` turns
-    it off.
+    the one before it drains; it lets the next one start (``gdc_launch_dependents``), then
+    waits for the one before's results (``gdc_wait``) before it reads or writes anything they
+    may touch (`_after_previous`). In a captured decode step this overlaps each kernel's
+    launch, and the GEMVs' weight loads, with the end of the kernels before (H200: batch 1
+    404.5-404.9 tok/s against 392.4 without, docs/benchmarks.md). ``SYNTHIA_PDL=0`` turns it
+    off.
     """
     if device.type != "cuda" or os.environ.get("SYNTHIA_PDL") == "0":
         return {"PDL": False}
@@ -80,12 +81,15 @@ if triton is not None:
     def _after_previous(PDL: tl.constexpr):
         """The first thing each decode-step kernel does (`pdl`).
 
-        With `PDL`: wait until the kernel before has finished and its writes are visible, then
-        let the kernel after start.
+        With `PDL`: let the kernel after start, then wait until the kernel before has finished
+        and its writes are visible. The kernel after waits in turn before it reads or writes
+        anything, and that wait also covers this kernel's own wait, so it may launch at once:
+        the GEMVs load their weights before they wait, so the next GEMV's loads overlap the
+        end of this kernel and of the one before.
         """
         if PDL:
-            tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
 
     @triton.jit
     def _silu_mul_kernel(

@@ -373,10 +373,10 @@ def _addressed_from(body: str, kernel, params: tuple[str, ...]) -> set[str]:
 @pytest.mark.parametrize("name", PDL_KERNELS)
 def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> None:
     """Compiled for a Hopper card (sm_90, no GPU needed), with `PDL` each kernel waits for the
-    kernel before (``griddepcontrol.wait``) before it reads anything that kernel may write, and
-    lets the next one start; without it, neither instruction is there. Only the GEMV and the
-    norm read ahead of the wait, and only constants: every load there is addressed from their
-    weights (and the norm's gather order)."""
+    kernel before (``griddepcontrol.wait``) before it reads anything that kernel may write,
+    and lets the next one start before that wait; without it, neither instruction is there.
+    Only the GEMV and the norm read ahead of the wait, and only constants: every load there is
+    addressed from their weights (and the norm's gather order)."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -407,7 +407,7 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
         wait, launch = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dep")
         if pdl:
             assert wait >= 0
-            assert launch > wait
+            assert 0 <= launch < wait  # the next kernel may start before this one waits
             ahead = [line for line in body[:wait].splitlines() if "ld.global" in line]
             if name not in READ_EARLY:
                 assert not ahead, f"{name} reads before it waits"
