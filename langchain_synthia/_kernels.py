@@ -569,7 +569,8 @@ if triton is not None:
         queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale,
         SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
-        HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+        HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, ROPE: tl.constexpr,
+        AHEAD: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One split of the keys for `PER_BLOCK` queries and the `GROUP` heads of a KV head.
 
@@ -581,11 +582,17 @@ if triton is not None:
         projection and each query is at position ``length - 1``: q is rotated here, and the
         split holding a query's position writes that token's rotated k and its v into the
         cache (then reads them with the rest), as `_rope_cache_kernel` would have before.
+
+        With `AHEAD` (and `ROPE`): the other keys were written before the step began (by
+        earlier steps or the prefill), so the first block of keys and values is read before
+        the wait, like the GEMVs' weights, and each next one once the block before is summed;
+        the token's own k and v come from registers, not from the cache.
         """
-        _after_previous(PDL)
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
+        if not AHEAD:  # the queries and the cache rows come from the kernels just before
+            _after_previous(PDL)
         per_query: tl.constexpr = GROUP_PAD // PER_BLOCK
         offs_r = tl.arange(0, GROUP_PAD)
         query = block * PER_BLOCK + offs_r // per_query
@@ -601,6 +608,9 @@ if triton is not None:
         cache_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first
         base = cache_row * stride_cb + kv_head * stride_ch
         q_rows = q_ptr + query[:, None] * stride_qb + heads[:, None] * stride_qh
+        if AHEAD:  # the step's lengths and the earlier tokens' keys: written before the step
+            k_ahead, v_ahead = _kv_block(k_ptr, v_ptr, base, start, end, stride_cs, offs_d, BLOCK_S)
+            _after_previous(PDL)
         if ROPE:
             q = _rotated(q_rows, length - 1, cos_ptr, sin_ptr, valid, HEAD_DIM)
             position = tl.load(lengths_ptr + first + tl.zeros([1], tl.int32)) - 1  # its k, v
@@ -614,7 +624,8 @@ if triton is not None:
             at = base + position[:, None] * stride_cs + offs_d[None, :]
             tl.store(k_ptr + at, k_new, mask=here[:, None])
             tl.store(v_ptr + at, v_new, mask=here[:, None])
-            tl.debug_barrier()  # written by some of this program's threads, read by others
+            if not AHEAD:  # read back below with the other keys
+                tl.debug_barrier()  # written by some of this program's threads, read by others
         else:
             q = tl.load(q_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
         m_i = tl.full([GROUP_PAD], -float("inf"), dtype=tl.float32)
@@ -623,9 +634,11 @@ if triton is not None:
         for s0 in range(start, end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             mask_s = offs_s < end
-            where = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-            k = tl.load(k_ptr + where, mask=mask_s[:, None], other=0.0)
-            v = tl.load(v_ptr + where, mask=mask_s[:, None], other=0.0)
+            if AHEAD:  # read before this token's k and v were written: those from registers
+                mine = (offs_s == position)[:, None]
+                k, v = tl.where(mine, k_new, k_ahead), tl.where(mine, v_new, v_ahead)
+            else:
+                k, v = _kv_block(k_ptr, v_ptr, base, s0, end, stride_cs, offs_d, BLOCK_S)
             scores = tl.dot(q, tl.trans(k)) * scale
             seen = mask_s[None, :] & (offs_s[None, :] < length[:, None])  # this split, causal
             scores = tl.where(seen, scores, -float("inf"))
@@ -636,12 +649,27 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
             m_i = m_new
+            if AHEAD:  # the next block, once this one is done with (registers for one block)
+                k_ahead, v_ahead = _kv_block(
+                    k_ptr, v_ptr, base, s0 + BLOCK_S, end, stride_cs, offs_d, BLOCK_S
+                )
         row = (query * tl.num_programs(1) + kv_head) * SPLITS + split
         slot = row * GROUP_PAD + g
         out = acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(out, acc, mask=valid[:, None])
         tl.store(stats_ptr + slot * 2, m_i, mask=valid)
         tl.store(stats_ptr + slot * 2 + 1, l_i, mask=valid)
+
+    @triton.jit
+    def _kv_block(k_ptr, v_ptr, base, s0, end, stride_cs, offs_d, BLOCK_S: tl.constexpr):
+        """The keys and values of cache positions ``s0 ... s0 + BLOCK_S`` before `end` (0 after)."""
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        where = base + offs_s[:, None] * stride_cs + offs_d[None, :]
+        inside = (offs_s < end)[:, None]
+        return (
+            tl.load(k_ptr + where, mask=inside, other=0.0),
+            tl.load(v_ptr + where, mask=inside, other=0.0),
+        )
 
     @triton.jit
     def _rotated(rows, position, cos_ptr, sin_ptr, mask, HEAD_DIM: tl.constexpr):
@@ -694,6 +722,19 @@ if triton is not None:
         if HAS_SCATTER:
             dst = tl.load(scatter_ptr + head * HEAD_DIM + offs_d)
         tl.store(out_ptr + batch * stride_ob + dst, out.to(tl.float16))
+
+
+def _attention_launch(batch: int, rope: bool) -> dict[str, Any]:
+    """How `decode_attention` launches `_decode_attention_kernel` for `batch` queries.
+
+    One query with rotary (a batch-1 decode step) reads its first keys ahead of the wait, with
+    8 warps a program: H200, a captured step of the 7B at 768 keys, 1.69-1.71 ms against
+    1.79-1.81 with 4 warps or neither (and 1.84-1.85 with 8 warps without the read ahead).
+    Many queries keep 4 warps and read after the wait: a 32-row step took 10.1 ms with 8 warps
+    against 9.3-9.5 with 4 (`bench/step_costs.py`, docs/benchmarks.md).
+    """
+    ahead = rope and batch == 1
+    return {"BLOCK_S": 64, "num_warps": 8 if ahead else 4, "AHEAD": ahead}
 
 
 class AttentionWorkspace:
@@ -764,8 +805,8 @@ def decode_attention(
         work.stats, cos, sin, batch, q.stride(0), dim if rope is not None else q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dim),
         SPLIT_LEN=work.split_len, GROUP=work.group, GROUP_PAD=work.group_pad, HEAD_DIM=dim,
-        BLOCK_S=64, SPLITS=work.splits, HAS_ROWS=rows is not None, PER_BLOCK=per_block,
-        ROPE=rope is not None, num_warps=4, **pdl(q.device),
+        SPLITS=work.splits, HAS_ROWS=rows is not None, PER_BLOCK=per_block,
+        ROPE=rope is not None, **_attention_launch(batch, rope is not None), **pdl(q.device),
     )  # fmt: skip
     heads = out.shape[1] if scatter is None else out.shape[1] // dim
     _combine_kernel[(batch, heads)](

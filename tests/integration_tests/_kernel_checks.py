@@ -413,10 +413,21 @@ def _fused_rope(qkv, cos, sin, positions, rows, k_cache, v_cache, kind: str, hea
     K.decode_attention(q, *two_caches, lengths, work, two)
     one = torch.full((tokens, heads, dim), float("nan"), dtype=torch.float16)
     K.decode_attention(qkv, *one_caches, lengths, work, one, rope=(cos, sin))
+    # a batch-1 step, whose kernel reads its first keys before it waits (`AHEAD`)
+    alone = (k_cache.clone(), v_cache.clone())
+    work = K.AttentionWorkspace(1, heads, kv_heads, dim, max_len, torch.device("cpu"))
+    lone = torch.full((1, heads, dim), float("nan"), dtype=torch.float16)
+    K.decode_attention(qkv[:1], *alone, lengths[:1], work, lone, rope=(cos, sin))
+    two_lone = torch.full((1, heads, dim), float("nan"), dtype=torch.float16)
+    K.decode_attention(q[:1], *two_caches, lengths[:1], work, two_lone)
+    row0 = [cache[0] for cache in alone], [cache[0] for cache in two_caches]
     return {
         "fused_out_equal": bool(torch.equal(one, two)),
         "fused_caches_equal": all(map(torch.equal, one_caches, two_caches)),
         "fused_caches_written": not torch.equal(one_caches[0], k_cache),
+        "batch1_reads_ahead": K._attention_launch(1, True)["AHEAD"],
+        "fused_batch1_out_equal": bool(torch.equal(lone, two_lone)),
+        "fused_batch1_cache_equal": all(map(torch.equal, *row0)),
     }
 
 

@@ -174,6 +174,9 @@ def test_rope_and_cache_rotates_and_writes_only_its_cache_rows(kernel_runs, case
     assert m["decode"]["fused_caches_written"], where
     assert m["decode"]["fused_caches_equal"], where
     assert m["decode"]["fused_out_equal"], where
+    assert m["decode"]["batch1_reads_ahead"], where  # so the next two check that way
+    assert m["decode"]["fused_batch1_out_equal"], where
+    assert m["decode"]["fused_batch1_cache_equal"], where
     # not for one prompt's tokens in one row: another program may write a key read here
     assert m["prefill"]["fused_refused_with_rows"], where
 
@@ -324,6 +327,7 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
             HAS_ROWS=False,
             PER_BLOCK=1,
             ROPE=True,
+            AHEAD=True,
         ),
         {
             "q_ptr": "*fp32",
@@ -351,9 +355,11 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
 READ_EARLY = {
     "_gemv_kernel": ("w_ptr", "s_ptr", "z_ptr"),
     "_add_rms_norm_kernel": ("w_ptr", "gather_ptr"),
+    "_decode_attention_kernel": ("lengths_ptr", "k_ptr", "v_ptr"),
 }
 """Kernels that load some of their pointers' data before they wait: weights and orders, never
-written."""
+written; with rotary, the attention's lengths and cached keys and values, which the step's
+kernels write only after their wait (the step's own k and v: `decode_attention`)."""
 
 
 def _addressed_from(body: str, kernel, params: tuple[str, ...]) -> set[str]:
