@@ -604,9 +604,9 @@ def main() -> None:
         notes[f"{branch}_weight_gb"] = engine.model.weight_bytes() / 1e9
         notes[f"{branch}_{kernel}_load_to_first_token_s"] = load_s
         notes[f"{branch}_{kernel}_dense_prefill"] = getattr(engine.model, "dense_prefill", False)
-        race = getattr(engine.model, "gemv_race", {})  # (our GEMV, Marlin) µs per layer shape
+        race = getattr(engine.model, "gemv_race", {})  # (our GEMV, the kernel's own) µs a shape
         notes[f"{branch}_{kernel}_gemv_race_us"] = race
-        print("batch-1 GEMV against Marlin, µs:", race, flush=True)
+        print("batch-1 GEMV against the kernel's own, µs:", race, flush=True)
         if not args.batch_only:
             result = time_stream(chat, prompt, args.new_tokens)
             # one first-token time is at the mercy of the host: report the median of several

@@ -508,7 +508,7 @@ def main() -> None:
         norm_ab(results)
     if "attention" in chosen:
         attention_ab(results)
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in SHAPES.items() if any(v in chosen for v in variants) else ():
         perm = torch.randperm(k, device="cuda", generator=gen)
         part = {key: v.cuda() for key, v in _gptq_tensors(k, n, 4, 128, perm, gen).items()}
         (part,), _ = sort_rows([part], 4, 128)
