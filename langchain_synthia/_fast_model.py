@@ -229,8 +229,10 @@ class FastMistral:
     ) -> torch.Tensor:  # fmt: skip
         """``x @ W`` for one or more packed layers (`gated`: of ``silu(gate) * up`` of `x`).
 
-        Marlin returns its fp16 product as it is (what transformers + gptqmodel compute). Triton
-        and the CPU references accumulate in fp32 into `out` (zeroed; made when not given).
+        One row of a layer that won the GEMV race (`_race`) goes through our GEMV, with either
+        kernel. Marlin returns its fp16 product as it is (what transformers + gptqmodel
+        compute). Triton and the CPU references accumulate in fp32 into `out` (zeroed; made
+        when not given).
         """
         if len(linears) == 1 and linears[0].gemv and out is not None and x.shape[0] == 1:
             source = K.gated_product(x) if gated else x.half()
@@ -575,7 +577,7 @@ class FastMistral:
 
 
 _RACES: dict[tuple, tuple[float, float]] = {}
-"""`FastMistral._race`'s results in this process: (our GEMV, Marlin) µs per layer shape."""
+"""`FastMistral._race`'s results in this process: (our GEMV, the kernel's own) µs a shape."""
 
 
 def _gemv_weights(linear: Any) -> PackedLinear | None:
