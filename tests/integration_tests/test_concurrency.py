@@ -554,7 +554,11 @@ def test_ctrl_c_while_the_cli_writes_an_answer_stops_the_model_within_two_steps(
 
 
 CLI = """
-import atexit, json, runpy, sys, threading, time
+import atexit, json, runpy, signal, sys, threading, time
+
+# Ctrl-C as in a terminal's foreground: a run of the tests as a background job (`cmd &`)
+# starts this process with SIGINT ignored, and Python then keeps ignoring it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def report():  # runs last: after the library's own exit handlers
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
@@ -565,7 +569,8 @@ atexit.register(report)
 runpy.run_module("langchain_synthia", run_name="__main__", alter_sys=True)
 """
 """``python -m langchain_synthia``, reporting when its exit handlers are done (the same clock
-as the test's: CLOCK_MONOTONIC) and the threads still alive then."""
+as the test's: CLOCK_MONOTONIC) and the threads still alive then; Ctrl-C handled as Python
+does for a program started in a terminal, whatever the test run inherited."""
 
 
 def test_ctrl_c_during_generate_exits_130_at_once_with_no_thread_left(tiny_model: str) -> None:
