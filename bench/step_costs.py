@@ -7,7 +7,9 @@ kernels as with Marlin where our GEMV wins the race) on the random 7B checkpoint
 out (its launches skipped, so its outputs are stale: timing only). A kind's cost is what the
 step loses without it, waits included, which a profile of the kernels alone cannot show. Also
 the step with each pair of GEMV configurations forced (one for the 4,096-input shapes, one for
-down's 14,336), and with the attention's keys cut into other numbers of splits.
+down's 14,336), with the attention's keys cut into other numbers of splits, and with other
+attention tiles (keys a block, warps, reading ahead of the wait or not; ``--batch N`` times
+those at N rows too).
 
     python bench/step_costs.py --tokenizer-from <tok>  (on a GPU; writes $OUT/step_costs.json)
 """

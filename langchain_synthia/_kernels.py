@@ -79,13 +79,14 @@ if triton is not None:
 
     @triton.jit
     def _after_previous(PDL: tl.constexpr):
-        """The first thing each decode-step kernel does (`pdl`).
+        """What each decode-step kernel does before it touches what the kernels before write.
 
-        With `PDL`: let the kernel after start, then wait until the kernel before has finished
-        and its writes are visible. The kernel after waits in turn before it reads or writes
-        anything, and that wait also covers this kernel's own wait, so it may launch at once:
-        the GEMVs load their weights before they wait, so the next GEMV's loads overlap the
-        end of this kernel and of the one before.
+        With `PDL` (`pdl`): let the kernel after start, then wait until the kernel before has
+        finished and its writes are visible. The kernel after waits in turn before it touches
+        anything the kernels before may write, and that wait covers this kernel's own, so it
+        may launch at once. Before this, kernels read only what no kernel of the step writes:
+        the GEMVs' weights (so the next GEMV's loads overlap the end of this kernel and of the
+        one before), the norms' weights and orders, and at batch 1 the attention's older keys.
         """
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()

@@ -381,8 +381,8 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
     """Compiled for a Hopper card (sm_90, no GPU needed), with `PDL` each kernel waits for the
     kernel before (``griddepcontrol.wait``) before it reads anything that kernel may write,
     and lets the next one start before that wait; without it, neither instruction is there.
-    Only the GEMV and the norm read ahead of the wait, and only constants: every load there is
-    addressed from their weights (and the norm's gather order)."""
+    Only `READ_EARLY`'s kernels read ahead of the wait, and only what the kernels before them
+    never write: every load there is addressed from the pointers listed there."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
