@@ -22,6 +22,7 @@ with stray spaces). We render:
 This module is pure text: it imports nothing heavy and is tested with exact strings.
 """
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -70,6 +71,11 @@ and the blank Braille pattern."""
 
 _ROLE_NAMES = ("system", "user", "assistant")
 _TOOL_RESULT_TAGS = ("tool_result", "/tool_result")
+_PREFIXES = {
+    words: {word[:length] for word in words for length in range(len(word))}
+    for words in (_ROLE_NAMES, _TOOL_RESULT_TAGS)
+}
+"""What the visible characters may spell on their way to one of the words."""
 
 
 def _is_invisible(char: str) -> bool:
@@ -87,8 +93,11 @@ def _is_invisible(char: str) -> bool:
     return char in _BLANK_LETTERS or unicodedata.category(char)[0] in "CMZ"
 
 
-def _spelled_word(text: str, start: int, words: Sequence[str]) -> int | None:
-    r"""Where the one of `words` that the visible characters from `start` spell ends, if any.
+def _spelled_word(text: str, start: int, words: Sequence[str]) -> tuple[str, int] | None:
+    r"""The visible characters from `start` as soon as they begin with one of `words`, if they do.
+
+    Returns what they spell (the word, or more where one character spells several letters)
+    and the index after the last character read; ``None`` once they begin with no word.
 
     Invisible characters (`_is_invisible`) are skipped; every other character counts in its
     NFKC form, case-folded, so ``User``, fullwidth ``\uff35\uff33\uff25\uff32`` and ``U\u200bSER``
@@ -96,23 +105,27 @@ def _spelled_word(text: str, start: int, words: Sequence[str]) -> int | None:
     """
     spelled = ""
     for index in range(start, len(text)):
-        char = text[index]
-        if _is_invisible(char):
-            continue
-        spelled += unicodedata.normalize("NFKC", char).casefold()
+        spelled += _visible_form(text[index])
         if spelled in words:
-            return index + 1
-        if not any(word.startswith(spelled) for word in words):
-            return None
+            return spelled, index + 1
+        if spelled not in _PREFIXES[words]:
+            ahead = any(spelled.startswith(word) for word in words)
+            return (spelled, index + 1) if ahead else None
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _visible_form(char: str) -> str:
+    """What `char` spells: nothing if it is invisible, else its NFKC form, case-folded."""
+    return "" if _is_invisible(char) else unicodedata.normalize("NFKC", char).casefold()
 
 
 def _visible_colon(text: str, start: int) -> int | None:
     """The index of the colon of a role label that begins at `start`, if one does."""
-    end = _spelled_word(text, start, _ROLE_NAMES)
-    if end is None:
+    spelled = _spelled_word(text, start, _ROLE_NAMES)
+    if spelled is None or spelled[0] not in _ROLE_NAMES:
         return None
-    for index in range(end, len(text)):
+    for index in range(spelled[1], len(text)):
         if text[index] == ":":
             return index
         if not _is_invisible(text[index]):
@@ -143,7 +156,7 @@ def neutralize_role_labels(text: str) -> str:
 
         The second line's colon comes back as U+FF1A, so it no longer begins an answer.
     """
-    starts = [0, *(match.end() for match in _LINE_BREAK.finditer(text))]
+    starts = (match.start() for match in _MAY_START_A_LABEL.finditer(text))
     colons = [colon for start in starts if (colon := _visible_colon(text, start)) is not None]
     return _replaced(text, colons, NEUTRAL_COLON)
 
@@ -171,7 +184,7 @@ def neutralize_tool_result_tags(text: str) -> str:
     """
     opens = [
         match.start()
-        for match in re.finditer("<", text)
+        for match in _MAY_OPEN_A_TAG.finditer(text)
         if _spelled_word(text, match.end(), _TOOL_RESULT_TAGS) is not None
     ]
     return _replaced(text, opens, NEUTRAL_LESS_THAN)
@@ -186,7 +199,20 @@ def _replaced(text: str, indices: Sequence[int], char: str) -> str:
     return "".join(chars)
 
 
-_LINE_BREAK = re.compile(f"[{_LINE_BREAKS}]")
+def _visible_ascii_but(letters: str) -> str:
+    """The printable ASCII characters other than `letters`, escaped for a regex class."""
+    return "".join(re.escape(chr(c)) for c in range(0x21, 0x7F) if chr(c) not in letters)
+
+
+_MAY_START_A_LABEL = re.compile(
+    rf"(?:^|(?<=[{_LINE_BREAKS}]))(?=[^{_LINE_BREAKS}{_visible_ascii_but('sSuUaA')}])"
+)
+"""Line starts that `_visible_colon` must read: those whose first character is not one that
+rules a label out at once (a line break, or printable ASCII other than s, u, a)."""
+
+_MAY_OPEN_A_TAG = re.compile(rf"<(?=[^{_visible_ascii_but('/tT')}])")
+"""The ``<`` that `_spelled_word` must read on from (not followed by printable ASCII that
+rules a tag out at once)."""
 
 
 Role = Literal["user", "assistant"]
