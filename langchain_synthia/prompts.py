@@ -543,3 +543,16 @@ class _SynthiaPromptTemplate(PromptTemplate):
             )
             raise KeyError(msg)
         return render_prompt([Turn("user", str(values[self.user_variable]))], self.system_message)
+
+    def __add__(self, other: Any) -> PromptTemplate:
+        """Refused: LangChain's sum would fill `template` in, with no neutralisation.
+
+        Raises:
+            TypeError: Always.
+        """
+        msg = (
+            "A synthia_prompt_template cannot be joined with +: the sum would paste its "
+            "variable into the text without neutralising it. Put the extra text in the "
+            "variable's value or the system message, or build turns with render_prompt."
+        )
+        raise TypeError(msg)

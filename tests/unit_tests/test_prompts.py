@@ -235,3 +235,8 @@ def test_template_variables_must_be_identifiers(name: str) -> None:
         synthia_prompt_template(input_variable=name)
     with pytest.raises(ValueError, match="is not a variable name"):
         synthia_chat_prompt(input_variable=name)
+
+
+def test_string_template_cannot_be_summed_into_an_unneutralised_one() -> None:
+    with pytest.raises(TypeError, match="cannot be joined with"):
+        synthia_prompt_template() + "\nMore: {question}"
