@@ -193,10 +193,35 @@ def render_tool_call(name: str, arguments: Any) -> str:
 
 
 def render_tool_result(message: ToolMessage, text: str) -> str:
-    """A tool's result as the model reads it in the next ``USER:`` turn."""
-    name = f' name="{message.name}"' if message.name else ""
+    """A tool's result as the model reads it in the next ``USER:`` turn.
+
+    The block is ``<tool_result name="..." id="..." status="error">``, the text on the lines
+    after it, then ``</tool_result>``. Nothing in the message can end the block early or add
+    another: in `text` every ``<tool_result``/``</tool_result`` tag is made inert
+    (`langchain_synthia.prompts.neutralize_tool_result_tags`: its ``<`` becomes U+FF1C, the
+    text is otherwise kept), and the name and id are written as XML attribute values (``&``,
+    ``<``, ``>``, ``"`` and ``'`` as entities, and every control, format, line-break or space
+    character other than the plain space as ``&#x..;``), so each stays inside its quotes on
+    the tag's line and reads back exactly.
+    """
+    import html
+    import unicodedata
+
+    from langchain_synthia.prompts import neutralize_tool_result_tags
+
+    def attribute(value: str) -> str:
+        return "".join(
+            f"&#x{ord(char):x};" if char != " " and unicodedata.category(char)[0] in "CZ" else char
+            for char in html.escape(value)
+        )
+
+    name = f' name="{attribute(message.name)}"' if message.name else ""
     status = ' status="error"' if message.status == "error" else ""
-    return f'<tool_result{name} id="{message.tool_call_id}"{status}>\n{text}\n</tool_result>'
+    body = neutralize_tool_result_tags(text)
+    return (
+        f'<tool_result{name} id="{attribute(message.tool_call_id)}"{status}>\n{body}\n'
+        "</tool_result>"
+    )
 
 
 class ToolCallReader:

@@ -214,3 +214,29 @@ def test_tool_calls_and_results_render_in_synthia_turns() -> None:
         '<tool_result id="c2" status="error">\noops\n</tool_result>\n'
         "ASSISTANT:"
     )
+
+
+def test_string_template_shows_its_text_and_renders_empty_text_as_a_bare_label() -> None:
+    template = synthia_prompt_template("Use {curly} braces.\x00", input_variable="q")
+    assert template.template == "SYSTEM: Use {{curly}} braces.\x00\nUSER: {q}\nASSISTANT:"
+    assert template.input_variables == ["q"]
+    assert template.format(q="") == render_prompt([Turn("user", "")], "Use {curly} braces.\x00")
+    assert template.format(q="") == "SYSTEM: Use {curly} braces.\x00\nUSER:\nASSISTANT:"
+
+
+def test_string_template_names_its_missing_variable() -> None:
+    with pytest.raises(KeyError, match="needs its variable 'question'"):
+        synthia_prompt_template().format(other="x")
+
+
+@pytest.mark.parametrize("name", ["a b", "x}{y", "0q", "q.attr", ""])
+def test_template_variables_must_be_identifiers(name: str) -> None:
+    with pytest.raises(ValueError, match="is not a variable name"):
+        synthia_prompt_template(input_variable=name)
+    with pytest.raises(ValueError, match="is not a variable name"):
+        synthia_chat_prompt(input_variable=name)
+
+
+def test_string_template_cannot_be_summed_into_an_unneutralised_one() -> None:
+    with pytest.raises(TypeError, match="cannot be joined with"):
+        synthia_prompt_template() + "\nMore: {question}"
