@@ -663,3 +663,13 @@ def test_the_log_and_saved_files_are_private_whatever_the_umask(model_args, tmp_
     assert saved.stat().st_mode & 0o777 == 0o600
     assert shared.stat().st_mode & 0o777 == 0o600
     assert len(shared.read_text().splitlines()) == 2
+
+
+def test_a_model_folder_that_is_missing_is_one_error_line(tmp_path) -> None:
+    missing = str(tmp_path / "no-such-folder")
+    for command in (["generate", "Hi"], ["chat"]):
+        result = run([*command[:1], "--model", missing, "--device", "cpu", *command[1:]], "")
+        assert result.exit_code in (1, 2, 3), result.output
+        assert isinstance(result.exception, SystemExit), result.exception
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert "no-such-folder" in line
