@@ -2,10 +2,12 @@
 
 The session holds the conversation as LangChain messages and answers through `stream_answer`,
 the same `ChatSynthia.stream` and `SynthiaOutputParser` a user's own chain would use. Each
-exchange is appended to a JSONL log, as the model card's own loop does.
+exchange is appended to a JSONL log, as the model card's own loop does; the log and the files
+``/save`` writes are created readable by their owner only.
 """
 
-import json
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 
+from langchain_synthia._console import printable, printable_json, printable_line
 from langchain_synthia.chat_models import ChatSynthia
 from langchain_synthia.output_parsers import SynthiaOutputParser
 from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, TREE_OF_THOUGHT_SYSTEM_MESSAGE
@@ -125,7 +128,14 @@ class ChatSession:
         self._before_tree_of_thought: str | None = DEFAULT_SYSTEM_MESSAGE
 
     def handle(self, message: str) -> bool:
-        """Answer a message or run a command; ``False`` when the user asked to leave."""
+        """Answer a message or run a command; ``False`` when the user asked to leave.
+
+        The answer streams through `write`, cleaned by `printable`; the conversation and the
+        log keep it as the model gave it. When the model fails (any exception: a timeout, a
+        prompt past the context window, a server's error), one line says why on `write`'s
+        ``err`` stream and the conversation stays as it was before `message`, which is not
+        kept, like an answer stopped with Ctrl-C.
+        """
         text = message.strip()
         if not text:
             return True
@@ -137,6 +147,14 @@ class ChatSession:
         except KeyboardInterrupt:
             self._write("\n[answer stopped; it is not kept in the conversation]")
             return True
+        except BrokenPipeError:  # the output is gone: there is no one to answer
+            raise
+        except Exception as error:  # the model's: a timeout, a prompt past the context window,
+            # a server's error, out of memory... The turn fails alone; the conversation stays.
+            reason = printable_line(str(error)) or type(error).__name__
+            self._write("")
+            self._write(f"[error (message not kept): {reason}]", err=True)
+            return True
         self._write("")
         if answer.finish_reason == "length":
             self._write(f"[cut off at {self.model.max_tokens} tokens: --max-tokens raises it]")
@@ -145,7 +163,7 @@ class ChatSession:
         return True
 
     def _piece(self, piece: str) -> None:
-        self._write(piece, nl=False)
+        self._write(printable(piece), nl=False)
 
     def _messages(self, question: str) -> list[BaseMessage]:
         from langchain_core.messages import SystemMessage
@@ -202,9 +220,9 @@ class ChatSession:
         ]
         document = {"system": self.system_message, "messages": turns}
         try:
-            path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+            write_private(path, printable_json(document, indent=2) + "\n", append=False)
         except OSError as error:
-            self._write(f"[not saved: {error}]")
+            self._write(f"[not saved: {printable_line(str(error))}]")
             return
         self._write(f"[saved {len(turns)} messages to {path}]")
 
@@ -220,8 +238,27 @@ class ChatSession:
             "revision": self.model.revision,
         }
         try:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a", encoding="utf-8") as log:
-                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            write_private(self.log_path, printable_json(record) + "\n", append=True)
         except OSError as error:
-            self._write(f"[conversation log {self.log_path} not written: {error}]")
+            reason = printable_line(str(error))
+            self._write(f"[conversation log {self.log_path} not written: {reason}]")
+
+
+def write_private(path: Path, text: str, *, append: bool) -> None:
+    """Write `text` to `path` (appended, or in place of what it held), readable by its owner only.
+
+    A new file is created with mode 0600, and its missing folders with mode 0700, whatever the
+    umask. An existing regular file that the group or others may read is made 0600 first when
+    `append`ing (the conversation log), so earlier records stop being readable too; a file
+    that cannot be made private is not written (`OSError`).
+    """
+    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    descriptor = os.open(path, flags, 0o600)
+    with os.fdopen(descriptor, "a" if append else "w", encoding="utf-8") as file:
+        mode = os.fstat(descriptor).st_mode
+        if append and stat.S_ISREG(mode) and mode & 0o077:
+            os.fchmod(descriptor, stat.S_IMODE(mode) & 0o700)
+        file.write(text)

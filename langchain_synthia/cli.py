@@ -8,10 +8,16 @@ runs, so ``synthia --help`` does not import torch.
 Exit codes: 0 success; 1 an error while loading or generating; 2 a usage error (bad option or
 value); 3 the model is not available (not downloaded and the Hub not reachable, or offline);
 130 interrupted by Ctrl-C.
+
+Every error ends the command with one ``Error: ...`` message and its exit code, never a
+traceback (``SYNTHIA_VERBOSE=1`` shows one for an error the CLI does not expect). What the
+model, a server or a file says is cleaned by `printable` before it is shown.
 """
 
+import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +25,7 @@ from typing import Any
 
 import click
 
+from langchain_synthia._console import printable, printable_json, printable_line, verbose
 from langchain_synthia._version import __version__
 from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, VARIANTS
 
@@ -29,22 +36,94 @@ EXIT_INTERRUPTED = 130
 
 
 class _Failure(click.ClickException):
-    """An error with its exit code, printed as ``Error: ...`` without a traceback."""
+    """An error with its exit code, printed as ``Error: ...`` without a traceback.
+
+    The message is cleaned by `printable`: it may quote a server or a file.
+    """
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))
         self.exit_code = exit_code
 
 
 class _Synthia(click.Group):
-    """The command group: Ctrl-C anywhere ends the command cleanly with exit code 130."""
+    """The command group: every command ends with its result, or one error and its exit code.
+
+    Ctrl-C anywhere ends the command with exit code 130. An error no command expects ends it
+    with exit code 1 and a one-line ``Error: ...`` naming the exception's type
+    (``SYNTHIA_VERBOSE=1`` raises it, traceback and all). A closed pipe on standard output
+    (``synthia generate ... | head -c 10``) ends it quietly, as Unix tools do (click's own
+    handling: exit code 1).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        _open_standard_descriptors()
+        if sys.stdout is None:
+            raise _Failure(
+                "Standard output is closed: redirect it (> FILE, or > /dev/null to discard "
+                "what the command prints) instead of closing it."
+            )
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except OSError as error:
+            if error.errno == errno.EPIPE or verbose():
+                raise
+            raise _Failure(_unexpected(error)) from None
+        except Exception as error:
+            if verbose():
+                raise
+            raise _Failure(_unexpected(error)) from None
+
+
+def _unexpected(error: BaseException) -> str:
+    reason = printable_line(str(error))
+    where = f"{type(error).__name__}; SYNTHIA_VERBOSE=1 shows where"
+    return f"{reason} ({where})" if reason else f"({where})"
+
+
+def _open_standard_descriptors() -> None:
+    """Put /dev/null on standard descriptors the command was started with closed.
+
+    Otherwise the next file opened (a checkpoint, the log) would take descriptor 0, 1 or 2,
+    and what is written to the stream would land in it. With standard error closed, its
+    messages are dropped; standard input and output stay ``None`` for the commands to refuse.
+    """
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            if opened != descriptor:
+                os.dup2(opened, descriptor)
+                os.close(opened)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  kept to the end
+
+
+def _valid_text(text: str, what: str, encoding: str) -> str:
+    """`text` decoded with ``surrogateescape``, its undecodable bytes shown as U+FFFD, said."""
+    replaced = len(re.findall("[\ud800-\udfff]", text))
+    if not replaced:
+        return text
+    click.echo(
+        f"Warning: {what} is not valid {encoding}: {replaced} undecodable "
+        f"byte{'s' if replaced > 1 else ''} replaced with U+FFFD (\N{REPLACEMENT CHARACTER}).",
+        err=True,
+    )
+    return re.sub("[\ud800-\udfff]", "\N{REPLACEMENT CHARACTER}", text)
+
+
+def _tolerant_stdin() -> str:
+    """Standard input's encoding, read with undecodable bytes kept for `_valid_text`."""
+    stdin = sys.stdin
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")
+    return getattr(stdin, "encoding", None) or "utf-8"
 
 
 # -- options shared by `chat` and `generate`: each one is a ChatSynthia field -----------------
@@ -233,6 +312,9 @@ def chat(
     """Chat with Synthia: answers stream as they come; /help lists the commands."""
     from langchain_synthia._repl import ChatSession, read_message
 
+    if sys.stdin is None:
+        raise click.UsageError("Standard input is closed: chat reads your messages from it.")
+    encoding = _tolerant_stdin()
     system_message = _system_message(system, tree_of_thought)
     chat_model = _chat_model(fields, demo=demo)
     from_command_line = click.get_current_context().get_parameter_source("log_path")
@@ -248,7 +330,7 @@ def chat(
         import readline  # noqa: F401  line editing and history for input()
     while True:
         try:
-            message = read_message(input)
+            message = _valid_text(read_message(input), "the message", encoding)
         except EOFError:
             click.echo()
             return
@@ -281,9 +363,14 @@ def generate(
     from langchain_synthia._repl import stream_answer
 
     if prompt is None or prompt == "-":
+        if sys.stdin is None:
+            raise click.UsageError("Give a PROMPT: standard input is closed.")
         if prompt is None and sys.stdin.isatty():
             raise click.UsageError("Give a PROMPT, or pipe the prompt into standard input.")
-        prompt = sys.stdin.read()
+        encoding = _tolerant_stdin()
+        prompt = _valid_text(sys.stdin.read(), "the prompt", encoding)
+    else:
+        prompt = _valid_text(prompt, "the prompt", sys.getfilesystemencoding())
     if not prompt.strip():
         raise click.UsageError("The prompt is empty.")
     system_message = _system_message(system, tree_of_thought)
@@ -291,22 +378,32 @@ def generate(
     _load(chat_model)
     messages = [*([SystemMessage(system_message)] if system_message else []), HumanMessage(prompt)]
 
+    started = False
+
     def write(piece: str) -> None:
+        nonlocal started
         if not as_json:
-            click.echo(piece, nl=False)
+            click.echo(printable(piece), nl=False)
+            started = True
 
     try:
         answer = stream_answer(chat_model, messages, write)
-    except (RuntimeError, ValueError, TimeoutError) as error:
+    except BrokenPipeError:
+        raise
+    except Exception as error:
+        if started:  # the partial answer's line ends before the error
+            click.echo()
+        if not isinstance(error, (RuntimeError, ValueError, TimeoutError)):
+            raise  # the group says what it is
         raise _Failure(str(error)) from None
     if as_json:
-        click.echo(json.dumps({
+        click.echo(printable_json({
             "text": answer.text,
             "finish_reason": answer.finish_reason,
             "usage": answer.usage,
             "model": chat_model.model,
             "revision": chat_model.revision,
-        }, ensure_ascii=False))  # fmt: skip
+        }))  # fmt: skip
     else:
         click.echo()
     if answer.finish_reason == "length":

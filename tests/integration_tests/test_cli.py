@@ -1,6 +1,9 @@
 """The ``synthia`` command (the thin face over ChatSynthia), run on the tiny checkpoint."""
 
+import http.server
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -352,3 +355,321 @@ def test_the_cli_runs_as_an_installed_command(tiny_model: str) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["usage"]["output_tokens"] <= 3
     assert "Loading" in done.stderr
+
+
+# -- a failed turn, hostile text, broken streams, the log's privacy ----------------------------
+
+ACTIVE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+"""What a terminal acts on instead of showing; no output of the CLI holds any."""
+CLIPBOARD = "\x1b]52;c;cm0gLXJmIH4K\x07"  # OSC 52: write the clipboard
+TITLE = "\x1b]0;pwned\x1b\\"  # OSC 0: set the window title
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("[error (message not kept)")]
+
+
+def test_a_turn_past_the_context_window_fails_alone_and_the_chat_goes_on(
+    model_args, spy_prompts, tmp_path
+) -> None:
+    saved = tmp_path / "conversation.json"
+    typed = f"Hi\nHi\nHi\nHi\n/save {saved}\n/reset\nHi\n/exit\n"
+    result = run(["chat", *model_args, "--no-log", "--system", "", "--context-window", "30"], typed)
+    assert result.exit_code == 0, result.output
+    errors = error_lines(result.output)
+    assert errors, result.output
+    assert "context window is 30 tokens" in errors[0]
+    assert len(set(errors)) == 1  # each failed turn left the conversation as it was
+    kept = json.loads(saved.read_text())["messages"]
+    assert len(kept) == 2 * (4 - len(errors)) > 0
+    assert [m["content"] for m in kept[::2]] == ["Hi"] * (4 - len(errors))
+    assert spy_prompts[-1] == "USER: Hi\nASSISTANT:"  # after /reset, answered again
+    assert result.output.rstrip().endswith("You:")  # and the chat went on to /exit
+
+
+def fail_some_turns(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Messages that start with FAIL get a few words of answer, then `error`."""
+    from langchain_synthia import _repl
+
+    answer = _repl.stream_answer
+
+    def failing(model, messages, write):
+        if messages[-1].text.startswith("FAIL"):
+            write("half an ")
+            raise error
+        return answer(model, messages, write)
+
+    monkeypatch.setattr(_repl, "stream_answer", failing)
+
+
+def model_failures() -> list[BaseException]:
+    from langchain_synthia import GenerationTimeoutError
+    from langchain_synthia._fast_engine import EngineOutOfMemoryError
+    from langchain_synthia._remote import RemoteEngineError
+
+    return [
+        GenerationTimeoutError("Generation took longer than timeout=1s. Raise `timeout`."),
+        ValueError("The prompt is 9000 tokens but Synthia's context window is 4096 tokens."),
+        RemoteEngineError(f"The server answered 500: {TITLE}overloaded\nretry later", 500),
+        EngineOutOfMemoryError("CUDA out of memory. Lower max_batch_size."),
+        OverflowError("timestamp out of range for platform time_t"),
+        KeyError("n_ctx"),
+    ]
+
+
+@pytest.mark.parametrize("error", model_failures(), ids=lambda error: type(error).__name__)
+def test_any_model_error_fails_the_turn_alone_with_one_line(
+    model_args, spy_prompts, monkeypatch, tmp_path, error
+) -> None:
+    fail_some_turns(monkeypatch, error)
+    log, saved = tmp_path / "log.jsonl", tmp_path / "conversation.json"
+    typed = f"first\nFAIL now\nsecond\n/save {saved}\n/exit\n"
+    result = run(["chat", *model_args, "--log", str(log)], typed)
+    assert result.exit_code == 0, result.output
+    (line,) = error_lines(result.stderr)
+    assert "half an \n" in result.stdout  # the partial answer's line is ended
+    assert str(error).splitlines()[0].replace(TITLE, "") in line
+    assert not ACTIVE.search(result.output)
+    assert spy_prompts[1].count("USER:") == 2  # "second" follows "first": FAIL is not kept
+    assert "FAIL" not in spy_prompts[1]
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"][::2]] == [
+        "first",
+        "second",
+    ]
+    assert [json.loads(r)["prompt"] for r in log.read_text().splitlines()] == ["first", "second"]
+
+
+def test_a_timeout_in_chat_fails_the_turn_and_timeout_inf_is_no_traceback(model_args) -> None:
+    timed_out = run(["chat", *model_args, "--no-log", "--timeout", "1e-9"], "Hi\nHi\n/exit\n")
+    assert timed_out.exit_code == 0, timed_out.output
+    assert len(error_lines(timed_out.stderr)) == 2
+    assert "timeout" in error_lines(timed_out.stderr)[0]
+    for value in ("inf", "1e10"):  # no limit: answered, or refused with a message
+        chat = run(["chat", *model_args, "--no-log", "--timeout", value], "Hi\n/exit\n")
+        assert chat.exit_code in (0, 2), chat.output
+        assert chat.exception is None or isinstance(chat.exception, SystemExit), chat.exception
+        generate = run(["generate", *model_args, "--timeout", value, "Hi"])
+        assert generate.exception is None or isinstance(generate.exception, SystemExit), (
+            generate.exception
+        )
+        if generate.exit_code:
+            assert generate.exit_code in (1, 2)
+            assert generate.stderr.count("Error: ") == 1, generate.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_synthia_verbose_shows_the_traceback(
+    model_args, monkeypatch
+) -> None:
+    from langchain_synthia import _repl
+
+    def broken(model, messages, write):
+        raise LookupError(f"no such thing{CLIPBOARD}")
+
+    monkeypatch.setattr(_repl, "stream_answer", broken)
+    result = run(["generate", *model_args, "Hi"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.endswith(
+        "Error: no such thing (LookupError; SYNTHIA_VERBOSE=1 shows where)\n"
+    )
+    verbose = run(["generate", *model_args, "Hi"], SYNTHIA_VERBOSE="1")
+    assert isinstance(verbose.exception, LookupError)
+
+
+def completion(text: str, finish: str | None = None) -> dict:
+    return {"choices": [{"text": text, "finish_reason": finish}]}
+
+
+class _HostileServer:
+    """An OpenAI-compatible server on loopback whose answers and errors carry escapes.
+
+    A prompt whose last message starts with FAIL gets a 400 error, one with BREAK a partial
+    answer and then an error event; any other gets an answer with a clipboard write and a
+    window title in it.
+    """
+
+    ANSWER = ("Sure.", f"{CLIPBOARD} Here", f"{TITLE} it is\r\n\u202eok")
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._send(200, "application/json", {"data": [{"id": "m", "owned_by": "vllm"}]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                last = body["prompt"].rsplit("USER: ", 1)[-1]
+                outer.prompts.append(body["prompt"])
+                if last.startswith("FAIL"):
+                    error = {"error": {"message": f"bad request{TITLE}: {CLIPBOARD}no"}}
+                    self._send(400, "application/json", error)
+                elif last.startswith("BREAK"):
+                    error = {"error": {"message": f"engine died\x1b[2J{CLIPBOARD}"}}
+                    self._stream([completion("partial"), error])
+                else:
+                    *pieces, end = _HostileServer.ANSWER
+                    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+                    events = [*map(completion, pieces), completion(end, "stop") | {"usage": usage}]
+                    self._stream(events)
+
+            def _stream(self, events: list[dict]) -> None:
+                lines = [f"data: {json.dumps(event)}" for event in events] + ["data: [DONE]"]
+                self._send(200, "text/event-stream", "\n\n".join(lines) + "\n\n")
+
+            def _send(self, status: int, kind: str, body: dict | str) -> None:
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture
+def hostile_server():
+    server = _HostileServer()
+    yield server
+    server.server.shutdown()
+
+
+def remote_args(server: _HostileServer) -> list[str]:
+    return ["--base-url", server.url, "--model", "m", "--max-tokens", "8"]
+
+
+def test_a_hostile_server_reaches_chat_with_text_only(hostile_server, tmp_path) -> None:
+    remote = remote_args(hostile_server)
+    saved = tmp_path / "conversation.json"
+    typed = f"Hi\nFAIL\nBREAK\nagain\n/save {saved}\n/exit\n"
+    chat = run(["chat", *remote, "--no-log"], typed)
+    assert chat.exit_code == 0, chat.output
+    assert not ACTIVE.search(chat.output), ascii(chat.output)
+    assert chat.stdout.count("Synthia: Sure. Here it is\nok") == 2
+    bad, broken = error_lines(chat.stderr)
+    assert bad.endswith("answered 400: bad request: no]")
+    assert broken.endswith("The server reported an error mid-answer: engine died]")
+    assert "USER: Hi\nASSISTANT: Sure." in hostile_server.prompts[-1]
+    assert "FAIL" not in hostile_server.prompts[-1]
+    assert "BREAK" not in hostile_server.prompts[-1]
+    document = saved.read_text()
+    assert not ACTIVE.search(document)  # escaped in the JSON: the file is safe to cat
+    answers = [m["content"] for m in json.loads(document)["messages"][1::2]]
+    assert answers == ["".join(_HostileServer.ANSWER)] * 2  # kept as the server sent it
+
+
+def test_a_hostile_server_reaches_generate_with_text_only(hostile_server) -> None:
+    remote = remote_args(hostile_server)
+    generate = run(["generate", *remote, "Hi"])
+    assert generate.exit_code == 0, generate.output
+    assert generate.stdout == "Sure. Here it is\nok\n"
+    as_json = run(["generate", *remote, "--json", "Hi"])
+    assert not ACTIVE.search(as_json.stdout)
+    assert json.loads(as_json.stdout)["text"] == "".join(_HostileServer.ANSWER)  # escaped
+    failed = run(["generate", *remote, "FAIL"])
+    assert failed.exit_code == 1
+    assert failed.stderr.endswith("answered 400: bad request: no\n")
+    assert not ACTIVE.search(failed.output)
+
+
+# -- what does not decode, and standard streams that are closed or break -----------------------
+
+
+def test_a_prompt_that_is_not_utf8_is_read_with_its_bad_bytes_replaced(model_args, spy_prompts):
+    argv = run(["generate", *model_args, "caf\udce9 au lait"])  # as Python decodes argv
+    piped = CliRunner().invoke(main, ["generate", *model_args], input=b"caf\xe9 au lait")
+    typed = CliRunner().invoke(main, ["chat", *model_args, "--no-log"], input=b"caf\xe9\n")
+    for result in (argv, piped, typed):
+        assert result.exit_code == 0, result.output
+        assert "not valid utf-8: 1 undecodable byte replaced with U+FFFD" in result.stderr
+    assert spy_prompts[0] == spy_prompts[1]
+    assert "USER: caf\ufffd au lait\n" in spy_prompts[0]
+    assert spy_prompts[2].endswith("USER: caf\ufffd\nASSISTANT:")
+
+
+def synthia(*args: str, **options) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "synthia"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **options)
+
+
+def close(*descriptors: int):
+    return lambda: [os.close(descriptor) for descriptor in descriptors]
+
+
+def test_closed_standard_streams_give_a_message_not_a_traceback(model_args) -> None:
+    no_input = synthia("chat", *model_args, "--no-log", preexec_fn=close(0))
+    assert no_input.returncode == 2, no_input.stderr
+    assert "Standard input is closed" in no_input.stderr
+    no_output = synthia("generate", *model_args, "Hi", preexec_fn=close(1))
+    assert no_output.returncode == 1, no_output.stderr
+    assert "Error: Standard output is closed" in no_output.stderr
+    # standard input and error closed: the answer still comes (its notes go nowhere)
+    answered = synthia("generate", *model_args, "--json", "Hi", preexec_fn=close(0, 2))
+    assert answered.returncode == 0
+    assert json.loads(answered.stdout)["usage"]["output_tokens"] == 6
+    for done in (no_input, no_output, answered):
+        assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_stops_ends_generate_quietly(model_args) -> None:
+    command = [str(Path(sys.executable).parent / "synthia"), "generate", *model_args, "Hi"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # as `| head -c 0` does: every write to the pipe fails with EPIPE
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert b"Traceback" not in stderr
+    assert b"Exception ignored" not in stderr
+    assert b"BrokenPipe" not in stderr
+
+
+def test_a_broken_pipe_in_chat_ends_the_chat(tiny_model: str) -> None:
+    from langchain_synthia._repl import ChatSession
+
+    def write(text: str = "", nl: bool = True, err: bool = False) -> None:
+        if text and text != "Synthia: ":
+            raise BrokenPipeError(32, "Broken pipe")
+
+    model = ChatSynthia(model=tiny_model, device=DEVICE, max_tokens=6, system_message=None)
+    session = ChatSession(model, system_message=None, log_path=None, write=write)
+    with pytest.raises(BrokenPipeError):
+        session.handle("Hi")
+
+
+def test_the_log_and_saved_files_are_private_whatever_the_umask(model_args, tmp_path) -> None:
+    data = tmp_path / "data"
+    saved = tmp_path / "saved.json"
+    shared = tmp_path / "shared.jsonl"
+    shared.write_text('{"prompt": "old"}\n')
+    shared.chmod(0o644)
+    umask = os.umask(0)
+    try:
+        fresh = run(["chat", *model_args], f"Hi\n/save {saved}\n", XDG_DATA_HOME=str(data))
+        tightened = run(["chat", *model_args, "--log", str(shared)], "Hi\n")
+    finally:
+        os.umask(umask)
+    assert fresh.exit_code == tightened.exit_code == 0, fresh.output + tightened.output
+    log = data / "langchain-synthia" / "conversations.jsonl"
+    assert len(log.read_text().splitlines()) == 1
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert log.parent.stat().st_mode & 0o777 == 0o700
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert shared.stat().st_mode & 0o777 == 0o600
+    assert len(shared.read_text().splitlines()) == 2
+
+
+def test_a_model_folder_that_is_missing_is_one_error_line(tmp_path) -> None:
+    missing = str(tmp_path / "no-such-folder")
+    for command in (["generate", "Hi"], ["chat"]):
+        result = run([*command[:1], "--model", missing, "--device", "cpu", *command[1:]], "")
+        assert result.exit_code in (1, 2, 3), result.output
+        assert isinstance(result.exception, SystemExit), result.exception
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert "no-such-folder" in line
