@@ -25,6 +25,7 @@ This module is pure text: it imports nothing heavy and is tested with exact stri
 import functools
 import re
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -372,6 +373,13 @@ def _text_of(message: BaseMessage) -> str:
                 parts.append(str(block.get("text", "")))
             elif block.get("type") in _CALL_BLOCKS and (calls or invalid):
                 continue  # the same calls as `tool_calls`, rendered below
+            elif block.get("type") in _REASONING_BLOCKS:
+                warnings.warn(
+                    f"ChatSynthia skips a {block.get('type')!r} content block of an earlier "
+                    "answer: another model's reasoning is not part of Synthia's conversation. "
+                    "Its text blocks and tool calls are kept.",
+                    stacklevel=2,
+                )
             else:
                 msg = (
                     f"ChatSynthia cannot render a {block.get('type')!r} content block: Synthia "
@@ -390,6 +398,9 @@ def _text_of(message: BaseMessage) -> str:
 
 _CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
 """Content blocks that repeat an AIMessage's tool calls (Anthropic's, LangChain's v1)."""
+
+_REASONING_BLOCKS = ("reasoning", "thinking", "redacted_thinking")
+"""Content blocks of another model's reasoning (LangChain's v1, OpenAI's, Anthropic's): skipped."""
 
 
 def _chosen_system(system_message: str | None, *, tree_of_thought: bool) -> str | None:

@@ -240,3 +240,26 @@ def test_template_variables_must_be_identifiers(name: str) -> None:
 def test_string_template_cannot_be_summed_into_an_unneutralised_one() -> None:
     with pytest.raises(TypeError, match="cannot be joined with"):
         synthia_prompt_template() + "\nMore: {question}"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "reasoning", "reasoning": "Greet back."},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "x"}]},
+        {"type": "thinking", "thinking": "Greet back.", "signature": "c2ln"},
+        {"type": "redacted_thinking", "data": "c2ln"},
+    ],
+    ids=["v1", "openai-summary", "anthropic-thinking", "anthropic-redacted"],
+)
+def test_reasoning_blocks_of_another_model_are_skipped_with_a_warning(block: dict) -> None:
+    with_reasoning = [
+        HumanMessage("Hi"),
+        AIMessage([block, {"type": "text", "text": "Hello!"}]),
+        HumanMessage("Bye"),
+    ]
+    plain = [HumanMessage("Hi"), AIMessage("Hello!"), HumanMessage("Bye")]
+    with pytest.warns(UserWarning, match=f"skips a '{block['type']}' content block"):
+        rendered = render_messages(with_reasoning)
+    assert rendered == render_messages(plain)
+    assert "Greet back" not in rendered
