@@ -48,6 +48,10 @@ class GenerationRequest:
     grammar: str | None = None
     """An llguidance grammar the answer must follow (`langchain_synthia._grammar`): each token
     is sampled among those the grammar allows, and the answer ends when it is complete."""
+    constrained_opening: str | None = None
+    """With a grammar that allows free text or a constrained part (``tool_choice="auto"``),
+    the text that opens the constrained part (``"<tool_call>"``): an answer that begins with
+    it, after any whitespace, is never cut by `stops`, which cut only the other answers."""
 
 
 @dataclass(frozen=True)
@@ -322,7 +326,7 @@ class _Row:
         self.generated = 0
         self.done = False
         self.detokenizer = _Detokenizer(tokenizer)
-        self.stops = StopMatcher(stream.request.stops)
+        self.stops = StopMatcher(stream.request.stops, stream.request.constrained_opening)
         grammar = stream.request.grammar
         self.constraint = None if grammar is None else Constraint(grammar, tokenizer)
 

@@ -3,7 +3,8 @@
 vLLM, TGI, SGLang and llama.cpp's server all serve ``POST /v1/completions``. The prompt is
 rendered on our side (the faces do it as for a local model), so this engine only sends text and
 reads text back over server-sent events. Stop strings are sent to the server (it stops early)
-and matched again here, so the answer is cut exactly as the local engines cut it. Constrained
+and matched again here, so the answer is cut exactly as the local engines cut it; with a
+grammar they are matched here only, since a server would cut inside a tool call. Constrained
 decoding (tool calls, structured output) goes through the server's own option for it:
 ``structured_outputs`` with our llguidance grammar on vLLM, the same grammar translated to GBNF
 as ``grammar`` on llama.cpp and ``ebnf`` on SGLang (`langchain_synthia._gbnf`).
@@ -262,7 +263,7 @@ class RemoteEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if request.stops:
+        if request.stops and request.grammar is None:  # a server would cut inside the grammar
             body["stop"] = list(request.stops)
         if sampling.seed is not None:
             body["seed"] = sampling.seed
@@ -461,7 +462,7 @@ class _Answer:
     """
 
     def __init__(self, request: GenerationRequest) -> None:
-        self.stops = StopMatcher(request.stops)
+        self.stops = StopMatcher(request.stops, request.constrained_opening)
         self.pieces = 0
         self.raw: list[str] = []
         """All text the server sent, stops and beyond included."""

@@ -1,6 +1,6 @@
 """Stop strings found in streamed text, without ever emitting a part of one.
 
-Pure text; used by the engine (stop sequences) and by the output parser (``USER:``).
+Pure text; used by the engines (stop sequences) and by the output parser (``USER:``).
 """
 
 from collections.abc import Iterable
@@ -16,12 +16,24 @@ class StopMatcher:
     `feed` returns only text that can no longer turn into a stop: a tail that could still be the
     start of one is held back, and released by a later `feed` once it turns out to be text, or by
     `flush` when the stream ends. Stops may span any number of fed pieces.
+
+    With `exempt_opening` (the text that opens a grammar-constrained answer, such as
+    ``"<tool_call>"``), an answer that begins with it (after any whitespace) is never cut: it
+    passes through whole, since a cut would leave a partial call. Any other answer is cut as
+    usual. Until the answer's start tells which it is, its text is held back.
     """
 
-    def __init__(self, stops: Iterable[str]) -> None:
-        """Match `stops` (empty strings are ignored; duplicates are harmless)."""
+    def __init__(self, stops: Iterable[str], exempt_opening: str | None = None) -> None:
+        """Match `stops` outside answers that begin with `exempt_opening`.
+
+        Empty stops are ignored and duplicates are harmless; with no `exempt_opening`, every
+        answer is matched.
+        """
         self._stops = tuple(dict.fromkeys(s for s in stops if s))
         self._pending = ""
+        self._opening = exempt_opening or ""
+        self._exempt: bool | None = None if self._opening and self._stops else False
+        """Whether the answer is exempt; ``None`` while its start does not tell yet."""
         self.matched: str | None = None
         """The stop string that ended the stream, once one has."""
 
@@ -34,6 +46,12 @@ class StopMatcher:
         """Add `text`; return what is now safe to emit (empty once stopped)."""
         if self.stopped:
             return ""
+        if self._exempt is None:
+            text = self._decide(text)
+            if self._exempt is None:
+                return ""
+        if self._exempt:
+            return text
         buffer = self._pending + text
         found: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self._stops:
@@ -50,8 +68,29 @@ class StopMatcher:
 
     def flush(self) -> str:
         """End the stream: return the held-back tail, which is text after all."""
+        if self._exempt is None:  # the answer ended before its start told: it is text
+            self._exempt = False
+            text, self._pending = self._pending, ""
+            cut = self.feed(text)
+            if self.stopped:
+                return cut
+            return cut + self.flush()
         tail, self._pending = self._pending, ""
         return tail
+
+    def _decide(self, text: str) -> str:
+        """Hold `text` until the answer's start tells whether it is exempt; then return it all."""
+        buffer = self._pending + text
+        start = buffer.lstrip()
+        if start.startswith(self._opening):
+            self._exempt = True
+        elif not self._opening.startswith(start):
+            self._exempt = False
+        else:
+            self._pending = buffer
+            return ""
+        self._pending = ""
+        return buffer
 
     @staticmethod
     def _prefix_overlap(buffer: str, stop: str) -> int:

@@ -23,7 +23,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from langchain_synthia._grammar import json_schema_grammar
-from langchain_synthia.tools import ToolCallReader, tool_grammar, tools_prompt
+from langchain_synthia.tools import TOOL_CALL_OPEN, ToolCallReader, tool_grammar, tools_prompt
 
 METHODS = ("json_schema", "function_calling", "json_mode")
 
@@ -39,11 +39,15 @@ class AnswerPlan:
     tools: bool = False
     """The answer may hold tool calls (read them with `reader`)."""
     structured: bool = False
-    """The grammar alone decides where the answer ends (no ``USER:`` stop needed)."""
+    """The whole answer is constrained: the grammar alone decides where it ends, and no stop
+    (neither the ``USER:`` turn nor the caller's) may cut it."""
+    constrained_opening: str | None = None
+    """The text that opens the constrained part of an answer that may also be free text
+    (``tool_choice="auto"``): stops cut the free text only."""
 
     def reader(self) -> ToolCallReader | None:
         """A fresh reader of tool calls for one answer, when calls may come."""
-        return ToolCallReader() if self.tools else None
+        return ToolCallReader(forced=self.structured) if self.tools else None
 
 
 def plan_answer(
@@ -72,6 +76,7 @@ def plan_answer(
             grammar=_tool_grammar(key, choice, bool(parallel_tool_calls)),
             tools=True,
             structured=choice != "auto",
+            constrained_opening=TOOL_CALL_OPEN if choice == "auto" else None,
         )
     if tool_choice not in (None, "auto", "none"):
         msg = f"tool_choice={tool_choice!r} needs tools: bind some with bind_tools(tools, ...)."
@@ -172,16 +177,38 @@ def _json_schema_of(schema: Any) -> dict[str, Any]:
         raise ValueError(msg) from error
 
 
-def _check_whole(result: list[Generation]) -> None:
-    """Refuse an answer cut off by ``max_tokens`` (its JSON never closed)."""
+def _check_whole(result: list[Generation], *, tool_call: bool = False) -> None:
+    """Refuse a finished answer that is not whole.
+
+    Refused: an answer cut off at ``max_tokens`` (its JSON never closed), JSON that does not
+    parse as it stands, or (`tool_call`) an answer without one complete call.
+
+    A stream's answer is checked once its last chunk (the one with the finish reason) is in.
+    """
     message = getattr(result[0], "message", None) if result else None
     metadata = getattr(message, "response_metadata", None) or {}
-    if metadata.get("finish_reason") == "length":
+    finish = metadata.get("finish_reason")
+    content = str(getattr(message, "content", ""))
+    if finish == "length":
         msg = (
             "The structured answer was cut off at max_tokens before its JSON was complete; "
             "raise max_tokens (the answer is in the raw message)."
         )
-        raise OutputParserException(msg, llm_output=str(getattr(message, "content", "")))
+        raise OutputParserException(msg, llm_output=content)
+    if finish is None:  # a stream's answer so far
+        return
+    if tool_call:
+        invalid = getattr(message, "invalid_tool_calls", None)
+        if invalid or not getattr(message, "tool_calls", None):
+            reason = invalid[0].get("error") if invalid else None
+            msg = f"The structured answer holds no complete tool call: {reason or 'none came'}"
+            raise OutputParserException(msg, llm_output=content)
+        return
+    try:
+        json.loads(content)
+    except ValueError as error:
+        msg = f"The structured answer is not whole JSON ({error}); it is in the raw message."
+        raise OutputParserException(msg, llm_output=content) from None
 
 
 class _JsonAnswer(JsonOutputParser):
@@ -204,7 +231,7 @@ class _PydanticToolsAnswer(PydanticToolsParser):
     """The forced call's arguments as a Pydantic object; a cut-off call raises."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _check_whole(result)
+        _check_whole(result, tool_call=True)
         return super().parse_result(result, partial=partial)
 
 
@@ -212,5 +239,5 @@ class _JsonToolsAnswer(JsonOutputKeyToolsParser):
     """The forced call's arguments as a dict; a cut-off call raises."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _check_whole(result)
+        _check_whole(result, tool_call=True)
         return super().parse_result(result, partial=partial)

@@ -1,6 +1,7 @@
 """`ChatSynthia`: Synthia-7B-v1.3 (GPTQ) as a LangChain chat model."""
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -14,6 +15,7 @@ from pydantic import ConfigDict
 
 from langchain_synthia._engine import (
     BaseEngine,
+    GenerationRequest,
     TokenEvent,
     aopen_stream,
     aread_all,
@@ -285,10 +287,15 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         )
         options = self._call_options(stop, kwargs)
         options["grammar"] = plan.grammar
-        if plan.structured:  # the grammar decides where the answer ends
+        if plan.structured:  # the grammar decides where the answer ends: no stop may cut it
             options["stop_at_user_turn"] = False
+            options["stop"] = []
         prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
         return options, prompt, plan
+
+    def _answer_request(self, prompt: str, options: dict, plan: AnswerPlan) -> GenerationRequest:
+        """The engine request; under ``tool_choice="auto"`` stops cut free text, never a call."""
+        return replace(self._request(prompt, options), constrained_opening=plan.constrained_opening)
 
     def _chunk(
         self, event: TokenEvent, engine: BaseEngine, reader: ToolCallReader | None
@@ -298,7 +305,8 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         if event.finish_reason is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=text, tool_call_chunks=calls))
         if reader is not None:
-            text += reader.finish()
+            rest, unfinished = reader.finish(event.finish_reason)
+            text, calls = text + rest, [*calls, *unfinished]
         info = finish_info(event, engine)
         message = AIMessageChunk(
             content=text,
@@ -317,9 +325,18 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         options, prompt, plan = self._prepare(messages, stop, kwargs)
+        yield from self._answer_chunks(options, prompt, plan, plan.reader(), run_manager)
+
+    def _answer_chunks(
+        self,
+        options: dict,
+        prompt: str,
+        plan: AnswerPlan,
+        reader: ToolCallReader | None,
+        run_manager: CallbackManagerForLLMRun | None,
+    ) -> Iterator[ChatGenerationChunk]:
         engine = self._engine_for(options["model"], options["revision"])
-        reader = plan.reader()
-        for event in open_stream(engine, self._request(prompt, options)):
+        for event in open_stream(engine, self._answer_request(prompt, options, plan)):
             chunk = self._chunk(event, engine, reader)
             if run_manager is not None:
                 run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
@@ -333,9 +350,20 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         options, prompt, plan = self._prepare(messages, stop, kwargs)
+        async for chunk in self._aanswer_chunks(options, prompt, plan, plan.reader(), run_manager):
+            yield chunk
+
+    async def _aanswer_chunks(
+        self,
+        options: dict,
+        prompt: str,
+        plan: AnswerPlan,
+        reader: ToolCallReader | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+    ) -> AsyncIterator[ChatGenerationChunk]:
         engine = await self._aengine_for(options["model"], options["revision"])
-        reader = plan.reader()
-        async for event in await aopen_stream(engine, self._request(prompt, options)):
+        request = self._answer_request(prompt, options, plan)
+        async for event in await aopen_stream(engine, request):
             chunk = self._chunk(event, engine, reader)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
@@ -349,12 +377,14 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         """The whole answer; token callbacks, when any are attached, fire as it streams."""
-        if run_manager is not None and run_manager.handlers:
-            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         options, prompt, plan = self._prepare(messages, stop, kwargs)
+        reader = plan.reader()
+        if run_manager is not None and run_manager.handlers:
+            chunks = self._answer_chunks(options, prompt, plan, reader, run_manager)
+            return _with_unfinished_calls(generate_from_stream(chunks), reader)
         engine = self._engine_for(options["model"], options["revision"])
-        events = read_all(open_stream(engine, self._request(prompt, options)))
-        return self._result(events, engine, plan)
+        events = read_all(open_stream(engine, self._answer_request(prompt, options, plan)))
+        return self._result(events, engine, reader)
 
     async def _agenerate(
         self,
@@ -364,17 +394,21 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         """`_generate` for async callers."""
-        if run_manager is not None and run_manager.handlers:
-            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         options, prompt, plan = self._prepare(messages, stop, kwargs)
+        reader = plan.reader()
+        if run_manager is not None and run_manager.handlers:
+            chunks = self._aanswer_chunks(options, prompt, plan, reader, run_manager)
+            return _with_unfinished_calls(await agenerate_from_stream(chunks), reader)
         engine = await self._aengine_for(options["model"], options["revision"])
-        stream = await aopen_stream(engine, self._request(prompt, options))
-        return self._result(await aread_all(stream), engine, plan)
+        stream = await aopen_stream(engine, self._answer_request(prompt, options, plan))
+        return self._result(await aread_all(stream), engine, reader)
 
-    def _result(self, events: list[TokenEvent], engine: BaseEngine, plan: AnswerPlan) -> ChatResult:
+    def _result(
+        self, events: list[TokenEvent], engine: BaseEngine, reader: ToolCallReader | None
+    ) -> ChatResult:
         """The finished answer's events as one message (tool calls and usage included)."""
-        chunk = self._chunk(whole_answer(events), engine, plan.reader())
-        return generate_from_stream(iter([chunk]))
+        chunk = self._chunk(whole_answer(events), engine, reader)
+        return _with_unfinished_calls(generate_from_stream(iter([chunk])), reader)
 
     # -- batches decode together ------------------------------------------------------------
 
@@ -405,6 +439,24 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
             return await super().abatch(
                 inputs, configs, return_exceptions=return_exceptions, **kwargs
             )
+
+
+def _with_unfinished_calls(result: ChatResult, reader: ToolCallReader | None) -> ChatResult:
+    """`result` whose unfinished calls are listed with their partial arguments and the error.
+
+    Merged chunks carry such a call with its raw text and no error (chunks have no field for
+    one); the reader knows both.
+    """
+    if reader is None or not reader.unfinished:
+        return result
+    message = result.generations[0].message
+    ids = {call["id"] for call in reader.unfinished}
+    assert isinstance(message, AIMessage)
+    message.invalid_tool_calls = [
+        *(call for call in message.invalid_tool_calls if call["id"] not in ids),
+        *reader.unfinished,
+    ]
+    return result
 
 
 def _batch_configs(

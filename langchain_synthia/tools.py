@@ -14,12 +14,18 @@ schemas (`tool_grammar`), so every call names a bound tool and its arguments val
 """
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from langchain_core.messages import ToolMessage
-from langchain_core.messages.tool import ToolCallChunk, tool_call_chunk
+from langchain_core.messages.tool import (
+    InvalidToolCall,
+    ToolCallChunk,
+    invalid_tool_call,
+    tool_call_chunk,
+)
 
 from langchain_synthia._grammar import GrammarError, json_rule, lark_grammar
 
@@ -228,16 +234,23 @@ class ToolCallReader:
     """Turns the streamed text of an answer into content and whole tool calls.
 
     An answer that begins with ``<tool_call>`` is a list of calls (the grammar guarantees their
-    form); each is handed out as one tool-call chunk as soon as it closes. Anything else is
-    content, streamed as it comes. A call cut off by ``max_tokens`` is never returned as a call:
-    its raw text becomes content (and the finish reason says ``"length"``).
+    form); each is handed out as one tool-call chunk as soon as its JSON and its
+    ``</tool_call>`` are complete (a ``</tool_call>`` inside a JSON string does not end a
+    call). Anything else is content, streamed as it comes.
+
+    A call that is not complete when the answer ends (cut off by ``max_tokens``), and a forced
+    call that never started, are never returned as calls: `finish` lists them in `unfinished`
+    as invalid tool calls, with the arguments written so far and the reason.
     """
 
-    def __init__(self) -> None:
-        """Read one answer."""
+    def __init__(self, *, forced: bool = False) -> None:
+        """Read one answer; `forced`: the tool choice forces a call, so the answer must hold one."""
+        self._forced = forced
         self._mode: Literal["undecided", "text", "calls"] = "undecided"
         self._buffer = ""
         self._index = 0
+        self.unfinished: list[InvalidToolCall] = []
+        """The calls the answer left unfinished, once `finish` has run."""
 
     def feed(self, text: str) -> tuple[str, list[ToolCallChunk]]:
         """Take the next piece of text; return the content and the calls it completes."""
@@ -256,21 +269,48 @@ class ToolCallReader:
                 return content, []
         return "", self._complete_calls()
 
-    def finish(self) -> str:
-        """The text left over at the end (an unfinished call's raw text, or held-back text)."""
+    def finish(self, finish_reason: str | None) -> tuple[str, list[ToolCallChunk]]:
+        """End the answer: the content left over, and the unfinished call as a chunk.
+
+        The chunk's ``args`` are the call's raw text from ``<tool_call>`` on, which LangChain
+        reads as an invalid call when it merges a stream's chunks; `unfinished` holds the same
+        call with its partial arguments and the reason it is invalid.
+        """
         rest, self._buffer = self._buffer, ""
-        return rest if rest.strip() else ""
+        written = rest.strip()
+        if self._mode == "text" or not (written or (self._forced and self._index == 0)):
+            return (rest if written else ""), []
+        body = written[len(TOOL_CALL_OPEN) :] if written.startswith(TOOL_CALL_OPEN) else ""
+        name, arguments = _partial_call(body)
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        what = f"The call of {name}" if name else "The tool call"
+        error = (
+            f"{what} was cut off at max_tokens before it was complete; raise max_tokens."
+            if finish_reason == "length"
+            else f"{what} ended before it was complete (finish reason {finish_reason!r})."
+        )
+        self.unfinished.append(
+            invalid_tool_call(name=name, args=arguments, id=call_id, error=error)
+        )
+        chunk = tool_call_chunk(
+            name=name, args=TOOL_CALL_OPEN + body, id=call_id, index=self._index
+        )
+        self._index += 1
+        return "", [chunk]
 
     def _complete_calls(self) -> list[ToolCallChunk]:
         chunks = []
         while True:
             start = self._buffer.find(TOOL_CALL_OPEN)
-            end = self._buffer.find(TOOL_CALL_CLOSE, start + 1)
-            if start < 0 or end < 0:
+            if start < 0 or TOOL_CALL_CLOSE not in self._buffer[start:]:
                 return chunks
-            body = self._buffer[start + len(TOOL_CALL_OPEN) : end]
+            try:
+                call, end = _JSON.raw_decode(self._buffer, start + len(TOOL_CALL_OPEN))
+            except json.JSONDecodeError:  # not complete yet (a </tool_call> inside a string)
+                return chunks
+            if not self._buffer.startswith(TOOL_CALL_CLOSE, end):
+                return chunks
             self._buffer = self._buffer[end + len(TOOL_CALL_CLOSE) :]
-            call = json.loads(body)
             chunks.append(
                 tool_call_chunk(
                     name=call["name"],
@@ -280,6 +320,25 @@ class ToolCallReader:
                 )
             )
             self._index += 1
+
+
+_JSON = json.JSONDecoder()
+_NAME = re.compile(r'\{"name":("(?:[^"\\]|\\.)*")(,"arguments":)?')
+"""The start of a call's JSON as the grammar writes it: its name, then its arguments."""
+
+
+def _partial_call(body: str) -> tuple[str | None, str]:
+    """The name and the arguments' text of an unfinished call's JSON (`body`)."""
+    found = _NAME.match(body)
+    if found is None:
+        return None, ""
+    name = json.loads(found[1])
+    arguments = body[found.end() :] if found[2] else ""
+    try:  # whole arguments, the call's own closing cut off: only the arguments' JSON
+        _, end = _JSON.raw_decode(arguments)
+    except json.JSONDecodeError:
+        return name, arguments
+    return name, arguments[:end]
 
 
 def _compact(value: Any) -> str:

@@ -115,12 +115,14 @@ def test_auto_may_answer_in_text_or_call(chat: ChatSynthia) -> None:
             assert not message.content.lstrip().startswith("<")
 
 
-def test_a_cut_off_call_is_never_returned_as_a_call(chat: ChatSynthia) -> None:
+def test_a_cut_off_call_is_an_invalid_call_never_a_call(chat: ChatSynthia) -> None:
     message = chat.bind_tools([Weather], tool_choice="any").invoke("Weather?", max_tokens=6)
     assert message.response_metadata["finish_reason"] == "length"
     assert message.tool_calls == []
-    assert message.invalid_tool_calls == []
-    assert message.content.lstrip().startswith("<tool_call>")  # the raw text, not an object
+    assert message.content == ""
+    [call] = message.invalid_tool_calls
+    assert "cut off at max_tokens" in call["error"]
+    assert call["id"].startswith("call_")
 
 
 def test_tool_results_continue_the_conversation(chat: ChatSynthia) -> None:
@@ -248,12 +250,11 @@ def test_include_raw_reports_a_cut_off_answer_instead_of_a_truncated_object(
     assert whole["parsing_error"] is None
 
 
-def test_structured_output_disables_the_user_turn_stop_but_keeps_explicit_stops(
-    chat: ChatSynthia,
-) -> None:
-    request_options, _, plan = chat._prepare(
-        [HumanMessage("x")], None, {"response_format": {"type": "json_object"}}
-    )
-    assert plan.structured
-    assert request_options["stop_at_user_turn"] is False
-    assert json.loads(json.dumps(request_options["stop"])) == []
+def test_structured_output_is_cut_by_no_stop(chat: ChatSynthia) -> None:
+    for stop in (None, ["."]):
+        request_options, _, plan = chat.model_copy(update={"stop": ["}"]})._prepare(
+            [HumanMessage("x")], stop, {"response_format": {"type": "json_object"}}
+        )
+        assert plan.structured
+        assert request_options["stop_at_user_turn"] is False
+        assert json.loads(json.dumps(request_options["stop"])) == []
