@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from langchain_synthia._engine import BaseEngine, _Row, grammar_mask
+from langchain_synthia._engine import BaseEngine, _Row, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._prefix_cache import PrefixCache
 from langchain_synthia._sampling import BatchSampler, SamplingParams
@@ -154,6 +154,8 @@ class FastEngine(BaseEngine):
             _running.remove(self)
 
     def _start(self, rows: list[_Row]) -> None:
+        for row in rows:
+            row.stream.producer = self._thread
         with self._wake:
             self._waiting.extend(rows)
             self._wake.notify()
@@ -244,17 +246,27 @@ class FastEngine(BaseEngine):
             logits = self.model.prefill_many(part)
             last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
         for slot, row in joining:
-            ids = row.prompt_ids
-            self._sampler.assign(slot, row.stream.request.sampling, ids)
-            allowed = grammar_mask([row], self.model.vocab_size, self.device)
-            token = int(self._sampler.sample(last[slot][None], row=slot, allowed=allowed)[0])
-            self._tokens[slot] = token
-            self._positions[slot] = len(ids)
-            self._busy[slot] = 1
-            row.advance(token, self._eos_id)
+            try:
+                self._first_token(slot, row, last[slot])
+            except Exception as error:  # this request's settings, grammar or text: it alone
+                logger.exception("the first token of a request failed")
+                fail_row(row, error)  # its cache row is freed with the finished ones
         for slot, row in joining:  # after the first tokens are out (decoding never writes here)
             cache = (self.model.k_cache[:, slot], self.model.v_cache[:, slot])
             self.prefixes.store(row.prompt_ids, *cache)
+
+    def _first_token(self, slot: int, row: _Row, logits: torch.Tensor) -> None:
+        """Set up cache row `slot`'s sampling for `row`, sample its first token, send it."""
+        ids = row.prompt_ids
+        self._sampler.assign(slot, row.stream.request.sampling, ids)
+        allowed = grammar_mask([row], self.model.vocab_size, self.device)
+        if row.done:  # its grammar failed
+            return
+        token = int(self._sampler.sample(logits[None], row=slot, allowed=allowed)[0])
+        self._tokens[slot] = token
+        self._positions[slot] = len(ids)
+        self._busy[slot] = 1
+        row.advance(token, self._eos_id)
 
     def _prefill_suffix(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Prefill `ids` (positions ``start...``) in cache row `slot`; the last token's logits.
@@ -324,7 +336,7 @@ class FastEngine(BaseEngine):
             ready.synchronize()
         for row, token in zip(rows, host.tolist(), strict=True):
             if row is not None and not row.done and not row.stream.cancelled.is_set():
-                row.advance(token, self._eos_id)
+                advance_or_fail(row, token, self._eos_id)
 
     def _release_finished(self) -> None:
         for slot, row in enumerate(self._slots):
@@ -347,9 +359,7 @@ class FastEngine(BaseEngine):
         for slot in range(len(self._slots)):  # as `_release_finished` leaves a free row
             self._sampler.assign(slot, _IDLE, ())
         for row in rows:
-            if not row.done:
-                row.done = True
-                row.stream._put(error)
+            fail_row(row, error)
 
     # -- CUDA graphs ------------------------------------------------------------------------
 
