@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_synthia._grammar import Constraint, allowed_tokens, bitmask_words
-from langchain_synthia._sampling import BatchSampler, SamplingParams
+from langchain_synthia._sampling import GREEDY, BatchSampler, SamplingParams
 from langchain_synthia._stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -509,11 +509,13 @@ class Engine(BaseEngine):
         import torch
 
         sampler = BatchSampler(
-            [row.stream.request.sampling for row in rows],
-            [row.prompt_ids for row in rows],
-            self.model.config.vocab_size,
-            self.device,
+            [GREEDY] * len(rows), [()] * len(rows), self.model.config.vocab_size, self.device
         )
+        for index, row in enumerate(rows):
+            try:
+                sampler.assign(index, row.stream.request.sampling, row.prompt_ids)
+            except Exception as error:  # this request's settings: it fails alone
+                fail_row(row, error)
         ids, mask = self._left_padded([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = None

@@ -17,7 +17,7 @@ import torch
 from langchain_synthia._engine import BaseEngine, _Row, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._prefix_cache import PrefixCache
-from langchain_synthia._sampling import BatchSampler, SamplingParams
+from langchain_synthia._sampling import GREEDY, BatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ prefilled in several passes: this bounds the activations' memory (a 4k context f
 DENSE_PREFILL_TOKENS = 8192
 """The same bound on a card with the dense-prefill copy (which has memory to spare): every
 pass dequantises all the weights once (6.4 ms on an H100), so fewer, larger passes."""
-
-_IDLE = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
 
 
 def _passes(
@@ -113,7 +111,7 @@ class FastEngine(BaseEngine):
         self._busy = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
         """1 for rows that hold a request: only their positions advance (free rows stay at 0)."""
         self._sampler = BatchSampler(
-            [_IDLE] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
+            [GREEDY] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
         )
         cuda = model.device.type == "cuda"
         self._host = [
@@ -346,7 +344,7 @@ class FastEngine(BaseEngine):
                 self._slots[slot] = None
                 self._positions[slot] = 0
                 self._busy[slot] = 0
-                self._sampler.assign(slot, _IDLE, ())
+                self._sampler.assign(slot, GREEDY, ())
 
     def _fail_all(self, error: BaseException, *, locked: bool = False) -> None:
         with contextlib.nullcontext() if locked else self._wake:
@@ -357,7 +355,7 @@ class FastEngine(BaseEngine):
         self._positions.zero_()
         self._busy.zero_()
         for slot in range(len(self._slots)):  # as `_release_finished` leaves a free row
-            self._sampler.assign(slot, _IDLE, ())
+            self._sampler.assign(slot, GREEDY, ())
         for row in rows:
             fail_row(row, error)
 

@@ -60,6 +60,10 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+"""Settings of a row that holds no request (argmax, nothing to remember)."""
+
+
 class BatchSampler:
     """Samples one token per row; keeps each row's random generator and seen-token set."""
 
