@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import contextvars
 import inspect
+import math
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_synthia._grammar import Constraint, allowed_tokens, bitmask_words
-from langchain_synthia._sampling import BatchSampler, SamplingParams
+from langchain_synthia._sampling import GREEDY, BatchSampler, SamplingParams
 from langchain_synthia._stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -149,8 +150,24 @@ async def aread_all(stream: AsyncIterable[TokenEvent]) -> list[TokenEvent]:
     return [event async for event in stream]
 
 
+def deadline_of(request: GenerationRequest) -> float | None:
+    """The `time.monotonic` time by which `request` must end (``None``: no limit, or inf)."""
+    timeout = request.timeout
+    if timeout is None or math.isinf(timeout):
+        return None
+    return time.monotonic() + timeout
+
+
 class GenerationTimeoutError(TimeoutError):
     """A generation ran past its ``timeout``."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The thread that decoded a request stopped without finishing it."""
+
+
+PRODUCER_CHECK = 1.0
+"""Seconds between a waiting reader's checks that its request's decoding thread still runs."""
 
 
 class TokenStream:
@@ -169,9 +186,13 @@ class TokenStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_items: asyncio.Queue[TokenEvent | BaseException | None] | None = None
         self._lock = threading.Lock()
-        self._deadline = None if request.timeout is None else time.monotonic() + request.timeout
+        self._deadline = deadline_of(request)
         self._held: list[TokenEvent | BaseException | None] | None = None
         """While a reader `collect`s: the events, handed over only once the request ends."""
+        self.producer: threading.Thread | None = None
+        """The thread that decodes the request (the engine sets it): a reader that waits in
+        vain checks that it still runs, and fails with `EngineStoppedError` once it does not."""
+        self._producer_gone = False
 
     def cancel(self) -> None:
         """Stop generating for this request."""
@@ -232,14 +253,17 @@ class TokenStream:
         """Yield the events as the worker produces them."""
         try:
             while True:
-                events, end = self._take(self._items.get(timeout=self._remaining()))
+                try:
+                    item = self._items.get(timeout=self._wait())
+                except queue.Empty:
+                    self._check_waiting()
+                    continue
+                events, end = self._take(item)
                 yield from events
                 if isinstance(end, BaseException):
                     raise end
                 if end:
                     return
-        except queue.Empty:
-            raise self._timeout_error() from None
         finally:
             self.cancel()
 
@@ -253,9 +277,10 @@ class TokenStream:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(self._async_items.get(), self._remaining())
+                    item = await asyncio.wait_for(self._async_items.get(), self._wait())
                 except asyncio.TimeoutError:
-                    raise self._timeout_error() from None
+                    self._check_waiting()
+                    continue
                 events, end = self._take(item)
                 for event in events:
                     yield event
@@ -266,8 +291,29 @@ class TokenStream:
         finally:
             self.cancel()
 
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+    def _wait(self) -> float | None:
+        """Seconds to wait for the next item before checking the deadline and the producer."""
+        wait = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        if self.producer is not None:
+            wait = PRODUCER_CHECK if wait is None else min(wait, PRODUCER_CHECK)
+        return None if wait is None else min(wait, threading.TIMEOUT_MAX)
+
+    def _check_waiting(self) -> None:
+        """After a wait that got nothing: raise if the time is up or the producer is gone.
+
+        A producer found stopped gets one more wait, for items it queued just before.
+        """
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise self._timeout_error()
+        if self.producer is not None and not self.producer.is_alive():
+            if self._producer_gone:
+                self.cancel()
+                msg = (
+                    f"The engine's decoding thread ({self.producer.name}) stopped without "
+                    "finishing this request; see the log for its error. Send the request again."
+                )
+                raise EngineStoppedError(msg)
+            self._producer_gone = True
 
     def _timeout_error(self) -> GenerationTimeoutError:
         self.cancel()
@@ -375,14 +421,31 @@ class BaseEngine:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt, with the one BOS token the model expects."""
+        """Token ids of a prompt, with the one BOS token the model expects.
+
+        Raises:
+            ValueError: If `text` is not text that UTF-8 can encode (a lone surrogate).
+        """
+        if not isinstance(text, str):
+            msg = f"A prompt must be a str, not {type(text).__name__}."
+            raise TypeError(msg)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            msg = (
+                f"The prompt holds {text[error.start]!r} at character {error.start}, a lone "
+                "surrogate, which is not text and cannot be tokenized: remove it, or decode "
+                "the input's bytes with errors='replace' (not 'surrogateescape')."
+            )
+            raise ValueError(msg) from None
         return list(self.tokenizer(text, add_special_tokens=True).input_ids)
 
     def submit(self, requests: Sequence[GenerationRequest]) -> list[TokenStream]:
         """Start generating for `requests` as one padded batch; return their streams at once.
 
         Raises:
-            ValueError: If a prompt does not fit the context window (nothing is truncated).
+            ValueError: If a prompt does not fit the context window (nothing is truncated)
+                or is not text.
         """
         rows = [self._row(request) for request in requests]
         self._start(rows)
@@ -427,6 +490,8 @@ class Engine(BaseEngine):
         worker = threading.Thread(
             target=self._run, args=(rows,), name="synthia-decode", daemon=True
         )
+        for row in rows:
+            row.stream.producer = worker
         with _workers_lock:
             _workers[worker] = rows
         worker.start()
@@ -436,9 +501,7 @@ class Engine(BaseEngine):
             self._decode(rows)
         except BaseException as error:
             for row in rows:
-                if not row.done:
-                    row.done = True
-                    row.stream._put(error)
+                fail_row(row, error)
         finally:
             for row in rows:
                 if not row.done:  # cancelled
@@ -450,11 +513,13 @@ class Engine(BaseEngine):
         import torch
 
         sampler = BatchSampler(
-            [row.stream.request.sampling for row in rows],
-            [row.prompt_ids for row in rows],
-            self.model.config.vocab_size,
-            self.device,
+            [GREEDY] * len(rows), [()] * len(rows), self.model.config.vocab_size, self.device
         )
+        for index, row in enumerate(rows):
+            try:
+                sampler.assign(index, row.stream.request.sampling, row.prompt_ids)
+            except Exception as error:  # this request's settings: it fails alone
+                fail_row(row, error)
         ids, mask = self._left_padded([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = None
@@ -476,8 +541,8 @@ class Engine(BaseEngine):
                 allowed = grammar_mask(rows, logits.shape[-1], self.device)
                 tokens = sampler.sample(logits, allowed=allowed)
             for row, token, alive in zip(rows, tokens.tolist(), live, strict=True):
-                if alive:
-                    row.advance(token, self._eos_id)
+                if alive and not row.done:  # a row whose grammar failed has ended
+                    advance_or_fail(row, token, self._eos_id)
             ids = tokens[:, None]
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
             positions = positions[:, -1:] + 1
@@ -497,7 +562,10 @@ class Engine(BaseEngine):
 def grammar_mask(
     rows: Sequence["_Row | None"], vocab_size: int, device: Any
 ) -> "torch.Tensor | None":
-    """Tokens each row may take next under its grammar (``None`` when no row has one)."""
+    """Tokens each row may take next under its grammar (``None`` when no row has one).
+
+    A row whose grammar fails ends with that error (`fail_row`); the others go on.
+    """
     constrained = [
         (index, row)
         for index, row in enumerate(rows)
@@ -509,8 +577,26 @@ def grammar_mask(
 
     bitmask = torch.full((len(rows), bitmask_words(vocab_size)), -1, dtype=torch.int32)
     for index, row in constrained:
-        row.constraint.fill(bitmask, index)  # type: ignore[union-attr]
+        try:
+            row.constraint.fill(bitmask, index)  # type: ignore[union-attr]
+        except Exception as error:
+            fail_row(row, error)  # type: ignore[arg-type]
     return allowed_tokens(bitmask.to(device), vocab_size)
+
+
+def fail_row(row: _Row, error: BaseException) -> None:
+    """End `row`'s request with `error`, and only its request (a finished row is left alone)."""
+    if not row.done:
+        row.done = True
+        row.stream._put(error)
+
+
+def advance_or_fail(row: _Row, token_id: int, eos_id: int | None) -> None:
+    """`_Row.advance`; an error there (its grammar, its text) ends that row's request alone."""
+    try:
+        row.advance(token_id, eos_id)
+    except Exception as error:
+        fail_row(row, error)
 
 
 _workers: dict[threading.Thread, list[_Row]] = {}
@@ -547,7 +633,7 @@ class BatchGroup:
         self._timer: threading.Timer | None = None
 
     def join(self, engine: BaseEngine, request: GenerationRequest) -> "_Slot":
-        slot = _Slot()
+        slot = _Slot(request)
         with self._lock:
             self._pending.append((engine, request, slot))
             if self._timer is not None:
@@ -569,48 +655,98 @@ class BatchGroup:
 
 
 class _Slot:
-    """Where a grouped request's stream (or its submission error) appears once launched."""
+    """Where a grouped request's stream (or its submission error) appears once launched.
 
-    def __init__(self) -> None:
+    A reader waits at most the request's ``timeout``; a stream that arrives after its reader
+    gave up is cancelled.
+    """
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._request = request
+        self._deadline = deadline_of(request)
         self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
         self._stream: TokenStream | None = None
         self._error: BaseException | None = None
 
-    def _fill(self, stream: TokenStream | None, error: BaseException | None) -> None:
-        self._stream, self._error = stream, error
-        self._ready.set()
+    @property
+    def filled(self) -> bool:
+        return self._ready.is_set()
 
-    def wait(self) -> TokenStream:
-        self._ready.wait()
+    def _fill(self, stream: TokenStream | None, error: BaseException | None) -> None:
+        with self._lock:
+            self._stream, self._error = stream, error
+            self._ready.set()
+            abandoned = self._abandoned
+        if abandoned and stream is not None:
+            stream.cancel()
+
+    def _remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return min(max(0.0, self._deadline - time.monotonic()), threading.TIMEOUT_MAX)
+
+    def _result(self) -> TokenStream:
+        with self._lock:
+            if not self._ready.is_set():
+                self._abandoned = True
+                msg = (
+                    f"The batch did not start within timeout={self._request.timeout}s. Raise "
+                    "`timeout`, or pass timeout=None."
+                )
+                raise GenerationTimeoutError(msg)
         if self._error is not None:
             raise self._error
         assert self._stream is not None
         return self._stream
 
+    def wait(self) -> TokenStream:
+        self._ready.wait(self._remaining())
+        return self._result()
+
     async def await_stream(self) -> TokenStream:
         while not self._ready.is_set():
+            remaining = self._remaining()
+            if remaining is not None and remaining <= 0:
+                break
             await asyncio.sleep(0.001)
-        return self.wait()
+        return self._result()
 
 
 def _launch(batch: list[tuple[BaseEngine, GenerationRequest, _Slot]]) -> None:
-    """Start one padded batch per engine; a prompt that fails validation fails alone."""
+    """Start one padded batch per engine; a request that fails to start fails alone.
+
+    Every slot is filled, whatever goes wrong: with its stream, or with the error that kept
+    its request (or its engine's batch) from starting.
+    """
     by_engine: dict[int, list[tuple[BaseEngine, GenerationRequest, _Slot]]] = {}
     for entry in batch:
         by_engine.setdefault(id(entry[0]), []).append(entry)
-    for entries in by_engine.values():
-        engine = entries[0][0]
-        rows, slots = [], []
-        for _, request, slot in entries:
+    try:
+        for entries in by_engine.values():
+            engine = entries[0][0]
+            rows, slots = [], []
+            for _, request, slot in entries:
+                try:
+                    rows.append(engine._row(request))
+                    slots.append(slot)
+                except Exception as error:
+                    slot._fill(None, error)
+            if not rows:
+                continue
             try:
-                rows.append(engine._row(request))
-                slots.append(slot)
-            except ValueError as error:
-                slot._fill(None, error)
-        if rows:
-            engine._start(rows)
-        for row, slot in zip(rows, slots, strict=True):
-            slot._fill(row.stream, None)
+                engine._start(rows)
+            except Exception as error:
+                for slot in slots:
+                    slot._fill(None, error)
+                continue
+            for row, slot in zip(rows, slots, strict=True):
+                slot._fill(row.stream, None)
+    finally:
+        unfilled = [slot for _, _, slot in batch if not slot.filled]
+        for slot in unfilled:  # an error past the ones above (KeyboardInterrupt, say)
+            slot._fill(None, EngineStoppedError("The batch could not be started."))
 
 
 _ACTIVE_GROUP: contextvars.ContextVar[BatchGroup | None] = contextvars.ContextVar(

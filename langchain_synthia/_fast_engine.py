@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from langchain_synthia._engine import BaseEngine, _Row, grammar_mask
+from langchain_synthia._engine import BaseEngine, _Row, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._prefix_cache import PrefixCache
-from langchain_synthia._sampling import BatchSampler, SamplingParams
+from langchain_synthia._sampling import GREEDY, BatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ prefilled in several passes: this bounds the activations' memory (a 4k context f
 DENSE_PREFILL_TOKENS = 8192
 """The same bound on a card with the dense-prefill copy (which has memory to spare): every
 pass dequantises all the weights once (6.4 ms on an H100), so fewer, larger passes."""
-
-_IDLE = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
 
 
 def _passes(
@@ -113,7 +111,7 @@ class FastEngine(BaseEngine):
         self._busy = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
         """1 for rows that hold a request: only their positions advance (free rows stay at 0)."""
         self._sampler = BatchSampler(
-            [_IDLE] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
+            [GREEDY] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
         )
         cuda = model.device.type == "cuda"
         self._host = [
@@ -154,6 +152,8 @@ class FastEngine(BaseEngine):
             _running.remove(self)
 
     def _start(self, rows: list[_Row]) -> None:
+        for row in rows:
+            row.stream.producer = self._thread
         with self._wake:
             self._waiting.extend(rows)
             self._wake.notify()
@@ -244,17 +244,27 @@ class FastEngine(BaseEngine):
             logits = self.model.prefill_many(part)
             last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
         for slot, row in joining:
-            ids = row.prompt_ids
-            self._sampler.assign(slot, row.stream.request.sampling, ids)
-            allowed = grammar_mask([row], self.model.vocab_size, self.device)
-            token = int(self._sampler.sample(last[slot][None], row=slot, allowed=allowed)[0])
-            self._tokens[slot] = token
-            self._positions[slot] = len(ids)
-            self._busy[slot] = 1
-            row.advance(token, self._eos_id)
+            try:
+                self._first_token(slot, row, last[slot])
+            except Exception as error:  # this request's settings, grammar or text: it alone
+                logger.exception("the first token of a request failed")
+                fail_row(row, error)  # its cache row is freed with the finished ones
         for slot, row in joining:  # after the first tokens are out (decoding never writes here)
             cache = (self.model.k_cache[:, slot], self.model.v_cache[:, slot])
             self.prefixes.store(row.prompt_ids, *cache)
+
+    def _first_token(self, slot: int, row: _Row, logits: torch.Tensor) -> None:
+        """Set up cache row `slot`'s sampling for `row`, sample its first token, send it."""
+        ids = row.prompt_ids
+        self._sampler.assign(slot, row.stream.request.sampling, ids)
+        allowed = grammar_mask([row], self.model.vocab_size, self.device)
+        if row.done:  # its grammar failed
+            return
+        token = int(self._sampler.sample(logits[None], row=slot, allowed=allowed)[0])
+        self._tokens[slot] = token
+        self._positions[slot] = len(ids)
+        self._busy[slot] = 1
+        row.advance(token, self._eos_id)
 
     def _prefill_suffix(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Prefill `ids` (positions ``start...``) in cache row `slot`; the last token's logits.
@@ -324,7 +334,7 @@ class FastEngine(BaseEngine):
             ready.synchronize()
         for row, token in zip(rows, host.tolist(), strict=True):
             if row is not None and not row.done and not row.stream.cancelled.is_set():
-                row.advance(token, self._eos_id)
+                advance_or_fail(row, token, self._eos_id)
 
     def _release_finished(self) -> None:
         for slot, row in enumerate(self._slots):
@@ -334,7 +344,7 @@ class FastEngine(BaseEngine):
                 self._slots[slot] = None
                 self._positions[slot] = 0
                 self._busy[slot] = 0
-                self._sampler.assign(slot, _IDLE, ())
+                self._sampler.assign(slot, GREEDY, ())
 
     def _fail_all(self, error: BaseException, *, locked: bool = False) -> None:
         with contextlib.nullcontext() if locked else self._wake:
@@ -345,11 +355,9 @@ class FastEngine(BaseEngine):
         self._positions.zero_()
         self._busy.zero_()
         for slot in range(len(self._slots)):  # as `_release_finished` leaves a free row
-            self._sampler.assign(slot, _IDLE, ())
+            self._sampler.assign(slot, GREEDY, ())
         for row in rows:
-            if not row.done:
-                row.done = True
-                row.stream._put(error)
+            fail_row(row, error)
 
     # -- CUDA graphs ------------------------------------------------------------------------
 

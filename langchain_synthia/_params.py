@@ -5,6 +5,7 @@ repetition_penalty 1.1, 512 new tokens).
 """
 
 import asyncio
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -13,8 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from langchain_core.messages import UsageMetadata
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import get_config_list
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -28,13 +33,36 @@ from typing_extensions import Self
 from langchain_synthia._engine import BaseEngine, GenerationRequest, TokenEvent
 from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
 from langchain_synthia._remote import RemoteEngine, RemoteSettings, Server, remote_engine
-from langchain_synthia._sampling import SamplingParams
+from langchain_synthia._sampling import SEED_RANGE, SamplingParams
 from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, check_revision
 
 USER_TURN_STOPS = ("\nUSER:", "USER:")
 """Stops that end generation when the model starts writing the user's next turn."""
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+CONTEXT_WINDOW_MAX = 32768
+"""The longest context window: Synthia's (Mistral's) position embeddings end there."""
+
+
+def _plain_number(value: Any) -> Any:
+    """Refuse a bool (pydantic would read it as 1 or 0) and NaN where a number is expected."""
+    if isinstance(value, bool):
+        msg = f"expected a number, got the bool {value!r}"
+        raise ValueError(msg)
+    if isinstance(value, float) and math.isnan(value):
+        msg = "expected a number, got NaN"
+        raise ValueError(msg)
+    return value
+
+
+def _no_limit_if_infinite(timeout: float | None) -> float | None:
+    """``timeout=float("inf")`` means no limit, as ``None`` does."""
+    return None if timeout is not None and math.isinf(timeout) else timeout
+
+
+Number = BeforeValidator(_plain_number)
+"""Marks a numeric field (and so its call option): a bool or NaN is refused."""
 
 _CALL_OPTIONS = (
     "model",
@@ -75,13 +103,14 @@ class SynthiaParams(BaseModel):
     """Hugging Face cache folder; ``None`` uses ``HF_HOME``/``HF_HUB_CACHE`` or the default."""
     local_files_only: bool = False
     """Never download (as ``HF_HUB_OFFLINE=1`` does)."""
-    context_window: int = Field(default=4096, ge=16)
-    """Tokens of prompt plus answer; a longer prompt is an error, never truncated."""
+    context_window: Annotated[int, Number] = Field(default=4096, ge=16, le=CONTEXT_WINDOW_MAX)
+    """Tokens of prompt plus answer (16 to 32,768, where Synthia's positions end); a longer
+    prompt is an error, never truncated."""
     engine: Literal["auto", "fast", "transformers"] = "auto"
     """``"fast"``: langchain-synthia's CUDA engine (static KV cache, CUDA graphs, Triton GPTQ
     kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);
     ``"auto"``: fast on CUDA, transformers elsewhere."""
-    prefix_cache_tokens: int = Field(default=0, ge=0)
+    prefix_cache_tokens: Annotated[int, Number] = Field(default=0, ge=0)
     """Fast engine: tokens of prompt prefixes (system message, tools, documents) whose KV
     cache is kept (128 KiB each) so that a later prompt that starts the same way skips them;
     least recently used first out. Off (0) by default because it costs GPU memory; on an
@@ -93,7 +122,7 @@ class SynthiaParams(BaseModel):
     512 tokens, 1.7x at 2,048 on an H100), at the cost of a second copy of the weights in GPU
     memory (3.6 GiB for 4-bit). ``None`` keeps it on a Hopper GPU (where it was measured) with
     four times the checkpoint's size free, so a small card keeps its memory for the KV cache."""
-    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_batch_size: Annotated[int, Number] = Field(default=8, ge=1, le=256)
     """Fast engine: requests decoded together at most (each holds a KV-cache row of
     ``context_window`` tokens: 512 MiB at 4096 tokens)."""
 
@@ -109,28 +138,31 @@ class SynthiaParams(BaseModel):
     """Remote mode: ``"vllm"``, ``"sglang"``, ``"tgi"``, ``"llama.cpp"`` or ``"openai"`` (only
     the standard options); ``"auto"`` reads it from ``/v1/models``. It decides how sampling
     options and grammars (tool calls, structured output) are sent."""
-    max_retries: int = Field(default=2, ge=0, le=10)
+    max_retries: Annotated[int, Number] = Field(default=2, ge=0, le=10)
     """Remote mode: retries of a request that could not connect or got 408/429/5xx, with
     exponential backoff, before the first token (never after)."""
 
-    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    temperature: Annotated[float, Number] = Field(default=0.7, ge=0.0, le=5.0)
     """Sampling temperature; 0 is greedy decoding."""
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_p: Annotated[float, Number] = Field(default=0.95, gt=0.0, le=1.0)
     """Nucleus sampling: keep the fewest tokens whose probability adds up to ``top_p``."""
-    top_k: int = Field(default=40, ge=0)
-    """Keep the ``top_k`` most likely tokens; 0 disables it."""
-    repetition_penalty: float = Field(default=1.1, gt=0.0, le=10.0)
+    top_k: Annotated[int, Number] = Field(default=40, ge=0)
+    """Keep the ``top_k`` most likely tokens; 0 (or a value past the vocabulary) keeps all."""
+    repetition_penalty: Annotated[float, Number] = Field(default=1.1, gt=0.0, le=10.0)
     """Penalty on tokens already in the prompt or answer; 1.0 disables it."""
-    max_tokens: int = Field(default=512, ge=1)
+    max_tokens: Annotated[int, Number] = Field(default=512, ge=1)
     """Most new tokens per answer."""
-    seed: int | None = Field(default=None, ge=0)
-    """Seed of the sampler; equal seeds and inputs give equal outputs."""
+    seed: Annotated[int | None, Number] = Field(default=None, ge=0, le=SEED_RANGE[-1])
+    """Seed of the sampler (0 to ``2**64 - 1``); equal seeds and inputs give equal outputs."""
     stop: list[str] | None = None
     """Extra stop sequences (any length); the stop text is not returned."""
     stop_at_user_turn: bool = True
     """Stop when the model starts a new ``USER:`` turn (no GPU time spent on it)."""
-    timeout: float | None = Field(default=None, gt=0)
-    """Seconds a generation may take before `GenerationTimeoutError`; ``None`` for no limit."""
+    timeout: Annotated[float | None, Number, AfterValidator(_no_limit_if_infinite)] = Field(
+        default=None, gt=0
+    )
+    """Seconds a generation may take before `GenerationTimeoutError`; ``None`` or
+    ``float("inf")`` for no limit."""
 
     @field_validator("device")
     @classmethod
@@ -234,9 +266,7 @@ class SynthiaParams(BaseModel):
             try:
                 options[name] = _validator(type(self), name).validate_python(value)
             except ValidationError as error:
-                reason = error.errors()[0]["msg"]
-                msg = f"{name}={value!r} is out of range for {type(self).__name__}: {reason}."
-                raise ValueError(msg) from None
+                raise ValueError(_option_error(type(self), name, value, error)) from None
         check_revision(options["model"], options["revision"])
         options["stop"] = list(self.stop or []) if stop is None else _stop_list(stop)
         return options
@@ -300,12 +330,33 @@ def _stop_list(stop: Any) -> list[str] | None:
     return stops
 
 
+def _option_error(cls: type, name: str, value: Any, error: ValidationError) -> str:
+    """Why a call's option `name` was refused, in one sentence."""
+    detail = error.errors()[0]
+    reason = detail["msg"].removeprefix("Value error, ")
+    refusal = "out of range" if detail["type"].startswith(("greater", "less")) else "not valid"
+    return f"{name}={value!r} is {refusal} for {cls.__name__}: {reason}."
+
+
 @cache
 def _validator(cls: type[BaseModel], name: str) -> TypeAdapter:
     field = cls.model_fields[name]
     if not field.metadata:
         return TypeAdapter(field.annotation)
     return TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+
+
+def batch_configs(
+    config: RunnableConfig | Sequence[RunnableConfig] | None, size: int
+) -> tuple[list[RunnableConfig], int]:
+    """Per-input configs of a ``.batch()`` of `size`, and the width of its engine batch.
+
+    The width is the batch's ``max_concurrency`` (or `size`); every config's thread pool
+    holds that many calls, so that they reach the engine together.
+    """
+    configs = get_config_list(config, size)
+    width = max(1, min(size, configs[0].get("max_concurrency") or size)) if configs else 1
+    return [{**c, "max_concurrency": width} for c in configs], width
 
 
 def usage_of(event: TokenEvent) -> UsageMetadata:

@@ -4,12 +4,16 @@ The order and the arithmetic follow transformers' logits processors (repetition 
 temperature, top-k, top-p), so that greedy decoding agrees token for token with ``generate()``.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+SEED_RANGE = range(2**64)
+"""Seeds a row's random generator takes (torch's generators are seeded with 64 bits)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,41 @@ class SamplingParams:
     repetition_penalty: float
     """1.0 disables it; applies to every token of the prompt and of the answer so far."""
     seed: int | None
+
+    def __post_init__(self) -> None:
+        """Refuse settings the sampler cannot run, so that they fail their own request only.
+
+        Raises:
+            ValueError: If a setting is not a number of its kind or is out of its range.
+        """
+        checks = {
+            "temperature": _real(self.temperature) and self.temperature >= 0,
+            "top_p": _real(self.top_p) and 0 < self.top_p <= 1,
+            "top_k": _integer(self.top_k) and self.top_k >= 0,
+            "repetition_penalty": _real(self.repetition_penalty) and self.repetition_penalty > 0,
+            "seed": self.seed is None or (_integer(self.seed) and self.seed in SEED_RANGE),
+        }
+        problems = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
+        if problems:
+            msg = (
+                f"Sampling settings out of range: {', '.join(problems)}. temperature >= 0, "
+                "0 < top_p <= 1, top_k >= 0 (an integer), repetition_penalty > 0, and seed "
+                f"None or an integer from 0 to {SEED_RANGE[-1]}."
+            )
+            raise ValueError(msg)
+
+
+def _real(value: object) -> bool:
+    """Whether `value` is a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+"""Settings of a row that holds no request (argmax, nothing to remember)."""
 
 
 class BatchSampler:
@@ -56,7 +95,7 @@ class BatchSampler:
         self._params[row] = params
         self._temperature[row] = params.temperature
         self._top_p[row] = params.top_p
-        self._top_k[row] = params.top_k
+        self._top_k[row] = min(params.top_k, self._seen.shape[1])  # past the vocabulary: all
         self._penalty[row] = params.repetition_penalty
         self._seen[row] = False
         if prompt and params.repetition_penalty != 1.0:  # the seen set serves the penalty only
@@ -128,7 +167,9 @@ class BatchSampler:
         rows = rows or range(scores.shape[0])
         part = slice(rows.start, rows.stop)
         temperature = torch.where(self._temperature[part] == 0, 1.0, self._temperature[part])
-        scores = scores / temperature[:, None]
+        # a tiny temperature (or repetition penalty) can push a score past the float range:
+        # +inf would make the softmax NaN, the largest float keeps it a near-greedy choice
+        scores = (scores / temperature[:, None]).clamp(max=torch.finfo(scores.dtype).max)
         vocab = scores.shape[-1]
         ordered, order = scores.sort(dim=-1, descending=False)
         # top-k: keep the k highest scores (ties with the k-th kept, as transformers does)

@@ -1,11 +1,13 @@
 """`SynthiaLLM`: Synthia-7B-v1.3 (GPTQ) as a LangChain text-completion LLM."""
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.language_models import BaseLLM, LangSmithParams, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 
 from langchain_synthia._engine import (
@@ -13,11 +15,12 @@ from langchain_synthia._engine import (
     TokenEvent,
     aopen_stream,
     aread_all,
+    batch_group,
     open_stream,
     read_all,
     whole_answer,
 )
-from langchain_synthia._params import SynthiaParams, finish_info, usage_of
+from langchain_synthia._params import SynthiaParams, batch_configs, finish_info, usage_of
 
 
 class SynthiaLLM(SynthiaParams, BaseLLM):
@@ -119,16 +122,23 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
     def _start(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[BaseEngine, list]:
+        """The engine and the streams of `prompts` (one prompt joins an active batch group)."""
         options = self._call_options(stop, kwargs)
         engine = self._engine_for(options["model"], options["revision"])
-        return engine, engine.submit([self._request(prompt, options) for prompt in prompts])
+        requests = [self._request(prompt, options) for prompt in prompts]
+        if len(requests) == 1 and engine.batches_locally:
+            return engine, [open_stream(engine, requests[0])]
+        return engine, engine.submit(requests)
 
     async def _astart(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[BaseEngine, list]:
         options = self._call_options(stop, kwargs)
         engine = await self._aengine_for(options["model"], options["revision"])
-        return engine, engine.submit([self._request(prompt, options) for prompt in prompts])
+        requests = [self._request(prompt, options) for prompt in prompts]
+        if len(requests) == 1 and engine.batches_locally:
+            return engine, [await aopen_stream(engine, requests[0])]
+        return engine, engine.submit(requests)
 
     def _stream(
         self,
@@ -170,20 +180,22 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         """All `prompts` decode together as one padded batch.
 
         Token callbacks fire for a single prompt; LangChain hands `_generate` the run manager
-        of the first prompt only, so a batch's tokens are not attributed to runs.
+        of the first prompt only, so a batch's tokens are not attributed to runs. When one
+        prompt fails (its timeout, say), the call raises and the other prompts stop decoding.
         """
         engine, streams = self._start(prompts, stop, kwargs)
         per_token = _token_callbacks(run_manager, prompts)
         results = []
-        for stream in streams:
-            if per_token is None:
-                results.append(self._chunk(whole_answer(read_all(stream)), engine))
-                continue
-            chunks = []
-            for event in stream:
-                chunks.append(self._chunk(event, engine))
-                per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
-            results.append(_joined(chunks))
+        with _cancelled_on_error(streams):
+            for stream in streams:
+                if per_token is None:
+                    results.append(self._chunk(whole_answer(read_all(stream)), engine))
+                    continue
+                chunks = []
+                for event in stream:
+                    chunks.append(self._chunk(event, engine))
+                    per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
+                results.append(_joined(chunks))
         return _llm_result(results, engine)
 
     async def _agenerate(
@@ -193,19 +205,57 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        """`_generate` for async callers."""
         engine, streams = await self._astart(prompts, stop, kwargs)
         per_token = _token_callbacks(run_manager, prompts)
         results = []
-        for stream in streams:
-            if per_token is None:
-                results.append(self._chunk(whole_answer(await aread_all(stream)), engine))
-                continue
-            chunks = []
-            async for event in stream:
-                chunks.append(self._chunk(event, engine))
-                await per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
-            results.append(_joined(chunks))
+        with _cancelled_on_error(streams):
+            for stream in streams:
+                if per_token is None:
+                    results.append(self._chunk(whole_answer(await aread_all(stream)), engine))
+                    continue
+                chunks = []
+                async for event in stream:
+                    chunks.append(self._chunk(event, engine))
+                    await per_token.on_llm_new_token(chunks[-1].text, chunk=chunks[-1])
+                results.append(_joined(chunks))
         return _llm_result(results, engine)
+
+    # -- batches decode together, each input failing alone -----------------------------------
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Complete `inputs` as one padded batch (at most ``max_concurrency`` rows at once).
+
+        Each input is its own call, so with ``return_exceptions=True`` an input that fails (a
+        prompt too long, a timeout) gets its error in its own place and the others their text.
+        """
+        configs, width = batch_configs(config, len(inputs))
+        with batch_group(width):
+            return Runnable.batch(
+                self, inputs, configs, return_exceptions=return_exceptions, **kwargs
+            )
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """`batch` for async callers: one padded batch, the event loop never blocked."""
+        configs, width = batch_configs(config, len(inputs))
+        with batch_group(width):
+            return await Runnable.abatch(
+                self, inputs, configs, return_exceptions=return_exceptions, **kwargs
+            )
 
 
 def _token_callbacks(run_manager: Any, prompts: list[str]) -> Any:
@@ -213,6 +263,19 @@ def _token_callbacks(run_manager: Any, prompts: list[str]) -> Any:
     if run_manager is None or len(prompts) != 1 or not run_manager.handlers:
         return None
     return run_manager
+
+
+@contextlib.contextmanager
+def _cancelled_on_error(streams: list) -> Iterator[None]:
+    """Cancel every stream of a call when reading one of them raises."""
+    try:
+        yield
+    except BaseException:
+        for stream in streams:
+            cancel = getattr(stream, "cancel", None)
+            if cancel is not None:
+                cancel()
+        raise
 
 
 def _joined(chunks: list[GenerationChunk]) -> GenerationChunk:

@@ -1,8 +1,15 @@
+import threading
+
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from langchain_synthia import ChatSynthia, SynthiaLLM
-from langchain_synthia._params import USER_TURN_STOPS
+from langchain_synthia._engine import PRODUCER_CHECK, TokenStream
+from langchain_synthia._params import _CALL_OPTIONS, USER_TURN_STOPS, SynthiaParams
+from langchain_synthia._sampling import BatchSampler
 
 
 @pytest.mark.parametrize("cls", [ChatSynthia, SynthiaLLM])
@@ -100,3 +107,107 @@ def test_identifying_params_name_the_model_and_settings() -> None:
     assert params["model"] == "TheBloke/Synthia-7B-v1.3-GPTQ"
     assert params["revision"] == "gptq-4bit-32g-actorder_True"
     assert params["top_k"] == 5
+
+
+# -- numbers: bools and NaN are refused, infinite timeouts mean no limit, huge values work ------
+
+NUMERIC_FIELDS = [
+    "context_window", "prefix_cache_tokens", "max_batch_size", "max_retries", "temperature",
+    "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "timeout",
+]  # fmt: skip
+NUMERIC_OPTIONS = [name for name in NUMERIC_FIELDS if name in _CALL_OPTIONS]
+
+
+def test_the_numeric_fields_are_every_numeric_field() -> None:
+    numeric = {
+        name
+        for name, field in SynthiaParams.model_fields.items()
+        if {int, float} & {field.annotation, *getattr(field.annotation, "__args__", ())}
+    }
+    assert numeric == set(NUMERIC_FIELDS)
+    assert set(NUMERIC_OPTIONS) == {
+        "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "timeout",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [ChatSynthia, SynthiaLLM])
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+@pytest.mark.parametrize("value", [True, False, float("nan")])
+def test_a_numeric_field_refuses_bools_and_nan(cls, field: str, value: object) -> None:
+    reason = "got NaN" if value != value else f"got the bool {value}"
+    with pytest.raises(ValidationError, match=reason):
+        cls(**{field: value})
+    if field in _CALL_OPTIONS:
+        with pytest.raises(ValueError, match=rf"{field}={value!r} is not valid.*{reason}"):
+            cls()._call_options(None, {field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("seed", 2**64, "less than or equal to 18446744073709551615"),
+        ("seed", -1, "greater than or equal to 0"),
+        ("context_window", 32769, "less than or equal to 32768"),
+        ("max_batch_size", 257, "less than or equal to 256"),
+    ],
+)
+def test_values_past_a_limit_are_refused_with_the_limit(field: str, value: int, match) -> None:
+    with pytest.raises(ValidationError, match=match):
+        ChatSynthia(**{field: value})
+    if field in _CALL_OPTIONS:
+        with pytest.raises(ValueError, match=rf"{field}={value} is out of range.*{match}"):
+            ChatSynthia()._call_options(None, {field: value})
+
+
+def test_an_infinite_timeout_is_no_limit_and_a_huge_one_is_kept() -> None:
+    assert ChatSynthia(timeout=float("inf")).timeout is None
+    assert ChatSynthia()._call_options(None, {"timeout": float("inf")})["timeout"] is None
+    assert ChatSynthia(timeout=1e300).timeout == 1e300
+    with pytest.raises(ValidationError, match="greater than 0"):
+        ChatSynthia(timeout=float("-inf"))
+
+
+OPTION_VALUES = st.one_of(
+    st.booleans(),
+    st.none(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1]),
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+    st.sampled_from([0.0, 5e-324, 1e-45, 1e-40, 1e300, float("inf"), float("-inf")]),
+)
+TRIED: dict[str, int] = {"accepted": 0, "refused": 0}
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(NUMERIC_OPTIONS), value=OPTION_VALUES)
+def test_a_call_option_is_refused_with_its_name_or_runs(name: str, value: object) -> None:
+    """Property: any value of any numeric call option either fails at the call with a message
+    naming the option, or makes a request whose sampling settings a sampler runs and whose
+    deadline a stream can wait for."""
+    chat = ChatSynthia(seed=1)
+    try:
+        options = chat._call_options(None, {name: value})
+    except ValueError as error:
+        refusal = str(error)
+    else:
+        refusal = None
+    if refusal is not None:
+        assert refusal.startswith(f"{name}={value!r} is ")
+        TRIED["refused"] += 1
+        return
+    assert not isinstance(value, bool)
+    request = chat._request("p", options)
+    sampler = BatchSampler([request.sampling], [[1, 2]], 8, torch.device("cpu"))
+    token = sampler.sample(torch.randn(1, 8))
+    assert 0 <= int(token) < 8
+    stream = TokenStream(request, 2)
+    stream.producer = threading.current_thread()
+    assert 0 <= stream._wait() <= PRODUCER_CHECK
+    TRIED["accepted"] += 1
+
+
+def test_the_option_property_tried_both_outcomes() -> None:
+    if not sum(TRIED.values()):
+        pytest.skip("run together with the property above")
+    assert TRIED["accepted"] >= 50
+    assert TRIED["refused"] >= 50

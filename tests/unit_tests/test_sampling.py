@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -94,3 +96,95 @@ def test_the_penalty_follows_tokens_chosen_in_earlier_steps_beside_unpenalised_r
     assert sampler.sample(logits).tolist() == [1, 1]  # both seen now: 1.5 against 1.0
     sampler.assign(0, strict, [1])  # a new request with a penalty, its prompt holds token 1
     assert sampler.sample(logits).tolist() == [2, 1]  # row 0: 1.5 against 2 (its prompt counts)
+
+
+# -- every setting the sampler accepts runs; every other is refused where it is made ---------
+
+VOCAB = 50
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.5),
+        ("temperature", float("inf")),
+        ("temperature", float("nan")),
+        ("temperature", True),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", float("inf")),
+        ("seed", -1),
+        ("seed", 2**64),
+        ("seed", 1.5),
+        ("seed", False),
+    ],
+)
+def test_settings_the_sampler_cannot_run_are_refused_when_made(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"Sampling settings out of range: {field}="):
+        params(**{field: value})
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token() -> None:
+    logits = torch.randn(1, VOCAB) * 3
+    every = BatchSampler([params(top_k=0)], [[]], VOCAB, torch.device("cpu")).warp(logits)
+    for top_k in (VOCAB, VOCAB + 1, 2**63, 2**70):
+        sampler = BatchSampler([params(top_k=top_k)], [[]], VOCAB, torch.device("cpu"))
+        assert torch.equal(sampler.warp(logits), every)
+
+
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_every_64_bit_seed_seeds_a_generator(seed: int) -> None:
+    logits = torch.randn(1, VOCAB)
+    draws = [
+        BatchSampler([params(temperature=1.0, seed=seed)], [[]], VOCAB, torch.device("cpu"))
+        .sample(logits)
+        .item()
+        for _ in range(2)
+    ]
+    assert draws[0] == draws[1]
+
+
+SAMPLED_CASES: list[tuple[float, float]] = []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    temperature=st.one_of(
+        st.sampled_from([0.0, 1e-45, 1e-40, 1e-37, 1e-300]),
+        st.floats(min_value=0.0, max_value=5.0, exclude_min=True, allow_subnormal=True),
+    ),
+    penalty=st.floats(min_value=0.0, max_value=10.0, exclude_min=True, allow_subnormal=True),
+    top_k=st.integers(min_value=0, max_value=2**80),
+    top_p=st.floats(min_value=0.0, max_value=1.0, exclude_min=True),
+    seed=st.integers(min_value=0, max_value=2**64 - 1),
+)
+def test_every_accepted_setting_samples_a_token_the_mask_allows(
+    temperature: float, penalty: float, top_k: int, top_p: float, seed: int
+) -> None:
+    """Property: tiny temperatures and penalties (down to subnormal floats), huge top_k and
+    any 64-bit seed: sampling never fails and never leaves the grammar's mask, beside a
+    plain row in the same batch."""
+    p = params(
+        temperature=temperature, repetition_penalty=penalty, top_k=top_k, top_p=top_p, seed=seed
+    )
+    sampler = BatchSampler([p, params()], [[1, 2, 3], [4]], VOCAB, torch.device("cpu"))
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(seed % 1000)) * 5
+    allowed = torch.zeros(2, VOCAB, dtype=torch.bool)
+    allowed[:, ::3] = True
+    for _ in range(3):
+        chosen = sampler.sample(logits, allowed=allowed)
+        assert allowed[0, chosen[0]]
+        assert allowed[1, chosen[1]]
+    SAMPLED_CASES.append((temperature, penalty))
+
+
+def test_the_sampling_property_tried_tiny_values() -> None:
+    if not SAMPLED_CASES:
+        pytest.skip("run together with the property above")
+    assert len(SAMPLED_CASES) >= 100
+    assert any(0 < t < 1e-30 for t, _ in SAMPLED_CASES)
