@@ -31,16 +31,16 @@ def sse(text: str = "", finish: str | None = None, usage: dict | None = None) ->
     return f"data: {json.dumps(event)}"
 
 
-def run(stops: tuple[str, ...], lines: list[str]) -> list:
-    answer, parsed = _Answer(GenerationRequest("p", 8, GREEDY, stops=stops)), _Lines()
+def run(stops: tuple[str, ...], lines: list[str], max_tokens: int = 8) -> list:
+    engine = RemoteEngine(RemoteSettings("http://x/v1", "m"))
+    request = GenerationRequest("p", max_tokens, GREEDY, stops=stops)
+    answer, parsed = _Answer(request, engine), _Lines(engine, request)
     events = []
     for line in lines:
         events += answer.feed(parsed.parse(line))
         if answer.done:
             break
-    events += answer.end(
-        RemoteEngine(RemoteSettings("http://x/v1", "m")), parsed, parsed.usage or {}
-    )
+    events += answer.end(parsed, parsed.usage or {})
     return events
 
 
@@ -65,7 +65,7 @@ def test_a_stop_split_across_events_is_cut_exactly(cut: int) -> None:
 
 def test_a_server_that_ignores_the_stop_is_left() -> None:
     lines = [sse("a."), *(sse("more") for _ in range(500))]
-    events = run((".",), lines)
+    events = run((".",), lines, max_tokens=1000)
     assert "".join(e.text for e in events) == "a"
     assert events[-1].finish_reason == "stop"
 
@@ -252,7 +252,7 @@ def test_usage_counts_wait_as_long_as_the_call_not_the_clients_ten_seconds(timeo
     engine = RemoteEngine(RemoteSettings("http://x/v1", "m"))
     engine._client = httpx.Client(transport=httpx.MockTransport(server))
     request = GenerationRequest("one two three", 8, GREEDY, timeout=timeout)
-    answer, lines = _Answer(request), _Lines()
+    answer, lines = _Answer(request, engine), _Lines(engine, request)
     list(answer.feed(lines.parse(sse(" four five", "stop"))))
     deadline = None if timeout is None else time.monotonic() + timeout
     usage = engine._usage(request, answer, lines, deadline)
