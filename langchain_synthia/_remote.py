@@ -331,7 +331,7 @@ class RemoteEngine:
             )  # fmt: skip
         return self._server
 
-    def _body(self, request: GenerationRequest, deadline: float | None) -> dict[str, Any]:
+    def _body(self, request: GenerationRequest, deadline: float | None = None) -> dict[str, Any]:
         sampling = request.sampling
         body: dict[str, Any] = {
             "model": self.name,
