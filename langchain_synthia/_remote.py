@@ -129,7 +129,7 @@ class RemoteEngine:
                     except httpx.TransportError as error:
                         if deadline.expired or isinstance(error, httpx.TimeoutException):
                             raise _timeout(request) from None
-                        raise self._broken(error, answer) from None
+                        raise self._broken(error, answer) from error
                     deadline.check(request)
                     for line in split.feed(chunk):
                         if answer.done or lines.complete:
@@ -168,7 +168,7 @@ class RemoteEngine:
                     except (asyncio.TimeoutError, httpx.TimeoutException):
                         raise _timeout(request) from None
                     except httpx.TransportError as error:
-                        raise self._broken(error, answer) from None
+                        raise self._broken(error, answer) from error
                     for line in split.feed(chunk):
                         if answer.done or lines.complete:
                             break
@@ -232,7 +232,7 @@ class RemoteEngine:
         try:
             return self._tokenize(text, time.monotonic() + _REPLY_TIMEOUT)
         except httpx.TransportError as error:
-            raise self._unreachable(error) from None
+            raise self._unreachable(error) from error
         except _ExchangeTimeout:
             raise self._too_slow("/tokenize") from None
 
@@ -438,7 +438,7 @@ class RemoteEngine:
         try:
             return self._fetch(method, url, time.monotonic() + _REPLY_TIMEOUT)
         except httpx.TransportError as error:
-            raise self._unreachable(error) from None
+            raise self._unreachable(error) from error
         except _ExchangeTimeout:
             raise self._too_slow(url.removeprefix(self.url)) from None
 
@@ -523,7 +523,7 @@ class RemoteEngine:
             raise _timeout_for(body) from None
         if error is not None:
             if last:
-                raise self._unreachable(error) from None
+                raise self._unreachable(error) from error
             return
         (status, location, kind), content = failure
         if status < 300:
