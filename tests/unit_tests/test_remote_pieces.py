@@ -4,6 +4,8 @@ import json
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from langchain_synthia import ChatSynthia
@@ -17,6 +19,7 @@ from langchain_synthia._remote import (
     _Answer,
     _backoff,
     _Lines,
+    _LineSplitter,
 )
 from langchain_synthia._sampling import SamplingParams
 from langchain_synthia.tools import convert_tools, tool_grammar
@@ -31,16 +34,16 @@ def sse(text: str = "", finish: str | None = None, usage: dict | None = None) ->
     return f"data: {json.dumps(event)}"
 
 
-def run(stops: tuple[str, ...], lines: list[str]) -> list:
-    answer, parsed = _Answer(GenerationRequest("p", 8, GREEDY, stops=stops)), _Lines()
+def run(stops: tuple[str, ...], lines: list[str], max_tokens: int = 8) -> list:
+    engine = RemoteEngine(RemoteSettings("http://x/v1", "m"))
+    request = GenerationRequest("p", max_tokens, GREEDY, stops=stops)
+    answer, parsed = _Answer(request, engine), _Lines(engine, request)
     events = []
     for line in lines:
         events += answer.feed(parsed.parse(line))
         if answer.done:
             break
-    events += answer.end(
-        RemoteEngine(RemoteSettings("http://x/v1", "m")), parsed, parsed.usage or {}
-    )
+    events += answer.end(parsed, parsed.usage or {})
     return events
 
 
@@ -65,7 +68,7 @@ def test_a_stop_split_across_events_is_cut_exactly(cut: int) -> None:
 
 def test_a_server_that_ignores_the_stop_is_left() -> None:
     lines = [sse("a."), *(sse("more") for _ in range(500))]
-    events = run((".",), lines)
+    events = run((".",), lines, max_tokens=1000)
     assert "".join(e.text for e in events) == "a"
     assert events[-1].finish_reason == "stop"
 
@@ -78,6 +81,44 @@ def test_a_stream_that_ends_without_a_finish_is_an_error() -> None:
 def test_an_error_event_is_raised_with_its_message() -> None:
     with pytest.raises(RemoteEngineError, match="out of memory"):
         run((), [sse("a"), 'data: {"error": {"message": "out of memory"}}'])
+
+
+def test_lines_come_out_whole_however_the_bytes_are_cut() -> None:
+    """Any of the three line ends, any character, any cut of the bytes into chunks (blank
+    lines, which server-sent events skip, may come out where CR LF is cut in two)."""
+    tried = []
+    chars = st.characters(exclude_characters="\r\n", exclude_categories=["Cs"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        lines=st.lists(st.text(chars, max_size=12), max_size=8),
+        ends=st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=8, max_size=8),
+        cuts=st.lists(st.integers(0, 200), max_size=6),
+    )
+    def check(lines: list[str], ends: list[str], cuts: list[int]) -> None:
+        data = "".join(line + end for line, end in zip(lines, ends, strict=False)).encode()
+        splitter = _LineSplitter(RemoteEngine(RemoteSettings("http://x/v1", "m")))
+        got, start = [], 0
+        for cut in [*sorted(cuts), len(data)]:
+            got += splitter.feed(data[start:cut])
+            start = max(start, cut)
+        got += splitter.rest()
+        assert [line for line in got if line] == [line for line in lines if line]
+        tried.append(1)
+
+    check()
+    assert len(tried) >= 300
+
+
+def test_a_line_longer_than_one_mib_is_refused_in_any_chunking() -> None:
+    splitter = _LineSplitter(RemoteEngine(RemoteSettings("http://x/v1", "m")))
+    assert splitter.feed(b"data: " + b"x" * (1 << 19)) == []
+    with pytest.raises(RemoteEngineError, match="without a line break"):
+        splitter.feed(b"x" * (1 << 19))
+    with pytest.raises(RemoteEngineError, match="without a line break"):
+        _LineSplitter(RemoteEngine(RemoteSettings("http://x/v1", "m"))).feed(
+            b"ok\n" + b"x" * ((1 << 20) + 1) + b"\n"
+        )
 
 
 def test_backoff_doubles_with_jitter_up_to_eight_seconds() -> None:
@@ -252,7 +293,7 @@ def test_usage_counts_wait_as_long_as_the_call_not_the_clients_ten_seconds(timeo
     engine = RemoteEngine(RemoteSettings("http://x/v1", "m"))
     engine._client = httpx.Client(transport=httpx.MockTransport(server))
     request = GenerationRequest("one two three", 8, GREEDY, timeout=timeout)
-    answer, lines = _Answer(request), _Lines()
+    answer, lines = _Answer(request, engine), _Lines(engine, request)
     list(answer.feed(lines.parse(sse(" four five", "stop"))))
     deadline = None if timeout is None else time.monotonic() + timeout
     usage = engine._usage(request, answer, lines, deadline)
