@@ -303,6 +303,8 @@ def test_models_that_differ_in_an_answer_changing_field_share_no_cached_answer(
     assert _answer(one) == "answer #0"
     assert _answer(other) == "answer #1", "the second model got the first one's cached answer"
     assert _answer(one) == "answer #0"
+    copied = one.model_copy(update=second)  # after `one` computed its key
+    assert _answer(copied) == "answer #1", "a model_copy kept the original's cache key"
 
 
 PER_CALL_OPTIONS = [
