@@ -1,10 +1,15 @@
 """`SynthiaLLM`: Synthia-7B-v1.3 (GPTQ) as a LangChain text-completion LLM."""
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+    Callbacks,
+)
 from langchain_core.language_models import BaseLLM, LangSmithParams, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -112,6 +117,73 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(ls_model_type="llm", **self._ls_options(stop, kwargs))
+
+    # -- the cache key holds the call's options ----------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """Complete `prompts` (see `BaseLLM.generate`); the call's options are checked first.
+
+        The call runs on a copy of this instance with its options (``temperature=0``, ...)
+        set, so that LangChain's cache key, built from the instance's settings, holds them:
+        a call with other options never gets an answer cached without them.
+
+        Raises:
+            TypeError: For an unknown option.
+            ValueError: For an option or stop sequence that is not valid.
+        """
+        self._call_options(stop, kwargs)
+        model, rest = self._with_call_options(kwargs)
+        return BaseLLM.generate(
+            model,
+            prompts,
+            stop,
+            callbacks,
+            tags=tags,
+            metadata=metadata,
+            run_name=run_name,
+            run_id=run_id,
+            **rest,
+        )
+
+    async def agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """`generate` for async callers."""
+        self._call_options(stop, kwargs)
+        model, rest = self._with_call_options(kwargs)
+        return await BaseLLM.agenerate(
+            model,
+            prompts,
+            stop,
+            callbacks,
+            tags=tags,
+            metadata=metadata,
+            run_name=run_name,
+            run_id=run_id,
+            **rest,
+        )
+
+    # -- generation ----------------------------------------------------------------------------
 
     def _chunk(self, event: TokenEvent, engine: BaseEngine) -> GenerationChunk:
         if event.finish_reason is None:
