@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
+from langchain_core.load import dumpd
 from langchain_core.messages import UsageMetadata
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
@@ -78,6 +80,43 @@ _CALL_OPTIONS = (
 )
 """Fields that a single call may override: ``llm.invoke(prompt, temperature=0)``."""
 
+API_KEY_ENV = "SYNTHIA_API_KEY"
+"""The environment variable that holds the remote server's API key (and its secret id when a
+model is serialized with `langchain_core.load.dumpd`)."""
+
+_DEFAULTS_FROM_ENVIRONMENT = ("model", "revision", "device", "base_url", "output_version")
+"""Fields whose default is read from the environment (``output_version``: LangChain's
+``LC_OUTPUT_VERSION``); the API key is a secret and is left out."""
+
+NOT_IN_CACHE_KEY = {
+    "api_key": "a secret: a cache key (SQLiteCache stores it on disk) never holds it",
+    "timeout": "ends a call with an error, never with another answer",
+    "max_retries": "repeats a request that got no answer",
+    "max_batch_size": "how many requests decode at once, not what each one answers",
+    "prefix_cache_tokens": "reuses a prompt prefix's KV cache instead of recomputing it",
+    "cache_dir": "where the files of `model` at `revision` are kept",
+    "local_files_only": "whether the files of `model` at `revision` may be downloaded",
+    "streaming": "whether `invoke` streams the same answer",
+    "disable_streaming": "whether `stream` yields the same answer in one chunk",
+    "name": "the runnable's name in traces",
+    "cache": "the cache itself",
+    "verbose": "logging",
+    "callbacks": "callbacks",
+    "tags": "tracing",
+    "metadata": "tracing",
+    "custom_get_token_ids": "token counting only",
+    "rate_limiter": "when a request starts",
+    "profile": "describes the model; generation does not read it",
+}
+"""The fields that cannot change an answer, so are left out of LangChain's cache key, and why.
+
+Every other field of `ChatSynthia` and `SynthiaLLM` is in the key (`_identifying_params`):
+which weights answer (``model``, ``revision``), which numerics compute it (``device``,
+``engine``, ``kernel``, ``dense_prefill``), which prompts are refused (``context_window``),
+where a remote request goes and how its options are sent (``base_url``, ``server``), the
+sampling options, the stops, the system message and the form of the answer
+(``output_version``). A field added later is in the key unless it is listed here."""
+
 
 class SynthiaParams(BaseModel):
     """Loading and generation settings of Synthia (a base of both LangChain classes)."""
@@ -130,9 +169,7 @@ class SynthiaParams(BaseModel):
     """Remote mode: the ``/v1`` URL of an OpenAI-compatible server that serves Synthia (vLLM,
     SGLang, TGI, llama.cpp), e.g. ``"http://localhost:8000/v1"``. Nothing loads locally;
     ``model`` is the served model's name. ``SYNTHIA_BASE_URL`` in the environment sets it."""
-    api_key: SecretStr | None = Field(
-        default_factory=lambda: _secret(os.environ.get("SYNTHIA_API_KEY"))
-    )
+    api_key: SecretStr | None = Field(default_factory=lambda: _secret(os.environ.get(API_KEY_ENV)))
     """Remote mode: the server's API key, sent as a bearer token (``SYNTHIA_API_KEY``)."""
     server: Server = "auto"
     """Remote mode: ``"vllm"``, ``"sglang"``, ``"tgi"``, ``"llama.cpp"`` or ``"openai"`` (only
@@ -189,6 +226,83 @@ class SynthiaParams(BaseModel):
             msg = f"base_url={url!r} is not an http(s) URL, e.g. 'http://localhost:8000/v1'."
             raise ValueError(msg)
         return url
+
+    # -- serialization and cache keys (LangChain's hooks) --------------------------------------
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """`langchain_core.load.dumpd` serializes the settings; the API key as a secret."""
+        return True
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        """The API key serializes as the secret ``SYNTHIA_API_KEY``, never as its value."""
+        return {"api_key": API_KEY_ENV}
+
+    @property
+    def lc_attributes(self) -> dict[str, Any]:
+        """Fields whose default comes from the environment serialize even at ``None``, so that
+        a loaded model has the saved settings, not the loading environment's defaults."""
+        return {
+            name: getattr(self, name)
+            for name in _DEFAULTS_FROM_ENVIRONMENT
+            if name in type(self).model_fields
+        }
+
+    @property
+    def _serialized(self) -> dict[str, Any]:
+        """This instance's `dumpd`, as callbacks get it at the start of a run.
+
+        Computed at each call: LangChain's cached one would be copied by `model_copy` with
+        the original's settings.
+        """
+        return dumpd(self)
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        """Every setting that can change an answer (all fields but `NOT_IN_CACHE_KEY`).
+
+        LangChain builds its cache key from these and the call's ``stop``, which it writes
+        over the key ``stop``: the instance's stop sequences are under ``default_stop``. A
+        password in ``base_url`` is left out.
+        """
+        params = {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in NOT_IN_CACHE_KEY
+        }
+        params["default_stop"] = params.pop("stop")
+        params["base_url"] = _without_password(params["base_url"])
+        return params
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """The cache key of a chat call: `_identifying_params` with the call's options set.
+
+        The call's sampling options are validated and set as fields are (``temperature=0``
+        and ``temperature=0.0`` share a key); its other options (tools, tool choice, response
+        format) are added as they are; LangSmith's ``ls_`` hints are left out.
+        """
+        model, rest = self._with_call_options(kwargs)
+        params = {
+            **model._identifying_params,
+            "_type": type(model).__name__,
+            "stop": _stop_list(stop),
+            **{name: value for name, value in rest.items() if not name.startswith("ls_")},
+        }
+        return str(sorted(params.items()))
+
+    def _with_call_options(self, kwargs: Mapping[str, Any]) -> tuple[Self, dict[str, Any]]:
+        """A copy of this instance with the call's options in `kwargs` set, and the rest.
+
+        The options are validated as the fields are; the rest are `kwargs`' other entries.
+
+        Raises:
+            ValueError: If an option's value is not valid for its field.
+        """
+        options = {name: value for name, value in kwargs.items() if name in _CALL_OPTIONS}
+        rest = {name: value for name, value in kwargs.items() if name not in _CALL_OPTIONS}
+        resolved = self._call_options(None, options)
+        return self.model_copy(update={name: resolved[name] for name in options}), rest
 
     def load(self) -> Self:
         """Load the model now (it otherwise loads on the first call); returns ``self``.
@@ -298,18 +412,6 @@ class SynthiaParams(BaseModel):
             **({"ls_stop": list(stop)} if stop else {"ls_stop": self.stop} if self.stop else {}),
         }
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "revision": self.revision,
-            "device": self.device,
-            "kernel": self.kernel,
-            "base_url": self.base_url,
-            **{name: getattr(self, name) for name in _CALL_OPTIONS[2:]},
-            "stop": self.stop,
-        }
-
 
 _BOS = 1
 """Synthia's (Mistral's) beginning-of-sequence token id."""
@@ -317,6 +419,17 @@ _BOS = 1
 
 def _secret(value: str | None) -> SecretStr | None:
     return SecretStr(value) if value else None
+
+
+def _without_password(url: str | None) -> str | None:
+    """`url` without the password of its user part (``http://user:***@host/v1``)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _stop_list(stop: Any) -> list[str] | None:

@@ -1,12 +1,18 @@
 """`SynthiaLLM`: Synthia-7B-v1.3 (GPTQ) as a LangChain text-completion LLM."""
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+    Callbacks,
+)
 from langchain_core.language_models import BaseLLM, LangSmithParams, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.prompt_values import PromptValue, StringPromptValue
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 
@@ -21,15 +27,18 @@ from langchain_synthia._engine import (
     whole_answer,
 )
 from langchain_synthia._params import SynthiaParams, batch_configs, finish_info, usage_of
+from langchain_synthia.prompts import render_messages
 
 
 class SynthiaLLM(SynthiaParams, BaseLLM):
     r"""Synthia-7B-v1.3, GPTQ-quantised, as a LangChain LLM (text in, text out).
 
-    The prompt is sent to the model verbatim: build it with `synthia_prompt_template` (or
-    `render_prompt`) so that it is in Synthia's ``SYSTEM:/USER:/ASSISTANT:`` format. The model
-    loads on the first call, once per process, shared with every instance (chat or LLM) that has
-    the same loading settings.
+    A prompt string is sent to the model verbatim: build it with `synthia_prompt_template` (or
+    `render_prompt`) so that it is in Synthia's ``SYSTEM:/USER:/ASSISTANT:`` format. Messages
+    (a list, or a chat prompt's value: ``ChatPromptTemplate | llm``) are rendered in that
+    format by `render_messages`, as `ChatSynthia` renders them, with `DEFAULT_SYSTEM_MESSAGE`
+    when none is given. The model loads on the first call, once per process, shared with every
+    instance (chat or LLM) that has the same loading settings.
 
     Setup:
         From a checkout of the repository:
@@ -112,6 +121,101 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(ls_model_type="llm", **self._ls_options(stop, kwargs))
+
+    # -- prompts: strings verbatim, messages in Synthia's format -----------------------------
+
+    def _convert_input(self, model_input: LanguageModelInput) -> PromptValue:
+        """A string as it is; messages or a chat prompt's value rendered by `render_messages`."""
+        return _in_synthias_format(super()._convert_input(model_input))
+
+    def generate_prompt(
+        self,
+        prompts: list[PromptValue],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """`generate` of `prompts`, chat prompt values rendered in Synthia's format."""
+        texts = [_in_synthias_format(prompt) for prompt in prompts]
+        return super().generate_prompt(texts, stop=stop, callbacks=callbacks, **kwargs)
+
+    async def agenerate_prompt(
+        self,
+        prompts: list[PromptValue],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """`generate_prompt` for async callers."""
+        texts = [_in_synthias_format(prompt) for prompt in prompts]
+        return await super().agenerate_prompt(texts, stop=stop, callbacks=callbacks, **kwargs)
+
+    # -- the cache key holds the call's options ----------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """Complete `prompts` (see `BaseLLM.generate`); the call's options are checked first.
+
+        The call runs on a copy of this instance with its options (``temperature=0``, ...)
+        set, so that LangChain's cache key, built from the instance's settings, holds them:
+        a call with other options never gets an answer cached without them.
+
+        Raises:
+            TypeError: For an unknown option.
+            ValueError: For an option or stop sequence that is not valid.
+        """
+        self._call_options(stop, kwargs)
+        model, rest = self._with_call_options(kwargs)
+        return BaseLLM.generate(
+            model,
+            prompts,
+            stop,
+            callbacks,
+            tags=tags,
+            metadata=metadata,
+            run_name=run_name,
+            run_id=run_id,
+            **rest,
+        )
+
+    async def agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        *,
+        tags: list[str] | list[list[str]] | None = None,
+        metadata: dict[str, Any] | list[dict[str, Any]] | None = None,
+        run_name: str | list[str] | None = None,
+        run_id: uuid.UUID | list[uuid.UUID | None] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """`generate` for async callers."""
+        self._call_options(stop, kwargs)
+        model, rest = self._with_call_options(kwargs)
+        return await BaseLLM.agenerate(
+            model,
+            prompts,
+            stop,
+            callbacks,
+            tags=tags,
+            metadata=metadata,
+            run_name=run_name,
+            run_id=run_id,
+            **rest,
+        )
+
+    # -- generation ----------------------------------------------------------------------------
 
     def _chunk(self, event: TokenEvent, engine: BaseEngine) -> GenerationChunk:
         if event.finish_reason is None:
@@ -256,6 +360,21 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
             return await Runnable.abatch(
                 self, inputs, configs, return_exceptions=return_exceptions, **kwargs
             )
+
+
+def _in_synthias_format(prompt: PromptValue) -> StringPromptValue:
+    """`prompt` as text: a string's as it is, messages rendered by `render_messages`.
+
+    Raises:
+        ValueError: For no messages, or messages that the format cannot carry.
+    """
+    if isinstance(prompt, StringPromptValue):
+        return prompt
+    messages = prompt.to_messages()
+    if not messages:
+        msg = "SynthiaLLM got an empty message list: pass a prompt string or a HumanMessage."
+        raise ValueError(msg)
+    return StringPromptValue(text=render_messages(messages))
 
 
 def _token_callbacks(run_manager: Any, prompts: list[str]) -> Any:

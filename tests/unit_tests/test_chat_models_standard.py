@@ -1,5 +1,7 @@
 """LangChain's standard unit suite for ChatSynthia (no model is loaded)."""
 
+from typing import Any
+
 import pytest
 from langchain_tests.unit_tests import ChatModelUnitTests
 
@@ -19,6 +21,15 @@ class TestChatSynthiaUnit(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return {"model": "TheBloke/Synthia-7B-v1.3-GPTQ"}
+
+    @pytest.mark.xfail(
+        reason="langchain-tests compares with a syrupy snapshot (not kept here) and loads with "
+        "allowed_objects='all', which admits only langchain-core's own classes; "
+        "test_serialization.py round-trips ChatSynthia as a user loads it",
+        strict=True,
+    )
+    def test_serdes(self, model: ChatSynthia, snapshot: Any) -> None:
+        super().test_serdes(model, snapshot)
 
 
 def test_standard_params_really_include_timeout() -> None:

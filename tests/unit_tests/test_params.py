@@ -1,4 +1,5 @@
 import threading
+import warnings
 
 import pytest
 import torch
@@ -107,6 +108,20 @@ def test_identifying_params_name_the_model_and_settings() -> None:
     assert params["model"] == "TheBloke/Synthia-7B-v1.3-GPTQ"
     assert params["revision"] == "gptq-4bit-32g-actorder_True"
     assert params["top_k"] == 5
+
+
+@pytest.mark.parametrize("cls", [ChatSynthia, SynthiaLLM])
+def test_identifying_params_keep_the_instances_stop_apart_from_the_calls(cls) -> None:
+    """LangChain writes the call's ``stop`` over ``params["stop"]``; the instance's stops are
+    under ``default_stop``, and nothing that cannot change an answer is there."""
+    model = cls(stop=["END"], api_key="sk-x", timeout=5, max_batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # dict() is deprecated, still there
+        params = model.dict()
+    assert params["default_stop"] == ["END"]
+    assert "stop" not in params
+    assert not {"api_key", "timeout", "max_batch_size", "callbacks", "cache"} & set(params)
+    assert {"engine", "context_window", "server", "dense_prefill"} <= set(params)
 
 
 # -- numbers: bools and NaN are refused, infinite timeouts mean no limit, huge values work ------
