@@ -502,7 +502,7 @@ def synthia_prompt_template(
     _check_variable_name(input_variable)
     answer = f"\n{_ROLE_LABELS['assistant']}"
     head = render_prompt([Turn("user", "a")], system).removesuffix(f"a{answer}")
-    return _SynthiaPromptTemplate(
+    return SynthiaPromptTemplate(
         template=f"{_escaped_braces(head)}{{{input_variable}}}{_escaped_braces(answer)}",
         system_message=system,
         user_variable=input_variable,
@@ -522,7 +522,7 @@ def _check_variable_name(name: str) -> None:
         raise ValueError(msg)
 
 
-class _SynthiaPromptTemplate(PromptTemplate):
+class SynthiaPromptTemplate(PromptTemplate):
     """A `PromptTemplate` that renders its variable as the user's turn, with `render_prompt`.
 
     Its `template` shows the prompt's text; formatting does not fill it in but renders the
@@ -530,6 +530,11 @@ class _SynthiaPromptTemplate(PromptTemplate):
     user turn under `system_message`, so every value is neutralised and no value can reach
     another place in the prompt.
     """
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """``["langchain_synthia", "prompts"]``: where LangChain's loader finds this class."""
+        return ["langchain_synthia", "prompts"]
 
     system_message: str
     """The text of the ``SYSTEM:`` line."""
