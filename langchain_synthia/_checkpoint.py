@@ -44,7 +44,7 @@ _LAYER_SUFFIXES = frozenset(
 _DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
     "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64,
-    "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "U64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
 """Bits per element of each safetensors dtype."""
 
@@ -379,6 +379,8 @@ def read_header(path: Path, fix: str) -> dict[str, TensorHeader]:
     ranges: list[tuple[int, int, str]] = []
     for name, entry in entries.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise _unreadable(path, size, "__metadata__ that is not an object of strings", fix)
             continue
         tensor, begin, end = _tensor_entry(name, entry, path.name)
         if tensor is None:
@@ -502,12 +504,11 @@ def check_tensors(
     """
     _check_tensor_names(config, tensors, folder, fix)
     file, hidden, vocab = config.file, config.hidden_size, config.vocab_size
-    _expect(tensors, "model.embed_tokens.weight", (vocab, hidden),
-            f"{file} says vocab_size={vocab} and hidden_size={hidden}")  # fmt: skip
     _expect(tensors, "model.norm.weight", (hidden,), f"{file} says hidden_size={hidden}")
+    both = f"{file} says vocab_size={vocab} and hidden_size={hidden}"
+    _expect(tensors, "model.embed_tokens.weight", (vocab, hidden), both)
     if "lm_head.weight" in tensors:
-        _expect(tensors, "lm_head.weight", (vocab, hidden),
-                f"{file} says vocab_size={vocab} and hidden_size={hidden}")  # fmt: skip
+        _expect(tensors, "lm_head.weight", (vocab, hidden), both)
     for index in range(config.num_hidden_layers):
         layer = f"model.layers.{index}"
         for norm in LAYER_NORMS:
@@ -543,11 +544,11 @@ def _check_tensor_names(
     # the first three absent: found after at most as many names as there are tensors
     examples = list(itertools.islice((n for n in _needed(config) if n not in tensors), 3))
     hint = ""
-    if layers > len(present):
-        held = f"model.layers.0 to {max(present)}" if present else "no layers"
+    if present and layers > len(present):
         hint = (
-            f" ({config.file} says num_hidden_layers={layers}; the safetensors hold {held}: "
-            f'set "num_hidden_layers": {len(present)} if the config is wrong)'
+            f" ({config.file} says num_hidden_layers={layers}; the safetensors hold "
+            f"model.layers.0 to model.layers.{max(present)}: set "
+            f'"num_hidden_layers": {len(present)} if the config is wrong)'
         )
     msg = (
         f"{folder} lacks {total - found} of the model's {total} tensors (e.g. "
