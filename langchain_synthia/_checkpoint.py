@@ -158,20 +158,23 @@ def read_json_object(path: Path) -> dict[str, Any]:
             )
             raise CheckpointError(msg)
         data = file.read(MAX_JSON_BYTES + 1)
-    return _json_object(data, str(path))
+    value, problem = _parse_json_object(data)
+    if problem is not None:
+        msg = f"{path} {problem}: download or copy the file again."
+        raise CheckpointError(msg)
+    return value
 
 
-def _json_object(data: bytes, where: str) -> dict[str, Any]:
+def _parse_json_object(data: bytes) -> tuple[dict[str, Any], str | None]:
+    """The JSON object in `data`, or what is wrong with it ("is not valid JSON (...)")."""
     try:
         value = json.loads(data)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError too
         reason = "nested too deeply" if isinstance(error, RecursionError) else error
-        msg = f"{where} is not valid JSON ({reason}): download or copy the file again."
-        raise CheckpointError(msg) from None
+        return {}, f"is not valid JSON ({reason})"
     if not isinstance(value, dict):
-        msg = f"{where} holds a JSON {_json_type(value)}, but it must be a JSON object ({{...}})."
-        raise CheckpointError(msg)
-    return value
+        return {}, f"holds a JSON {_json_type(value)}, where a JSON object ({{...}}) belongs"
+    return value, None
 
 
 def _json_type(value: Any) -> str:
@@ -371,10 +374,9 @@ def read_header(path: Path, fix: str) -> dict[str, TensorHeader]:
         header = file.read(length)
     if len(header) != length:
         raise _unreadable(path, size, "a header cut short", fix)
-    try:
-        entries = _json_object(header, "its header")
-    except CheckpointError as error:
-        raise _unreadable(path, size, str(error).rstrip("."), fix) from None
+    entries, problem = _parse_json_object(header)
+    if problem is not None:
+        raise _unreadable(path, size, f"its header {problem}", fix)
     tensors: dict[str, TensorHeader] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, entry in entries.items():
