@@ -185,6 +185,27 @@ def test_a_local_folder_is_not_sent_to_the_hub(here: Path, hub_calls: list[str])
     assert hub_calls == []
 
 
+@pytest.mark.parametrize("command", ["generate", "download"])
+@pytest.mark.parametrize("model", ["./missing-folder", "models/synthia-4bit", "notes.txt"])
+def test_the_command_line_says_no_such_folder(
+    here: Path, hub_calls: list[str], command: str, model: str
+) -> None:
+    from click.testing import CliRunner
+
+    from langchain_synthia.cli import main
+
+    args = [command, "--model", model] + (
+        ["--device", "cpu", "Hi"] if command == "generate" else []
+    )
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {NO_SUCH_FOLDER}{(here / model).resolve()}")
+    assert MODEL_TAKES in last
+    assert "Traceback" not in result.output
+    assert hub_calls == []
+
+
 REPO_PART = st.lists(
     st.text(alphabet="abcXYZ019", min_size=1, max_size=6), min_size=1, max_size=3
 ).flatmap(lambda words: st.sampled_from("-_.").map(lambda sep: sep.join(words)))
