@@ -9,13 +9,13 @@ the same code runs with the plain-torch references instead of the Triton kernels
 """
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from langchain_synthia import _kernels as K
+from langchain_synthia._checkpoint import read_model_config
 from langchain_synthia._gptq import (
     PackedLinear,
     group_order,
@@ -170,22 +170,19 @@ class FastMistral:
         `_MarlinLinear`); ``None`` keeps it on a Hopper (or newer) GPU with four times the
         checkpoint's size free, so that small cards keep their memory for the KV cache.
         """
-        config = json.loads((folder / "config.json").read_text())
-        quant = config.get("quantization_config") or json.loads(
-            (folder / "quantize_config.json").read_text()
-        )
+        config = read_model_config(folder)  # checked: a CheckpointError names a bad field
         self.device = device
         self.max_batch = max_batch
         self.max_len = max_len
-        self.hidden = config["hidden_size"]
-        self.heads = config["num_attention_heads"]
-        self.kv_heads = config["num_key_value_heads"]
-        self.head_dim = config.get("head_dim") or self.hidden // self.heads
-        self.vocab_size = config["vocab_size"]
-        self.eps = config["rms_norm_eps"]
+        self.hidden = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.vocab_size = config.vocab_size
+        self.eps = config.rms_norm_eps
         self.use_kernels = device.type == "cuda" and K.triton_available()
         tensors = _Tensors(folder, device)
-        bits, group = int(quant["bits"]), int(quant["group_size"])
+        bits, group = config.bits, config.group_size
         self.kernel = kernel or "triton"
         if self.kernel not in KERNELS:
             msg = (
@@ -198,20 +195,18 @@ class FastMistral:
         )
         self.layers = [
             _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel, self.dense_prefill)
-            for i in range(config["num_hidden_layers"])
+            for i in range(config.num_hidden_layers)
         ]
         self.embed = tensors["model.embed_tokens.weight"].to(torch.float16)
         self.norm = tensors["model.norm.weight"].to(torch.float16)
-        self.lm_head = tensors["lm_head.weight"].to(torch.float16)
+        tied = config.tie_word_embeddings and "lm_head.weight" not in tensors
+        self.lm_head = self.embed if tied else tensors["lm_head.weight"].to(torch.float16)
         tensors.close()
         self.gemv_race: dict[str, tuple[float, float]] = {}
         """Per layer shape: (our GEMV, the kernel's own) µs for one row, timed at load (`_race`)."""
         if self.use_kernels and (self.dense_prefill or self.kernel == "triton"):
             self._race()
-        theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get(
-            "rope_theta", 10000.0
-        )
-        self.cos, self.sin = _rotary_tables(theta, self.head_dim, max_len, device)
+        self.cos, self.sin = _rotary_tables(config.rope_theta, self.head_dim, max_len, device)
         shape = (len(self.layers), max_batch, max_len, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=torch.float16, device=device)
         self.v_cache = torch.zeros(shape, dtype=torch.float16, device=device)
@@ -652,6 +647,9 @@ class _Tensors:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name).to(self._device)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
     def close(self) -> None:
         self._where.clear()

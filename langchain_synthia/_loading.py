@@ -8,16 +8,23 @@ on Hopper cards, and nothing may download at load time. Safetensors only; remote
 """
 
 import importlib.util
-import json
 import logging
 import os
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from langchain_synthia._checkpoint import (
+    CheckpointError,
+    check_regular_file,
+    check_tensors,
+    quantization_config,
+    read_headers,
+    read_model_config,
+)
 from langchain_synthia._console import quiet_output
 from langchain_synthia._engine import BaseEngine, Engine
 from langchain_synthia.variants import DEFAULT_BRANCH, check_revision
@@ -106,16 +113,62 @@ def resolve_device(device: str) -> str:
     return device
 
 
+_MODEL_TAKES = "model= takes a Hub repo id like owner/name or a local checkpoint folder"
+
+
+def local_folder(model: str) -> Path | None:
+    """The folder that `model` names, or ``None`` when `model` is a Hub repo id.
+
+    A `model` that reads as a path (it starts with ``/``, ``.`` or ``~``, has a backslash or no
+    or several ``/``, is no valid repo id, or its first part is a folder here) and names no
+    folder is refused here, so that a typo in a path is not sent to the Hub as a repo id.
+
+    Raises:
+        ValueError: ``no such folder: ...``, for a path that is missing or is a file.
+    """
+    if not model.strip():
+        msg = f"model={model!r} is empty ({_MODEL_TAKES})."
+        raise ValueError(msg)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path.is_symlink():
+        msg = (
+            f"no such folder: {path.absolute()} is a file, not a folder ({_MODEL_TAKES}: "
+            f"the folder that holds config.json, such as {path.absolute().parent})."
+        )
+        raise ValueError(msg)
+    if _reads_as_path(model):
+        msg = f"no such folder: {path.absolute()} (model={model!r}; {_MODEL_TAKES})."
+        raise ValueError(msg)
+    return None
+
+
+def _reads_as_path(model: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if model.startswith((".", "/", "~")) or model.count("/") != 1 or "\\" in model:
+        return True
+    if os.altsep and os.altsep in model:
+        return True
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return True
+    return Path(model.split("/", 1)[0]).is_dir()
+
+
 def resolve_checkpoint(settings: ModelSettings) -> Path:
     """Find the checkpoint folder: the given folder, or the Hub repo's branch in the HF cache.
 
     Raises:
-        ValueError: For a bad branch name, a missing folder, or a folder that is not a GPTQ
-            checkpoint in safetensors.
+        ValueError: For a bad branch name, a path that is no folder, or a folder that is not a
+            GPTQ checkpoint in safetensors.
         FileNotFoundError: When the repo is not cached and downloading is off.
     """
-    folder = Path(settings.model).expanduser()
-    if folder.is_dir():
+    folder = local_folder(settings.model)
+    if folder is not None:
         if settings.revision != DEFAULT_BRANCH:
             msg = (
                 f"revision={settings.revision!r} applies to Hub repos, but "
@@ -125,12 +178,6 @@ def resolve_checkpoint(settings: ModelSettings) -> Path:
             raise ValueError(msg)
         validate_checkpoint(folder)
         return folder
-    if settings.model.startswith((".", "/", "~")) or settings.model.count("/") != 1:
-        msg = (
-            f"model={settings.model!r} is neither an existing folder nor a Hub repo id "
-            "('owner/name', e.g. 'TheBloke/Synthia-7B-v1.3-GPTQ')."
-        )
-        raise ValueError(msg)
     check_revision(settings.model, settings.revision)
     folder = download(
         settings.model, settings.revision, settings.cache_dir, settings.local_files_only
@@ -151,8 +198,16 @@ def download(
     Honours ``HF_HUB_OFFLINE``/``local_files_only`` (cache only), shows huggingface-hub's
     progress bars, and resumes an interrupted download. With `local_dir`, the files land in
     that folder instead (a checkpoint folder that ``model=`` can point at).
+
+    Raises:
+        ValueError: If `repo_id` is a path (``no such folder: ...`` when it names none).
+        FileNotFoundError: If the repo is not cached and downloading is off.
     """
     from huggingface_hub import snapshot_download
+
+    if local_folder(repo_id) is not None:
+        msg = f"{repo_id} is a local folder, not a Hub repo id: there is nothing to download."
+        raise ValueError(msg)
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
@@ -181,19 +236,23 @@ def download(
 
 
 def validate_checkpoint(folder: Path) -> dict[str, Any]:
-    """Check that `folder` holds a GPTQ checkpoint in safetensors; return its GPTQ settings."""
+    """Check that `folder` holds a GPTQ checkpoint in safetensors; return its GPTQ settings.
+
+    Reads the small JSON configs only, and no file that is not a regular one: config.json's
+    fields must be the types and sizes the engines use (`read_model_config`).
+
+    Raises:
+        CheckpointError: A `ValueError` naming the file, the field, what it says and what was
+            expected.
+    """
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not (config_file.exists() or config_file.is_symlink()):
         msg = f"{folder} is not a model checkpoint: it has no config.json."
-        raise ValueError(msg)
-    quant, where = _quantization_config(folder)
-    if not quant or quant.get("quant_method") != "gptq":
-        msg = (
-            f"{folder} is not a GPTQ checkpoint (config.json has no GPTQ quantization_config and "
-            "there is no quantize_config.json). langchain-synthia loads GPTQ branches of "
-            "TheBloke/Synthia-7B-v1.3-GPTQ or checkpoints in the same layout."
-        )
-        raise ValueError(msg)
+        raise CheckpointError(msg)
+    for pattern in _CHECKPOINT_FILES:  # what the loaders open, FIFOs and devices refused first
+        for path in folder.glob(pattern):
+            check_regular_file(path)
+    quant, _ = quantization_config(folder)
     if not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         reason = (
@@ -203,58 +262,12 @@ def validate_checkpoint(folder: Path) -> dict[str, Any]:
             else "no weights (if a download was cut short, run it again: it resumes)"
         )
         msg = f"{folder} has {reason}. langchain-synthia loads safetensors only."
-        raise ValueError(msg)
+        raise CheckpointError(msg)
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
         msg = f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)."
-        raise ValueError(msg)
-    _check_quant_values(quant, where)
+        raise CheckpointError(msg)
+    read_model_config(folder)
     return quant
-
-
-def _quantization_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
-    """The GPTQ settings that loading honours, and where they are written (for messages).
-
-    config.json's ``quantization_config`` wins, as in transformers; early TheBloke uploads keep
-    them only in quantize_config.json.
-    """
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
-    legacy = folder / "quantize_config.json"
-    if quant is None and legacy.is_file():
-        return {"quant_method": "gptq", **json.loads(legacy.read_text())}, str(legacy)
-    return quant, f"{folder / 'config.json'} (its quantization_config)"
-
-
-def _check_quant_values(quant: dict[str, Any], where: str) -> None:
-    """Refuse GPTQ settings that neither engine can honour (`where`: the file that says them)."""
-    bits = quant.get("bits", 4)
-    if isinstance(bits, bool) or bits not in (4, 8):
-        msg = (
-            f"{where} says bits={bits!r}, but langchain-synthia loads 4-bit or 8-bit GPTQ "
-            "weights only (Synthia's branches: main and gptq-4bit-* are 4-bit, gptq-8bit-* "
-            'are 8-bit). Set "bits" to the width the checkpoint was quantised with (4 or 8), '
-            "or download the branch again."
-        )
-        raise ValueError(msg)
-    group = quant.get("group_size", -1)
-    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or group > 0):
-        msg = (
-            f"{where} says group_size={group!r}, but a GPTQ group size is -1 (one group per "
-            "column) or a positive number of rows such as 128, 64 or 32 (Synthia's branches)."
-        )
-        raise ValueError(msg)
-    for key in ("desc_act", "sym"):
-        if key in quant and not isinstance(quant[key], bool):
-            msg = f"{where} says {key}={quant[key]!r}, but it must be true or false (JSON)."
-            raise ValueError(msg)
-
-
-_LINEARS = (
-    *(f"self_attn.{name}_proj" for name in "qkvo"),
-    *(f"mlp.{name}_proj" for name in ("gate", "up", "down")),
-)
-"""A Mistral decoder layer's quantised linear layers."""
-
-_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def check_weights(folder: Path, quant: dict[str, Any], fix: str) -> None:
@@ -262,77 +275,18 @@ def check_weights(folder: Path, quant: dict[str, Any], fix: str) -> None:
 
     Reads the shards' headers only (milliseconds for the 7B model), so that a bad file fails
     with its name and `fix` (how to fetch it again) before any weight is loaded, instead of
-    with a parser's message from deep inside the loading stack.
-    """
-    from safetensors import SafetensorError, safe_open
+    with a parser's message from deep inside the loading stack. The tensors' names and shapes
+    must be those that config.json's sizes and `quant` (the GPTQ settings
+    `validate_checkpoint` returned) give.
 
-    shards = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            listed = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            msg = f"{index} is not a safetensors index ({type(error).__name__}: {error}). {fix}"
-            raise ValueError(msg) from error
-        missing = sorted(listed - {shard.name for shard in shards})
-        if missing:
-            msg = (
-                f"{folder} is incomplete: {index.name} lists {', '.join(missing)}, which "
-                f"{'is' if len(missing) == 1 else 'are'} not there (an interrupted download "
-                f"or copy). {fix}"
-            )
-            raise FileNotFoundError(msg)
-    shapes: dict[str, tuple[list[int], str]] = {}
-    for shard in shards:
-        try:
-            with safe_open(shard, framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                    shapes[name] = (handle.get_slice(name).get_shape(), shard.name)
-        except (SafetensorError, OSError) as error:
-            msg = (
-                f"{shard} is not a readable safetensors file ({error}): it is truncated or "
-                f"corrupt ({shard.stat().st_size:,} bytes), e.g. by an interrupted download or "
-                f"copy. {fix}"
-            )
-            raise ValueError(msg) from error
-    config = json.loads((folder / "config.json").read_text())
-    layers = [f"model.layers.{i}" for i in range(int(config.get("num_hidden_layers", 0)))]
-    needed = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.get("tie_word_embeddings", False):
-        needed.append("lm_head.weight")
-    for layer in layers:
-        needed += [f"{layer}.input_layernorm.weight", f"{layer}.post_attention_layernorm.weight"]
-        needed += [f"{layer}.{linear}.{part}" for linear in _LINEARS for part in _GPTQ_PARTS]
-    absent = [name for name in needed if name not in shapes]
-    if absent:
-        msg = (
-            f"{folder} lacks {len(absent)} of the model's {len(needed)} tensors (e.g. "
-            f"{', '.join(absent[:3])}): a weights file is missing or incomplete. {fix}"
-        )
-        raise ValueError(msg)
-    _, where = _quantization_config(folder)
-    bits, group = int(quant.get("bits", 4)), int(quant.get("group_size", -1))
-    for layer in layers:
-        for linear in _LINEARS:
-            name = f"{layer}.{linear}"
-            (inputs,), _ = shapes[f"{name}.g_idx"]
-            (rows, _), shard = shapes[f"{name}.qweight"]
-            if rows * 32 != inputs * bits:
-                msg = (
-                    f"{where} says bits={bits}, but {name}.qweight in {shard} has {rows} rows "
-                    f"for {inputs} input features: {rows * 32 // inputs}-bit weights. Set "
-                    '"bits" to the width the weights have, or download the branch again.'
-                )
-                raise ValueError(msg)
-            (groups, _), shard = shapes[f"{name}.scales"]
-            if groups != (1 if group == -1 else -(-inputs // group)):
-                actual = -1 if groups == 1 else inputs // groups
-                msg = (
-                    f"{where} says group_size={group}, but {name}.scales in {shard} has "
-                    f"{groups} groups for {inputs} input features: group_size={actual}. Set "
-                    f'"group_size": {actual}, or download the branch again.'
-                )
-                raise ValueError(msg)
+    Raises:
+        FileNotFoundError: If the safetensors index lists a shard that is not there.
+        CheckpointError: For a broken shard or index, a missing tensor, or a config that does
+            not describe the weights.
+    """
+    tensors = read_headers(folder, fix)
+    config = replace(read_model_config(folder), quant=quant)
+    check_tensors(config, tensors, folder, fix)
 
 
 def choose_kernel(device: str, bits: int, kernel: str | None = None) -> str:
@@ -479,7 +433,7 @@ def _load_fast(
         # gptqmodel's Marlin reads symmetric weights only (it ignores the zero points)
         if settings.kernel is not None:
             msg = (
-                f"{_quantization_config(folder)[1]} says sym=false (asymmetric weights), which "
+                f"{quantization_config(folder)[1]} says sym=false (asymmetric weights), which "
                 "kernel='gptq_marlin' cannot read: pass kernel='triton' (it honours the zero "
                 "points) or engine='transformers'."
             )

@@ -22,12 +22,34 @@ from safetensors.torch import save
 
 REPO = "TheBloke/Synthia-7B-v1.3-GPTQ"
 SHA = "0123456789abcdef0123456789abcdef01234567"
-CONFIG = {"model_type": "mistral", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+CONFIG = {
+    "model_type": "mistral", "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 32,
+    "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": 393216,
+    "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+    "quantization_config": {"quant_method": "gptq", "bits": 4},
+}  # fmt: skip
+"""One layer of width 32; the embeddings make the weights 24 MiB (huggingface-hub writes 10 MiB
+chunks)."""
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 WEIGHTS = save(
-    {  # the tensors a model without layers needs, 24 MiB (huggingface-hub writes 10 MiB chunks)
-        "model.embed_tokens.weight": torch.randint(0, 256, (24 << 20,), dtype=torch.uint8),
-        "model.norm.weight": torch.ones(8, dtype=torch.float16),
-        "lm_head.weight": torch.ones(8, dtype=torch.float16),
+    {
+        "model.embed_tokens.weight": torch.randint(0, 256, (24 << 20,), dtype=torch.uint8)
+        .view(torch.float16)
+        .reshape(393216, 32),
+        "model.norm.weight": torch.ones(32, dtype=torch.float16),
+        "model.layers.0.input_layernorm.weight": torch.ones(32, dtype=torch.float16),
+        "model.layers.0.post_attention_layernorm.weight": torch.ones(32, dtype=torch.float16),
+    }
+    | {  # 4-bit GPTQ, 32 inputs and outputs, one group
+        f"model.layers.0.{linear}.{part}": make()
+        for linear in _LINEARS
+        for part, make in {
+            "qweight": lambda: torch.zeros((4, 32), dtype=torch.int32),
+            "qzeros": lambda: torch.zeros((1, 4), dtype=torch.int32),
+            "scales": lambda: torch.ones((1, 32), dtype=torch.float16),
+            "g_idx": lambda: torch.zeros(32, dtype=torch.int32),
+        }.items()
     }
 )
 FILES = {
