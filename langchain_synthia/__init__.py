@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, Any
 from langchain_synthia._version import __version__
 
 if TYPE_CHECKING:
-    from langchain_synthia._engine import GenerationTimeoutError
+    from langchain_synthia._checkpoint import CheckpointError
+    from langchain_synthia._engine import EngineStoppedError, GenerationTimeoutError
+    from langchain_synthia._fast_engine import EngineOutOfMemoryError
     from langchain_synthia._grammar import GrammarError
+    from langchain_synthia._remote import RemoteEngineError
     from langchain_synthia.chat_models import ChatSynthia
     from langchain_synthia.llms import SynthiaLLM
     from langchain_synthia.output_parsers import SynthiaOutputParser
@@ -29,8 +32,12 @@ if TYPE_CHECKING:
     from langchain_synthia.variants import DEFAULT_REPO, VARIANTS, SynthiaVariant, get_variant
 
 _MODULES = {
+    "CheckpointError": "_checkpoint",
+    "EngineOutOfMemoryError": "_fast_engine",
+    "EngineStoppedError": "_engine",
     "GenerationTimeoutError": "_engine",
     "GrammarError": "_grammar",
+    "RemoteEngineError": "_remote",
     "ChatSynthia": "chat_models",
     "SynthiaLLM": "llms",
     "SynthiaOutputParser": "output_parsers",
@@ -54,8 +61,12 @@ __all__ = [
     "TREE_OF_THOUGHT_SYSTEM_MESSAGE",
     "VARIANTS",
     "ChatSynthia",
+    "CheckpointError",
+    "EngineOutOfMemoryError",
+    "EngineStoppedError",
     "GenerationTimeoutError",
     "GrammarError",
+    "RemoteEngineError",
     "SynthiaLLM",
     "SynthiaOutputParser",
     "SynthiaVariant",
