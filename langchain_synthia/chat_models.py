@@ -26,7 +26,11 @@ from langchain_synthia._engine import (
 )
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 from langchain_synthia._structured import AnswerPlan, plan_answer, structured_output
-from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, render_messages
+from langchain_synthia.prompts import (
+    DEFAULT_SYSTEM_MESSAGE,
+    render_messages,
+    render_messages_for_counting,
+)
 from langchain_synthia.tools import ToolCallReader, convert_tools, normalize_tool_choice
 
 
@@ -201,10 +205,25 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence | None = None
     ) -> int:
-        """Tokens of the prompt these messages render to (what the model reads; loads it)."""
+        """Tokens of the prompt these messages render to: what the model reads (loads it).
+
+        Any list has a count, so the model can be ``trim_messages``' ``token_counter``: no
+        messages count 0, and system messages alone count their ``SYSTEM:`` line (the start
+        of every prompt that continues them; see `render_messages_for_counting`). A count
+        never shrinks as messages are appended after a history's system messages. `tools`
+        add their section to the system turn, as bound tools do.
+
+        Raises:
+            ValueError: For a message that Synthia's format cannot carry (non-text content,
+                unknown roles).
+        """
         plan = plan_answer(tools=convert_tools(tools) if tools else None)
-        prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
-        return len(self._engine_for(self.model, self.revision).encode(prompt))
+        text = render_messages_for_counting(
+            messages, self.system_message, tools_section=plan.prompt
+        )
+        if not text:
+            return 0
+        return len(self._engine_for(self.model, self.revision).encode(text))
 
     # -- tools and structured output --------------------------------------------------------
 
