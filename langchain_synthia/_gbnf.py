@@ -7,16 +7,18 @@ module translates exactly that subset. JSON schemas become compact JSON (no whit
 tokens, as locally), with: objects (declared properties in order, the required ones mandatory;
 closed unless ``additionalProperties`` allows more), strings (``minLength``/``maxLength``),
 ``enum``/``const``, integers, numbers, booleans, null, arrays (``minItems``/``maxItems``),
-``anyOf``/``oneOf``, single-element ``allOf``, local ``$ref``\\s and type lists. Numeric bounds
-and string patterns/formats are not enforced by the GBNF (a documented difference from local
-mode, where llguidance enforces them).
+``anyOf``/``oneOf``, single-element ``allOf``, local ``$ref``\\s and type lists. Integers lie
+within ``±INTEGER_BOUND`` (10**18), as locally for an integer whose schema gives no bound;
+numbers have JSON's unbounded syntax, as locally. A schema's own numeric bounds and string
+patterns/formats are not enforced by the GBNF (a documented difference from local mode, where
+llguidance enforces them).
 """
 
 import json
 import re
 from typing import Any
 
-from langchain_synthia._grammar import GrammarError
+from langchain_synthia._grammar import INTEGER_BOUND, GrammarError
 
 _TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|%json\s+.*$|/(?:[^/\\]|\\.)+/|[A-Za-z_]\w*|[|()?*+])')
 
@@ -26,8 +28,10 @@ _FREE_TEXT = {r"/[^<\s][\s\S]*/": r"[^<\x20\t\r\n] [^\x00]*"}
 _BASICS = {
     "json-string": r'"\"" json-char* "\""',
     "json-char": r'[^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
-    "json-integer": r'"-"? ("0" | [1-9] [0-9]{0,15})',
-    "json-number": r'json-integer ("." [0-9]+)? ([eE] [-+]? [0-9]+)?',
+    # INTEGER_BOUND is a power of ten: every integer of fewer digits, and the bound itself
+    "json-integer": f'"-"? ("0" | [1-9] [0-9]{{0,{len(str(INTEGER_BOUND)) - 2}}} | '
+    f'"{INTEGER_BOUND}")',
+    "json-number": r'"-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)? ([eE] [-+]? [0-9]+)?',
     "json-boolean": r'"true" | "false"',
     "json-null": r'"null"',
     "json-value": r"json-object | json-array | json-string | json-number | json-boolean | "

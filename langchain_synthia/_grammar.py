@@ -50,8 +50,9 @@ def json_rule(schema: dict[str, Any]) -> str:
     """A Lark rule body matching one compact JSON value under `schema` (for `lark_grammar`).
 
     Objects that do not say otherwise are closed (``additionalProperties: false``): the model
-    may not invent keys. No whitespace is allowed between tokens, so a model cannot stall in
-    endless spaces.
+    may not invent keys. Integers that do not say otherwise lie within ``±INTEGER_BOUND``
+    (`_bounded`), so a model cannot write digits without end. No whitespace is allowed between
+    tokens, so a model cannot stall in endless spaces.
     """
     if not isinstance(schema, dict):
         msg = f"A JSON schema must be a dict, got {type(schema).__name__}: {schema!r}."
@@ -60,16 +61,72 @@ def json_rule(schema: dict[str, Any]) -> str:
     return f"%json {json.dumps(closed, ensure_ascii=False)}"
 
 
+INTEGER_BOUND = 10**18
+"""The largest magnitude of an integer whose schema gives no bound, a power of ten: every
+integer of up to 18 digits, and 10**18 itself, all within a signed 64-bit integer (what
+JSON-schema ``integer`` maps to in most tools' languages). llguidance reads bounds as 64-bit
+floats, which state 10**18 exactly but not 2**63 - 1."""
+
+_VALUES = frozenset({"const", "enum", "default", "examples"})
+"""Schema keywords whose values are JSON values, not schemas (left as they are)."""
+
+
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+"""Schema keywords whose values map names to schemas."""
+
+
 def _closed(schema: Any) -> Any:
-    """`schema` with ``additionalProperties: false`` on every object that leaves it unsaid."""
+    """`schema` closed and bounded.
+
+    Every object that leaves ``additionalProperties`` unsaid gets ``false``, and every integer
+    is `_bounded`; values (``const``, ``enum``, ...) are left as they are.
+    """
     if isinstance(schema, list):
         return [_closed(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: _closed(value) for key, value in schema.items()}
+    out = {key: _closed_value(key, value) for key, value in schema.items()}
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    return _bounded(out)
+
+
+def _closed_value(key: str, value: Any) -> Any:
+    """The value of `key` in a schema, its schemas `_closed`."""
+    if key in _VALUES:
+        return value
+    if key in _SCHEMA_MAPS and isinstance(value, dict):
+        return {name: _closed(item) for name, item in value.items()}
+    return _closed(value)
+
+
+def _bounded(schema: dict[str, Any]) -> dict[str, Any]:
+    """An integer schema with the bounds it leaves unsaid set to ``±INTEGER_BOUND``.
+
+    A bound the schema gives is kept; the other side is set only when the given one lies
+    within ``±INTEGER_BOUND`` (``minimum: 0`` gets ``maximum: 10**18``; ``minimum: 10**20``
+    stays unbounded above, as the schema asks for larger numbers). A schema that also allows
+    ``number`` is left as it is: bounds on a number forbid its exponent (``6.02e23``).
+    """
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" not in kinds or "number" in kinds:
+        return schema
+    low = _given_bound(schema, "minimum", "exclusiveMinimum")
+    high = _given_bound(schema, "maximum", "exclusiveMaximum")
+    out = dict(schema)
+    if low is None and (high is None or high >= -INTEGER_BOUND):
+        out["minimum"] = -INTEGER_BOUND
+    if high is None and (low is None or low <= INTEGER_BOUND):
+        out["maximum"] = INTEGER_BOUND
     return out
+
+
+def _given_bound(schema: dict[str, Any], inclusive: str, exclusive: str) -> float | None:
+    values = [
+        schema[key] for key in (inclusive, exclusive) if isinstance(schema.get(key), int | float)
+    ]
+    return values[0] if values else None
 
 
 def lark_grammar(lark: str) -> str:

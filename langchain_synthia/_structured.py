@@ -58,18 +58,35 @@ def plan_answer(
 ) -> AnswerPlan:
     """The plan for a call's options (tools already converted by `bind_tools`).
 
+    With both tools and a response format (an agent's provider-side structured output), an
+    answer is tool calls or, once the model answers the user, one JSON value of the format.
+
     Raises:
-        ValueError: For both tools and a response format, or a response format that is not
+        ValueError: For a response format that is not
             ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or
-            ``{"type": "json_object"}``; `GrammarError` for a schema it cannot enforce.
+            ``{"type": "json_object"}``, or one with tools and a `tool_choice` that forces a
+            call; `GrammarError` for a schema it cannot enforce.
     """
-    if tools and response_format is not None:
-        msg = "Pass tools or response_format, not both."
-        raise ValueError(msg)
+    if tools and response_format is not None and tool_choice != "none":
+        if tool_choice not in (None, "auto"):
+            msg = (
+                f"tool_choice={tool_choice!r} forces a tool call, so the answer cannot be the "
+                "response_format's JSON: use tool_choice='auto' with a response_format."
+            )
+            raise ValueError(msg)
+        instruction = _json_plan(response_format).prompt
+        key = json.dumps(tools, sort_keys=True)
+        answer = json.dumps(_answer_schema(response_format), sort_keys=True)
+        return AnswerPlan(
+            prompt=f"{tools_prompt(tools, 'auto')}\nTo answer the user instead: {instruction}",
+            grammar=_tool_grammar(key, "auto", bool(parallel_tool_calls), answer),
+            tools=True,
+            structured=True,
+        )
     if tools:
         choice = tool_choice or "auto"
         if choice == "none":
-            return AnswerPlan()
+            return AnswerPlan() if response_format is None else _json_plan(response_format)
         key = json.dumps(tools, sort_keys=True)
         return AnswerPlan(
             prompt=tools_prompt(tools, choice),
@@ -83,20 +100,18 @@ def plan_answer(
         raise ValueError(msg)
     if response_format is None:
         return AnswerPlan()
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "json_object":
+    return _json_plan(response_format)
+
+
+def _json_plan(response_format: Any) -> AnswerPlan:
+    """The plan of an answer that is one JSON value of `response_format`."""
+    schema = _answer_schema(response_format)
+    if response_format["type"] == "json_object":
         return AnswerPlan(
             prompt="Answer with a single JSON object and nothing else.",
             grammar=_json_grammar('{"type": "object"}'),
             structured=True,
         )
-    schema = (response_format.get("json_schema") or {}).get("schema") if kind else None
-    if kind != "json_schema" or not isinstance(schema, dict):
-        msg = (
-            f"response_format={response_format!r} is not supported: use "
-            '{"type": "json_schema", "json_schema": {"schema": {...}}} or {"type": "json_object"}.'
-        )
-        raise ValueError(msg)
     text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
     return AnswerPlan(
         prompt=f"Answer with a single JSON value that follows this JSON schema, and nothing "
@@ -106,9 +121,27 @@ def plan_answer(
     )
 
 
+def _answer_schema(response_format: Any) -> dict[str, Any]:
+    """The JSON schema a `response_format` holds an answer to."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return {"type": "object"}
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind else None
+    if kind != "json_schema" or not isinstance(schema, dict):
+        msg = (
+            f"response_format={response_format!r} is not supported: use "
+            '{"type": "json_schema", "json_schema": {"schema": {...}}} or {"type": "json_object"}.'
+        )
+        raise ValueError(msg)
+    return schema
+
+
 @lru_cache(maxsize=256)
-def _tool_grammar(tools_json: str, choice: str, parallel: bool) -> str | None:
-    return tool_grammar(json.loads(tools_json), choice, parallel=parallel)
+def _tool_grammar(
+    tools_json: str, choice: str, parallel: bool, answer_json: str | None = None
+) -> str | None:
+    answer = None if answer_json is None else json.loads(answer_json)
+    return tool_grammar(json.loads(tools_json), choice, parallel=parallel, answer_schema=answer)
 
 
 @lru_cache(maxsize=256)

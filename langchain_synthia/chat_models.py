@@ -1,17 +1,23 @@
 """`ChatSynthia`: Synthia-7B-v1.3 (GPTQ) as a LangChain chat model."""
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models import (
+    BaseChatModel,
+    LangSmithParams,
+    LanguageModelInput,
+    ModelProfile,
+)
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict
+from typing_extensions import Self
 
 from langchain_synthia._engine import (
     BaseEngine,
@@ -26,7 +32,11 @@ from langchain_synthia._engine import (
 )
 from langchain_synthia._params import SynthiaParams, finish_info, usage_of
 from langchain_synthia._structured import AnswerPlan, plan_answer, structured_output
-from langchain_synthia.prompts import DEFAULT_SYSTEM_MESSAGE, render_messages
+from langchain_synthia.prompts import (
+    DEFAULT_SYSTEM_MESSAGE,
+    render_messages,
+    render_messages_for_counting,
+)
 from langchain_synthia.tools import ToolCallReader, convert_tools, normalize_tool_choice
 
 
@@ -198,13 +208,71 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return LangSmithParams(ls_model_type="chat", **self._ls_options(stop, kwargs))
 
+    def _resolve_model_profile(self) -> ModelProfile:
+        """What these settings allow, for LangChain's agents and middleware (no model loads).
+
+        Locally: prompts of up to ``context_window - 1`` tokens (the answer needs one) and
+        answers of at most what the prompt leaves of the window (``max_tokens``, 512 by
+        default, caps each call); text in and out, nothing else; tool calls with every
+        ``tool_choice``, streamed as whole calls, and structured output, both enforced by a
+        grammar. In remote mode the window is the server's, unknown without a request, so
+        the token limits are left out; tool calls and structured output are there when
+        ``server`` names a kind with a grammar option (vLLM, SGLang, llama.cpp), absent when
+        ``server="auto"`` (not yet read from the server) and false otherwise. System messages
+        are moved to the top of the prompt, so never sent mid-conversation.
+        """
+        profile = ModelProfile(
+            text_inputs=True,
+            text_outputs=True,
+            temperature=True,
+            **dict.fromkeys(_NOT_SUPPORTED, False),
+        )
+        if not self.base_url:
+            profile["max_input_tokens"] = profile["max_output_tokens"] = self.context_window - 1
+            grammar: bool | None = True
+        else:
+            grammar = None if self.server == "auto" else self.server in _GRAMMAR_SERVERS
+        if grammar is not None:
+            profile.update(
+                tool_calling=grammar,
+                tool_choice=grammar,
+                tool_call_streaming=grammar,
+                structured_output=grammar,
+            )
+        return profile
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with `update` applied; a profile made from the settings follows the new ones.
+
+        A profile given with ``profile=`` (or in `update`) is kept as it is.
+        """
+        copy = super().model_copy(update=update, deep=deep)
+        if update and "profile" not in update and self.profile == self._resolve_model_profile():
+            copy.profile = copy._resolve_model_profile()
+        return copy
+
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence | None = None
     ) -> int:
-        """Tokens of the prompt these messages render to (what the model reads; loads it)."""
+        """Tokens of the prompt these messages render to: what the model reads (loads it).
+
+        Any list has a count, so the model can be ``trim_messages``' ``token_counter``: no
+        messages count 0, and system messages alone count their ``SYSTEM:`` line (the start
+        of every prompt that continues them; see `render_messages_for_counting`). A count
+        never shrinks as messages are appended after a history's system messages. `tools`
+        add their section to the system turn, as bound tools do.
+
+        Raises:
+            ValueError: For a message that Synthia's format cannot carry (non-text content,
+                unknown roles).
+        """
         plan = plan_answer(tools=convert_tools(tools) if tools else None)
-        prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
-        return len(self._engine_for(self.model, self.revision).encode(prompt))
+        text = render_messages_for_counting(
+            messages, self.system_message, tools_section=plan.prompt
+        )
+        if not text:
+            return 0
+        return len(self._engine_for(self.model, self.revision).encode(text))
 
     # -- tools and structured output --------------------------------------------------------
 
@@ -439,6 +507,29 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
             return await super().abatch(
                 inputs, configs, return_exceptions=return_exceptions, **kwargs
             )
+
+
+_NOT_SUPPORTED = (
+    "image_inputs",
+    "image_url_inputs",
+    "pdf_inputs",
+    "audio_inputs",
+    "video_inputs",
+    "image_tool_message",
+    "pdf_tool_message",
+    "image_outputs",
+    "audio_outputs",
+    "video_outputs",
+    "reasoning_output",
+    "attachment",
+    "mid_conversation_system_messages",
+    "mid_conversation_tools",
+)
+"""Profile capabilities Synthia lacks: it reads and writes text only, and moves every system
+message to the top of the prompt."""
+
+_GRAMMAR_SERVERS = ("vllm", "sglang", "llama.cpp")
+"""Server kinds whose completions take a grammar (see `langchain_synthia._remote`)."""
 
 
 def _with_unfinished_calls(result: ChatResult, reader: ToolCallReader | None) -> ChatResult:

@@ -274,9 +274,7 @@ def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> s
             merged[-1] = Turn(turn.role, f"{merged[-1].text}\n{turn.text}")
         else:
             merged.append(turn)
-    lines = []
-    if system_message is not None:
-        lines.append(f"SYSTEM: {neutralize_role_labels(system_message)}".rstrip(" "))
+    lines = [] if system_message is None else [_system_line(system_message)]
     for turn in merged:
         text = neutralize_role_labels(turn.text)
         text = text.strip() if turn.role == "assistant" else text
@@ -284,6 +282,11 @@ def render_prompt(turns: Sequence[Turn], system_message: str | None = None) -> s
     if merged[-1].role == "user":
         lines.append(_ROLE_LABELS["assistant"])
     return "\n".join(lines)
+
+
+def _system_line(system_message: str) -> str:
+    """The ``SYSTEM:`` line that opens a prompt, its text neutralised."""
+    return f"SYSTEM: {neutralize_role_labels(system_message)}".rstrip(" ")
 
 
 def render_messages(
@@ -325,6 +328,42 @@ def render_messages(
     if not messages:
         msg = "ChatSynthia got an empty message list: pass at least one HumanMessage."
         raise ValueError(msg)
+    system, turns = _system_and_turns(messages, default_system_message, tools_section)
+    return render_prompt(turns, system)
+
+
+def render_messages_for_counting(
+    messages: Sequence[BaseMessage],
+    default_system_message: str | None = DEFAULT_SYSTEM_MESSAGE,
+    *,
+    tools_section: str = "",
+) -> str:
+    """The text whose tokens are the size of `messages`: `render_messages`' prompt, for any list.
+
+    A list that `render_messages` renders gives its prompt (what the model reads). A list it
+    refuses for having no turn still has a size, the start of every prompt that continues it:
+    no messages give ``""``; system messages alone give their ``SYSTEM:`` line (with
+    `tools_section`), as it opens the prompt once a turn follows. So the text never gets
+    shorter as messages are appended (trim_messages' search relies on sizes that grow), with
+    one exception: a first system message that comes after other messages replaces
+    `default_system_message` in the ``SYSTEM:`` line.
+
+    Raises:
+        ValueError: For a message that the format cannot carry (non-text content, unknown
+            roles), as `render_messages` does.
+    """
+    if not messages:
+        return ""
+    system, turns = _system_and_turns(messages, default_system_message, tools_section)
+    if turns:
+        return render_prompt(turns, system)
+    return "" if system is None else _system_line(system)
+
+
+def _system_and_turns(
+    messages: Sequence[BaseMessage], default_system_message: str | None, tools_section: str
+) -> tuple[str | None, list[Turn]]:
+    """The ``SYSTEM:`` text of `messages` (with `tools_section`) and their other turns."""
     systems: list[str] = []
     turns: list[Turn] = []
     for message in messages:
@@ -337,7 +376,7 @@ def render_messages(
     system = "\n".join(systems) if systems else default_system_message
     if tools_section:
         system = f"{system}\n\n{tools_section}" if system else tools_section
-    return render_prompt(turns, system)
+    return system, turns
 
 
 def _role_of(message: BaseMessage) -> Role | Literal["system"]:

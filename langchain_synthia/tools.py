@@ -150,13 +150,18 @@ def tools_prompt(tools: Sequence[dict[str, Any]], choice: ToolChoice) -> str:
 
 
 def tool_grammar(
-    tools: Sequence[dict[str, Any]], choice: ToolChoice, *, parallel: bool = False
+    tools: Sequence[dict[str, Any]],
+    choice: ToolChoice,
+    *,
+    parallel: bool = False,
+    answer_schema: dict[str, Any] | None = None,
 ) -> str | None:
     """The grammar an answer follows under `choice` (``None``: unconstrained text).
 
     ``"auto"``: free text (not starting with ``<``) or a call; ``"any"``: a call of any tool;
     a name: a call of that tool. With `parallel`, one or more calls (one per line). Each call's
-    arguments follow its tool's JSON schema.
+    arguments follow its tool's JSON schema. With `answer_schema` (under ``"auto"`` only), an
+    answer without a call is one JSON value under that schema instead of free text.
 
     Raises:
         GrammarError: If a tool's schema cannot be enforced (the message names the tool).
@@ -172,12 +177,15 @@ def tool_grammar(
         rules.append(f"call{index}: {json_rule(schema)}")
     calls = " | ".join(f"call{index}" for index in range(len(chosen)))
     answer = "(calls | TEXT)?" if choice == "auto" else "calls"
+    text = r"TEXT: /[^<\s][\s\S]*/"
+    if answer_schema is not None and choice == "auto":
+        answer, text = "(calls | json_answer)", f"json_answer: {json_rule(answer_schema)}"
     lark = "\n".join(
         [
             f'start: " "? {answer}',
             r'calls: call ("\n" call)*' if parallel else "calls: call",
             f'call: "{TOOL_CALL_OPEN}" ({calls}) "{TOOL_CALL_CLOSE}"',
-            r"TEXT: /[^<\s][\s\S]*/",
+            text,
             *rules,
         ]
     )

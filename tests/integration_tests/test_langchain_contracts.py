@@ -183,7 +183,13 @@ def test_trim_messages_with_the_model_as_token_counter(
     where: dict[str, Any], options: dict[str, Any]
 ) -> None:
     """trim_messages(token_counter=chat) keeps within every budget; with include_system the
-    system message stays first; the trimmed history's count is what the model reads."""
+    system message stays first; the trimmed history's count is what the model reads.
+
+    Strategy "first" counts prefixes of the history, so the whole history's count keeps it
+    all. Strategy "last" with include_system counts the system message apart from the rest,
+    and the rest, read alone, would get the default system message: the two counts add up to
+    more than the history's, so it keeps everything once the budget covers both.
+    """
     chat = ChatSynthia(**where, max_tokens=2, temperature=0)
     whole = chat.get_num_tokens_from_messages(HISTORY)
     for budget in (whole, whole - 5, whole // 2, 30):
@@ -192,7 +198,12 @@ def test_trim_messages_with_the_model_as_token_counter(
         if options.get("include_system") and trimmed:
             assert trimmed[0] == HISTORY[0]
         if budget == whole:
-            assert trimmed == HISTORY
+            assert trimmed[-1] == HISTORY[-1]
+            assert trimmed == HISTORY or options["strategy"] == "last"
+    if options["strategy"] == "last":
+        apart = chat.get_num_tokens_from_messages(HISTORY[:1])
+        apart += chat.get_num_tokens_from_messages(HISTORY[:0:-1])
+        assert trim_messages(HISTORY, max_tokens=apart, token_counter=chat, **options) == HISTORY
     kept = trim_messages(HISTORY, max_tokens=whole // 2, token_counter=chat, **options)
     if any(not isinstance(m, SystemMessage) for m in kept) and "base_url" not in where:
         assert _input_tokens(chat, kept) == chat.get_num_tokens_from_messages(kept)
