@@ -15,7 +15,6 @@ from langchain_core.language_models.chat_models import agenerate_from_stream, ge
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict
 from typing_extensions import Self
 
@@ -30,7 +29,7 @@ from langchain_synthia._engine import (
     read_all,
     whole_answer,
 )
-from langchain_synthia._params import SynthiaParams, finish_info, usage_of
+from langchain_synthia._params import SynthiaParams, batch_configs, finish_info, usage_of
 from langchain_synthia._structured import AnswerPlan, plan_answer, structured_output
 from langchain_synthia.prompts import (
     DEFAULT_SYSTEM_MESSAGE,
@@ -489,7 +488,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         **kwargs: Any,
     ) -> list[BaseMessage]:
         """Answer `inputs` as one padded GPU batch (at most ``max_concurrency`` rows at once)."""
-        configs, width = _batch_configs(config, len(inputs))
+        configs, width = batch_configs(config, len(inputs))
         with batch_group(width):
             return super().batch(inputs, configs, return_exceptions=return_exceptions, **kwargs)
 
@@ -502,7 +501,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         **kwargs: Any,
     ) -> list[BaseMessage]:
         """`batch` for async callers: one padded GPU batch, the event loop never blocked."""
-        configs, width = _batch_configs(config, len(inputs))
+        configs, width = batch_configs(config, len(inputs))
         with batch_group(width):
             return await super().abatch(
                 inputs, configs, return_exceptions=return_exceptions, **kwargs
@@ -548,12 +547,3 @@ def _with_unfinished_calls(result: ChatResult, reader: ToolCallReader | None) ->
         *reader.unfinished,
     ]
     return result
-
-
-def _batch_configs(
-    config: RunnableConfig | Sequence[RunnableConfig] | None, size: int
-) -> tuple[list[RunnableConfig], int]:
-    """Per-input configs whose thread pool can hold the whole batch, and the batch width."""
-    configs = get_config_list(config, size)
-    width = max(1, min(size, configs[0].get("max_concurrency") or size)) if configs else 1
-    return [{**c, "max_concurrency": width} for c in configs], width
