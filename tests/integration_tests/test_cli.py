@@ -555,7 +555,7 @@ def test_a_hostile_server_reaches_chat_with_text_only(hostile_server, tmp_path) 
     assert chat.stdout.count("Synthia: Sure. Here it is\nok") == 2
     bad, broken = error_lines(chat.stderr)
     assert bad.endswith("answered 400: bad request: no]")
-    assert broken.endswith("The server reported an error mid-answer: engine died]")
+    assert broken.endswith("reported an error mid-answer: engine died]")
     assert "USER: Hi\nASSISTANT: Sure." in hostile_server.prompts[-1]
     assert "FAIL" not in hostile_server.prompts[-1]
     assert "BREAK" not in hostile_server.prompts[-1]
