@@ -2,7 +2,8 @@
 
 Run by ``test_kernels.py`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton's interpreter
 must be switched on before Triton is imported, which this process-wide setting would do for
-every test): ``python -m tests.integration_tests._kernel_checks --seed N [--tiny PATH]``.
+every test): ``python -m tests.integration_tests._kernel_checks --seed N [--tiny PATH]
+[--only PREFIX] [--skip PREFIX]``.
 It prints one JSON line per case, ``{"case": name, "metrics": {...}}`` or
 ``{"case": name, "error": traceback}``; the test asserts on the metrics.
 

@@ -185,6 +185,37 @@ def test_logits_match_transformers_past_the_window(window_model: str) -> None:
     assert model.sliding_window == WINDOW
 
 
+def test_a_prefill_past_the_window_attends_in_chunks_of_bounded_size(
+    window_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No attention call sees more than a chunk of queries and a chunk plus a window of keys
+    (never the whole prompt's square), and the chunk size changes nothing."""
+    from langchain_synthia import _fast_model
+
+    model = FastMistral(Path(window_model), torch.device(DEVICE), max_batch=1, max_len=128)
+    ids = engine_of(window_model, "transformers").encode(
+        render_messages([SystemMessage(DOCUMENTS), HumanMessage(QUESTIONS[4])])
+    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    shapes: list[tuple[int, int]] = []
+
+    def spy(query: torch.Tensor, key: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        shapes.append((query.shape[-2], key.shape[-2]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    results = {}
+    for chunk in (_fast_model.WINDOW_CHUNK, 5):
+        monkeypatch.setattr(_fast_model, "WINDOW_CHUNK", chunk)
+        shapes.clear()
+        with torch.inference_mode():
+            results[chunk] = model.prefill(0, ids)
+        size = min(chunk, WINDOW)
+        assert len(shapes) == len(model.layers) * -(-len(ids) // size)
+        assert all(q <= size and k <= size + WINDOW - 1 for q, k in shapes), shapes
+    assert rel(results[5], results[_fast_model.WINDOW_CHUNK]) < 1e-3
+
+
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float().cpu(), ref.float().cpu()
     return float((out - ref).norm() / ref.norm())
