@@ -117,6 +117,22 @@ def test_the_window_is_read_from_config_json_as_transformers_reads_it(
         assert AutoConfig.from_pretrained(folder).sliding_window == expected, name
 
 
+def test_the_tiny_checkpoint_takes_a_window_and_keeps_the_default_build(
+    window_model: str, tiny_model: str, tmp_path: Path
+) -> None:
+    """A window of its own is in the stamp and config.json; the default's stamp is unchanged,
+    so checkpoints built before the parameter existed are reused."""
+    stamp = json.loads((Path(window_model) / "tiny-checkpoint.json").read_text())
+    assert stamp["sliding_window"] == WINDOW
+    assert json.loads((Path(window_model) / "config.json").read_text())["sliding_window"] == WINDOW
+    default = json.loads((Path(tiny_model) / "tiny-checkpoint.json").read_text())
+    assert sorted(default) == ["bits", "format", "group_size", "num_layers", "seed"]
+    assert json.loads((Path(tiny_model) / "config.json").read_text())["sliding_window"] == 4096
+    for bad in (0, -3, True, 2.5, "16"):
+        with pytest.raises(ValueError, match="sliding_window"):
+            make_tiny_checkpoint(tmp_path, sliding_window=bad)
+
+
 @pytest.mark.parametrize("window", [None, 1, 5, 16, 40, 41, 1000])
 def test_the_reference_attends_to_what_transformers_masks(window: int | None) -> None:
     """`decode_attention_reference` against attention under transformers' own mask function,
