@@ -27,6 +27,8 @@ MAX_JSON_BYTES = 16 << 20
 """Largest JSON file (config, safetensors header, index) read: Synthia's are a few KiB."""
 MAX_DIMENSION = (1 << 31) - 1
 """Largest size a config field may give (a dimension or count of the model)."""
+MISTRAL_SLIDING_WINDOW = 4096
+"""transformers' MistralConfig ``sliding_window`` when config.json does not give one."""
 
 LINEARS = (
     *(f"self_attn.{name}_proj" for name in "qkvo"),
@@ -93,6 +95,10 @@ class ModelConfig:
     """The GPTQ settings as written (``quant_method`` is ``"gptq"``)."""
     quant_file: str
     """Where the GPTQ settings are written, for messages."""
+    sliding_window: int | None = None
+    """Keys a query at position p attends to: those at positions ``p - sliding_window < j <= p``
+    (``None``: every ``j <= p``), as transformers' Mistral masks them; `MISTRAL_SLIDING_WINDOW`
+    when config.json does not say."""
 
     @property
     def bits(self) -> int:
@@ -240,8 +246,12 @@ def read_model_config(folder: Path) -> ModelConfig:
             "Synthia-7B)."
         )
         raise CheckpointError(msg)
-    if config.get("sliding_window") is not None:
-        count("sliding_window", "4096 for Synthia-7B, or null")
+    if "sliding_window" not in config:  # what transformers' MistralConfig then holds
+        window = MISTRAL_SLIDING_WINDOW
+    elif config["sliding_window"] is None:
+        window = None
+    else:
+        window = count("sliding_window", "4096 for Synthia-7B, or null")
     eps = _positive_number(config, "rms_norm_eps", file, "1e-05 for Synthia-7B")
     rope = config.get("rope_parameters")
     if rope is not None and not isinstance(rope, dict):
@@ -267,7 +277,7 @@ def read_model_config(folder: Path) -> ModelConfig:
         file=file, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         vocab_size=vocab, rms_norm_eps=eps, rope_theta=theta, tie_word_embeddings=tied,
-        quant=quant, quant_file=where,
+        quant=quant, quant_file=where, sliding_window=window,
     )  # fmt: skip
 
 

@@ -32,6 +32,10 @@ DENSE_ROWS = 256
 """Rows from which a Marlin layer with a dense-prefill copy multiplies through cuBLAS instead
 (the H100 crossover of `bench/kernel_probe.py --impls marlin_sorted cublas`)."""
 
+WINDOW_CHUNK = 1024
+"""Most queries of one masked attention call in a prefill past the sliding window: with the
+window's keys (4096 for Synthia-7B), a chunk's mask and repeated keys stay near 100 MiB."""
+
 _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
@@ -180,6 +184,9 @@ class FastMistral:
         self.head_dim = config.head_dim
         self.vocab_size = config.vocab_size
         self.eps = config.rms_norm_eps
+        self.sliding_window = config.sliding_window
+        """Keys a query attends to, itself included (``None``: all before it): the query at
+        position p sees the keys at ``p - sliding_window < j <= p``, in prefill and decode."""
         self.use_kernels = device.type == "cuda" and K.triton_available()
         tensors = _Tensors(folder, device)
         bits, group = config.bits, config.group_size
@@ -336,10 +343,17 @@ class FastMistral:
         return (last @ self.lm_head.T).float()
 
     def _prefill_attention(self, index: int, slot: int, q: torch.Tensor, end: int) -> torch.Tensor:
-        """Causal attention of `q` (the last ``len(q)`` of ``end`` cached positions)."""
+        """Causal attention of `q` (the last ``len(q)`` of ``end`` cached positions).
+
+        Within the sliding window (``end <= sliding_window``) every query sees every key before
+        it: plain causal attention, no mask built. Past it, the queries go in chunks
+        (`_window_attention`), so that memory stays bounded by the window, not the prompt.
+        """
         from torch.nn.attention.bias import causal_lower_right
 
         count = q.shape[0]
+        if self.sliding_window is not None and end > self.sliding_window:
+            return self._window_attention(index, slot, q, end, self.sliding_window)
         k = self.k_cache[index, slot, :end].transpose(0, 1)[None]  # [1, KVH, end, D]
         v = self.v_cache[index, slot, :end].transpose(0, 1)[None]
         query = q.transpose(0, 1)[None]
@@ -350,6 +364,37 @@ class FastMistral:
             mask = causal_lower_right(count, end)
             out = sdpa(query, k, v, attn_mask=mask, enable_gqa=True)
         return out[0].transpose(0, 1)  # [count, H, D]
+
+    def _window_attention(
+        self, index: int, slot: int, q: torch.Tensor, end: int, window: int
+    ) -> torch.Tensor:
+        """`_prefill_attention` with a sliding `window`: position p sees ``p - window < j <= p``.
+
+        The queries go in chunks of at most `WINDOW_CHUNK` (and the window), each against the
+        keys its queries see (at most the chunk plus the window) under a band mask. The key and
+        value heads are repeated for each query head: SDPA's memory-efficient kernel takes a
+        mask but not ``enable_gqa``, which would fall back to the math kernel's full scores.
+        """
+        count = q.shape[0]
+        start = end - count  # the first query's position
+        group = self.heads // self.kv_heads
+        chunk = min(WINDOW_CHUNK, window)
+        out = torch.empty_like(q)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for first in range(0, count, chunk):
+            last = min(first + chunk, count)
+            low = max(0, start + first - window + 1)  # the first key its first query sees
+            high = start + last
+            q_pos = torch.arange(start + first, high, device=self.device)
+            k_pos = torch.arange(low, high, device=self.device)
+            distance = q_pos[:, None] - k_pos[None, :]
+            mask = (distance >= 0) & (distance < window)  # [chunk, keys]
+            k = self.k_cache[index, slot, low:high].repeat_interleave(group, dim=1)
+            v = self.v_cache[index, slot, low:high].repeat_interleave(group, dim=1)
+            query = q[first:last].transpose(0, 1)[None]  # [1, H, chunk, D]
+            part = sdpa(query, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask)
+            out[first:last] = part[0].transpose(0, 1)
+        return out
 
     # -- decode -------------------------------------------------------------------------------
 
@@ -402,7 +447,7 @@ class FastMistral:
                 o_in = attn.reshape(batch, -1)
             else:
                 q = self._rope_and_cache(index, qkv, positions, rows)
-                attn = K.decode_attention_reference(q, *caches, cache_rows)
+                attn = K.decode_attention_reference(q, *caches, cache_rows, self.sliding_window)
                 o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
             o = self._linear(o_in, [layer.o], o)
             self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
@@ -458,7 +503,7 @@ class FastMistral:
         if self.use_kernels:
             buf["attn_work"] = K.AttentionWorkspace(
                 batch, self.heads, self.kv_heads, self.head_dim, self.max_len, self.device,
-                shared_rows=shared,
+                shared_rows=shared, window=self.sliding_window,
             )  # fmt: skip
         self._buffers[key] = buf
         return buf

@@ -125,20 +125,23 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-    rows: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Q ``[B, H, D]``; caches ``[R, S, KVH, D]``; query ``b`` attends to the first ``lengths[b]``.
 
-    Query ``b`` reads cache row ``rows[b]`` (row ``b`` without `rows`).
+    Query ``b`` reads cache row ``rows[b]`` (row ``b`` without `rows`). With `window`, it reads
+    only the last `window` of those keys: the query at position ``p = lengths[b] - 1`` sees the
+    keys at ``p - window < j <= p`` (Mistral's sliding window, as transformers masks it).
     """
     batch, heads, dim = q.shape
     group = heads // k_cache.shape[2]
     out = torch.empty_like(q)
     for b in range(batch):
         n = int(lengths[b])
+        first = 0 if window is None else max(0, n - window)
         row = b if rows is None else int(rows[b])
-        k = k_cache[row, :n].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        v = v_cache[row, :n].float().repeat_interleave(group, dim=1)
+        k = k_cache[row, first:n].float().repeat_interleave(group, dim=1)  # [n - first, H, D]
+        v = v_cache[row, first:n].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) / math.sqrt(dim)
         out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
@@ -567,7 +570,7 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, acc_ptr, stats_ptr, cos_ptr, sin_ptr,
-        queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale,
+        queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale, window,
         SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
         HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, ROPE: tl.constexpr,
@@ -578,6 +581,10 @@ if triton is not None:
         The tile has `GROUP_PAD` rows: one query's heads (padded) in a decode step, or the
         heads of `PER_BLOCK` consecutive queries of one prompt (one cache row, each query up to
         its own length), so that they read each key block once.
+
+        A query of length n (at position ``n - 1``) reads the keys at ``n - window ... n - 1``
+        (Mistral's sliding window). The splits cut the keys from the first one any query of the
+        tile reads, so keys below it cost nothing, and the last split takes whatever is left.
 
         With `ROPE` (one query a cache row, so no `HAS_ROWS`), `q_ptr` is the step's q/k/v
         projection and each query is at position ``length - 1``: q is rotated here, and the
@@ -603,8 +610,10 @@ if triton is not None:
         length = tl.load(lengths_ptr + query)
         offs_d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + tl.where(valid, g, 0)
-        start = split * SPLIT_LEN
-        end = tl.minimum(start + SPLIT_LEN, tl.max(length, axis=0))
+        low = tl.maximum(tl.min(length, axis=0) - window, 0)  # the tile's first key
+        start = low + split * SPLIT_LEN
+        last = tl.max(length, axis=0)
+        end = tl.where(split == SPLITS - 1, last, tl.minimum(start + SPLIT_LEN, last))
         first = block * PER_BLOCK
         cache_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first
         base = cache_row * stride_cb + kv_head * stride_ch
@@ -615,7 +624,7 @@ if triton is not None:
         if ROPE:
             q = _rotated(q_rows, length - 1, cos_ptr, sin_ptr, valid, HEAD_DIM)
             position = tl.load(lengths_ptr + first + tl.zeros([1], tl.int32)) - 1  # its k, v
-            here = (position >= start) & (position < start + SPLIT_LEN)
+            here = (position >= start) & (position < end)
             kv_heads = tl.num_programs(1)
             k_rows = q_ptr + first * stride_qb + GROUP * kv_heads * stride_qh
             k_new = _rotated(k_rows + kv_head * stride_qh + tl.zeros([1, 1], tl.int32),
@@ -642,6 +651,7 @@ if triton is not None:
                 k, v = _kv_block(k_ptr, v_ptr, base, s0, end, stride_cs, offs_d, BLOCK_S)
             scores = tl.dot(q, tl.trans(k)) * scale
             seen = mask_s[None, :] & (offs_s[None, :] < length[:, None])  # this split, causal
+            seen = seen & (offs_s[None, :] >= length[:, None] - window)  # the sliding window
             scores = tl.where(seen, scores, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no key yet
@@ -744,6 +754,9 @@ class AttentionWorkspace:
     The keys are cut into `splits` parts, each a program of its own, then combined. Few rows
     need many parts to fill the GPU; many rows fill it anyway, and every part costs the combine
     a read: so 32 parts up to 8 query blocks, down to 4 parts from 64 (unless `splits` is given).
+
+    `window` is the model's sliding window (``None``: none): a query reads at most that many
+    keys, so the parts cut the last `window` keys instead of all `max_len`.
     """
 
     def __init__(
@@ -756,6 +769,7 @@ class AttentionWorkspace:
         device: torch.device,
         splits: int | None = None,
         shared_rows: bool = False,
+        window: int | None = None,
     ) -> None:
         self.group = heads // kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
@@ -763,7 +777,10 @@ class AttentionWorkspace:
         """Queries of one prompt (one cache row) that a program's tile holds together."""
         blocks = triton.cdiv(batch, self.per_block) if shared_rows else batch
         self.splits = splits or max(4, min(32, triton.next_power_of_2(256 // blocks + 1) // 2))
-        self.split_len = triton.cdiv(max_len, self.splits)
+        self.window = max_len if window is None else min(window, max_len)
+        """The keys before a query that it reads, itself included (all `max_len`: no window)."""
+        span = self.window + (self.per_block - 1 if shared_rows else 0)  # keys a tile reads
+        self.split_len = triton.cdiv(min(span, max_len), self.splits)
         rows = batch * kv_heads * self.splits * self.group_pad
         self.acc = torch.empty((rows, head_dim), dtype=torch.float32, device=device)
         self.stats = torch.empty((rows, 2), dtype=torch.float32, device=device)
@@ -781,6 +798,9 @@ def decode_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`decode_attention_reference`, on the GPU, into `out` ``[B, H, D]``.
+
+    Each query reads the last ``work.window`` of its keys (the model's sliding window, given to
+    `AttentionWorkspace`).
 
     `rows`: the cache row of each query, for the tokens of one prompt (a decode-shaped
     prefill): consecutive queries are taken together, so queries sharing a block of
@@ -804,7 +824,7 @@ def decode_attention(
     _decode_attention_kernel[(triton.cdiv(batch, per_block), kv_heads, work.splits)](
         q, k_cache, v_cache, lengths, rows if rows is not None else lengths, work.acc,
         work.stats, cos, sin, batch, q.stride(0), dim if rope is not None else q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dim),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dim), work.window,
         SPLIT_LEN=work.split_len, GROUP=work.group, GROUP_PAD=work.group_pad, HEAD_DIM=dim,
         SPLITS=work.splits, HAS_ROWS=rows is not None, PER_BLOCK=per_block,
         ROPE=rope is not None, **_attention_launch(batch, rope is not None), **pdl(q.device),

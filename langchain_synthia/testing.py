@@ -27,6 +27,9 @@ from langchain_synthia._console import quiet_output
 _FORMAT_VERSION = 2
 _STAMP = "tiny-checkpoint.json"
 
+SLIDING_WINDOW = 4096
+"""The tiny checkpoint's default sliding window: Mistral-7B-v0.1's."""
+
 # what TheBloke's GPTQ repos hold (besides the weights)
 _THEBLOKE_QUANT_KEYS = (
     "bits",
@@ -57,6 +60,7 @@ def make_tiny_checkpoint(
     group_size: int = 32,
     num_layers: int = 2,
     seed: int = 0,
+    sliding_window: int | None = SLIDING_WINDOW,
     quiet: bool = True,
 ) -> Path:
     """Write (or reuse) a tiny GPTQ checkpoint in `directory` and return its path.
@@ -70,6 +74,8 @@ def make_tiny_checkpoint(
         group_size: GPTQ group size (must divide 128 and 256, the layer widths; -1 for none).
         num_layers: Decoder layers.
         seed: Seed of the random weights.
+        sliding_window: Keys each token attends to, itself included (Mistral's sliding window;
+            ``None`` for none). A small one lets short prompts test the window.
         quiet: Hide gptqmodel's progress output (it writes straight to the terminal).
 
     Raises:
@@ -85,6 +91,9 @@ def make_tiny_checkpoint(
     if num_layers < 1:
         msg = "num_layers must be at least 1."
         raise ValueError(msg)
+    if sliding_window is not None and not (type(sliding_window) is int and sliding_window > 0):
+        msg = f"sliding_window={sliding_window!r} must be a positive integer or None."
+        raise ValueError(msg)
     target = Path(directory)
     spec = {
         "format": _FORMAT_VERSION,
@@ -93,6 +102,8 @@ def make_tiny_checkpoint(
         "num_layers": num_layers,
         "seed": seed,
     }
+    if sliding_window != SLIDING_WINDOW:  # the default's stamp (and files) as before it existed
+        spec["sliding_window"] = sliding_window
     stamp = target / _STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == spec:
         return target
@@ -105,7 +116,9 @@ def make_tiny_checkpoint(
         built = Path(scratch) / "gptq"
         with quiet_output(enabled=quiet):
             tokenizer = _write_tokenizer(source)
-            _write_random_model(source, num_layers=num_layers, seed=seed)
+            _write_random_model(
+                source, num_layers=num_layers, seed=seed, sliding_window=sliding_window
+            )
             _quantize(source, built, tokenizer, bits=bits, group_size=group_size, seed=seed)
         _to_thebloke_layout(built)
         shutil.copy2(source / "tokenizer.model", built / "tokenizer.model")
@@ -152,7 +165,9 @@ def _write_tokenizer(folder: Path):  # noqa: ANN202 - a transformers tokenizer
     return tokenizer
 
 
-def _write_random_model(folder: Path, *, num_layers: int, seed: int) -> None:
+def _write_random_model(
+    folder: Path, *, num_layers: int, seed: int, sliding_window: int | None
+) -> None:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -164,7 +179,7 @@ def _write_random_model(folder: Path, *, num_layers: int, seed: int) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=32768,
-        sliding_window=4096,
+        sliding_window=sliding_window,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,

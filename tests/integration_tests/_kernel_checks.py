@@ -2,7 +2,8 @@
 
 Run by ``test_kernels.py`` in a subprocess with ``TRITON_INTERPRET=1`` (Triton's interpreter
 must be switched on before Triton is imported, which this process-wide setting would do for
-every test): ``python -m tests.integration_tests._kernel_checks --seed N [--tiny PATH]``.
+every test): ``python -m tests.integration_tests._kernel_checks --seed N [--tiny PATH]
+[--only PREFIX] [--skip PREFIX]``.
 It prints one JSON line per case, ``{"case": name, "metrics": {...}}`` or
 ``{"case": name, "error": traceback}``; the test asserts on the metrics.
 
@@ -17,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -114,6 +116,11 @@ NORM_CASES += [(4096, True, True), (200, True, True)]
 """(width, with a residual, x a column slice of a wider buffer as in `FastMistral.decode`)."""
 
 
+WINDOW_CASES = [(8, 2, 64, window) for window in (1, 7, 100, 160, 5000)] + [(4, 4, 32, 64)]
+"""(heads, kv heads, head dim, sliding window) of `decode_attention` with a window, on lengths
+1, 100 and 160 (the cache's length): windows smaller than, equal to and larger than them."""
+WINDOW_LEN = 160
+
 ROPE_CASES = [(8, 2, 64), (4, 2, 32)]
 """(heads, kv heads, head dim) of `rope_and_cache`."""
 
@@ -128,11 +135,16 @@ def case_names() -> list[str]:
         + [f"gated-{bits}bit-m{m}" for bits, m in GATED_CASES]
         + [f"fused-m{m}" for m in FUSED_CASES]
         + [f"attention-h{h}-kv{kv}-d{d}" for h, kv, d in ATTENTION_CASES]
+        + [_window_name(*c) for c in WINDOW_CASES]
         + [_norm_name(*c) for c in NORM_CASES]
         + [f"rope-h{h}-kv{kv}-d{d}" for h, kv, d in ROPE_CASES]
         + [f"gemv-g{group}" for group in GEMV_CASES]
         + ["model"]
     )
+
+
+def _window_name(heads: int, kv_heads: int, dim: int, window: int) -> str:
+    return f"window-w{window}-h{heads}-kv{kv_heads}-d{dim}"
 
 
 def _linear_name(bits: int, group: int, m: int, act_order: bool) -> str:
@@ -299,6 +311,107 @@ def check_attention(heads: int, kv_heads: int, dim: int, gen: torch.Generator) -
         "rel_per_row": {int(lengths[b]): rel(out[b], manual[b]) for b in range(batch)},
         "finite": bool(torch.isfinite(out).all()),
         "scattered_equal": bool(torch.equal(scattered, in_order)),
+    }
+
+
+def windowed_definition(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+    rows: torch.Tensor, window: int,
+) -> torch.Tensor:  # fmt: skip
+    """Mistral's sliding-window attention written out: position p sees ``p - window < j <= p``."""
+    batch, heads, dim = q.shape
+    group = heads // k_cache.shape[2]
+    out = torch.empty(batch, heads, dim)
+    for b in range(batch):
+        p, r = int(lengths[b]) - 1, int(rows[b])
+        seen = [j for j in range(p + 1) if p - window < j]
+        for h in range(heads):
+            keys = k_cache[r, seen, h // group].float()
+            values = v_cache[r, seen, h // group].float()
+            out[b, h] = (keys @ q[b, h].float() / math.sqrt(dim)).softmax(0) @ values
+    return out
+
+
+def check_window(heads: int, kv_heads: int, dim: int, window: int, gen: torch.Generator) -> dict:
+    """`decode_attention` with a sliding window, each way the engine calls it, against
+    `decode_attention_reference` and `windowed_definition`; every rel error by name."""
+    from langchain_synthia import _kernels as K
+    from langchain_synthia._fast_model import _rotary_tables
+
+    cpu, cache_rows, max_len = torch.device("cpu"), 4, WINDOW_LEN
+    k_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
+    v_cache = torch.randn(cache_rows, max_len, kv_heads, dim, generator=gen).half()
+    errors, equal = {}, {}
+
+    def compare(name: str, out: torch.Tensor, ref: torch.Tensor, definition: torch.Tensor) -> None:
+        errors[f"{name}_vs_reference"] = rel(out, ref)
+        errors[f"{name}_vs_definition"] = rel(out, definition)
+
+    def workspace(batch: int, **options: Any) -> Any:
+        return K.AttentionWorkspace(batch, heads, kv_heads, dim, max_len, cpu, window=window,
+                                    **options)  # fmt: skip
+
+    # a decode step of 3 rows (lengths 1, 100 and the whole cache), and of 1 row
+    lengths = torch.tensor([1, 100, max_len], dtype=torch.int32)
+    lengths = lengths[torch.randperm(3, generator=gen)].contiguous()
+    q = (torch.randn(3, heads, dim, generator=gen) * 2).half()
+    own = torch.arange(3)
+    for splits in (None, 4):  # the workspace's own split count, and the few of wide batches
+        out = torch.full_like(q, float("nan"))
+        K.decode_attention(q, k_cache, v_cache, lengths, workspace(3, splits=splits), out)
+        ref = K.decode_attention_reference(q, k_cache, v_cache, lengths, window=window)
+        compare(f"batch3_splits{splits}", out, ref,
+                windowed_definition(q, k_cache, v_cache, lengths, own, window))  # fmt: skip
+    one = slice(lengths.argmax().item(), lengths.argmax().item() + 1)  # the longest row alone
+    alone = torch.full_like(q[one], float("nan"))
+    one_row = (q[one], k_cache[one], v_cache[one], lengths[one])
+    K.decode_attention(*one_row, workspace(1), alone)
+    compare("batch1", alone, ref[one], windowed_definition(*one_row, own, window))
+    # with rotary: the step's q/k/v projection, rotated and written inside the kernel
+    cos, sin = _rotary_tables(10000.0, dim, max_len, cpu)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=gen) * 2
+    lengths = torch.tensor([max_len, 1, 100], dtype=torch.int32)  # batch 1: the longest
+    for batch in (1, 3):
+        caches = (k_cache.clone(), v_cache.clone())
+        rope_q = torch.empty(batch, heads, dim, dtype=torch.float16)
+        expected = (k_cache.clone(), v_cache.clone())
+        K.rope_and_cache(qkv[:batch], cos, sin, (lengths[:batch] - 1).long(), own[:batch],
+                         rope_q, *expected)  # fmt: skip
+        out = torch.full((batch, heads, dim), float("nan"), dtype=torch.float16)
+        K.decode_attention(qkv[:batch], *caches, lengths[:batch], workspace(batch, splits=8),
+                           out, rope=(cos, sin))  # fmt: skip
+        ref = K.decode_attention_reference(rope_q, *expected, lengths[:batch], window=window)
+        compare(f"rope_batch{batch}", out, ref,
+                windowed_definition(rope_q, *expected, lengths[:batch], own, window))  # fmt: skip
+        equal[f"rope_batch{batch}_caches_written"] = all(map(torch.equal, caches, expected))
+    # a prompt's rest in cache row 2: 21 queries at positions 120..139 and a copy of the last
+    # (as a padded suffix step), read together, each up to its own position
+    positions = torch.tensor([*range(120, 140), 139])
+    rest = (positions + 1).to(torch.int32)
+    rows = torch.full((len(positions),), 2, dtype=torch.long)
+    q_rest = (torch.randn(len(positions), heads, dim, generator=gen) * 2).half()
+    out = torch.full_like(q_rest, float("nan"))
+    work = workspace(len(positions), shared_rows=True, splits=8)
+    K.decode_attention(q_rest, k_cache, v_cache, rest, work, out, rows=rows)
+    ref = K.decode_attention_reference(q_rest, k_cache, v_cache, rest, rows, window)
+    compare("rows", out, ref,
+            windowed_definition(q_rest, k_cache, v_cache, rest, rows, window))  # fmt: skip
+    # queries of one row far apart (not a suffix step's): the last split takes the rest
+    spread = torch.tensor([1, 100, max_len, 50], dtype=torch.int32)
+    rows = torch.full((4,), 1, dtype=torch.long)
+    out = torch.full_like(q_rest[:4], float("nan"))
+    K.decode_attention(q_rest[:4], k_cache, v_cache, spread, workspace(4, shared_rows=True),
+                       out, rows=rows)  # fmt: skip
+    ref = K.decode_attention_reference(q_rest[:4], k_cache, v_cache, spread, rows, window)
+    compare("rows_spread", out, ref,
+            windowed_definition(q_rest[:4], k_cache, v_cache, spread, rows, window))  # fmt: skip
+    windowed = K.decode_attention_reference(q, k_cache, v_cache, lengths, window=window)
+    unwindowed = K.decode_attention_reference(q, k_cache, v_cache, lengths)
+    return {
+        "rel": errors,
+        "equal": equal,
+        "finite": bool(torch.isfinite(out).all()),
+        "window_changes_the_answer": rel(windowed, unwindowed) > 1e-3,
     }
 
 
@@ -479,6 +592,8 @@ def _cases(tiny: str | None) -> dict[str, Callable[[torch.Generator], dict]]:
         cases[f"fused-m{m}"] = lambda g, m=m: check_fused(m, g)
     for h, kv, d in ATTENTION_CASES:
         cases[f"attention-h{h}-kv{kv}-d{d}"] = lambda g, c=(h, kv, d): check_attention(*c, g)
+    for c in WINDOW_CASES:
+        cases[_window_name(*c)] = lambda g, c=c: check_window(*c, g)
     for c in NORM_CASES:
         cases[_norm_name(*c)] = lambda g, c=c: check_norm(*c, g)
     for h, kv, d in ROPE_CASES:
@@ -495,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--tiny", help="tiny checkpoint folder for the whole-model case")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th case from the i-th")
+    parser.add_argument("--only", default="", help="run only the cases named with this prefix")
+    parser.add_argument("--skip", help="leave out the cases named with this prefix")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1 (before Triton is imported)", file=sys.stderr)
@@ -502,7 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = _cases(args.tiny)
     shard, shards = (int(part) for part in args.shard.split("/"))
     for index, (name, check) in enumerate(cases.items()):
-        if index % shards != shard:
+        if index % shards != shard or not name.startswith(args.only):
+            continue
+        if args.skip and name.startswith(args.skip):
             continue
         generator = torch.Generator().manual_seed(args.seed * 1000 + index)
         try:

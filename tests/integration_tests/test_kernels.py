@@ -43,14 +43,16 @@ MODEL_REL = 1e-2
 SHARDS = 2
 
 
-@pytest.fixture(scope="module")
-def kernel_runs() -> tuple[int, dict[str, dict]]:
-    """Run every kernel case once (in parallel shards); map case name -> its JSON line."""
+WINDOW_SEED = 23
+"""The sliding-window cases' seed (fixed: the same inputs on every run)."""
+
+
+def _run_cases(seed: int, *options: str) -> tuple[int, dict[str, dict]]:
+    """Run the kernel cases (in parallel shards); map case name -> its JSON line."""
     pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(3), "little")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "tests.integration_tests._kernel_checks", "--seed", str(seed)]
-    command += ["--tiny", tiny_model_path()]
+    command += list(options)
     shards = [
         subprocess.Popen(
             [*command, "--shard", f"{shard}/{SHARDS}"],
@@ -71,6 +73,19 @@ def kernel_runs() -> tuple[int, dict[str, dict]]:
                 entry = json.loads(line)
                 results[entry["case"]] = entry
     return seed, results
+
+
+@pytest.fixture(scope="module")
+def kernel_runs() -> tuple[int, dict[str, dict]]:
+    """Every kernel case but the sliding window's, once, on a fresh seed."""
+    seed = int.from_bytes(os.urandom(3), "little")
+    return _run_cases(seed, "--tiny", tiny_model_path(), "--skip", "window-")
+
+
+@pytest.fixture(scope="module")
+def window_runs() -> tuple[int, dict[str, dict]]:
+    """The sliding-window cases of `decode_attention`, once, on `WINDOW_SEED`."""
+    return _run_cases(WINDOW_SEED, "--only", "window-")
 
 
 def metrics_of(kernel_runs: tuple[int, dict[str, dict]], case: str) -> tuple[str, dict]:
@@ -146,6 +161,27 @@ def test_decode_attention_matches_the_reference(kernel_runs, case: str) -> None:
     assert m["rel_routed_vs_definition"] < FP16_REL, where
     assert m["routed_differs_from_own_rows"], where
     assert m["rel_four_splits_vs_reference"] < FP16_REL, where
+
+
+@pytest.mark.parametrize("case", cases("window-"))
+def test_decode_attention_with_a_sliding_window_matches_the_reference(
+    window_runs, case: str
+) -> None:
+    """Position p reads the keys at p - window < j <= p: lengths 1, 100 and 160 (the cache),
+    windows of 1, 7, 64, 100, 160 and 5000; batch 3 (with the workspace's splits and with 4),
+    batch 1, with rotary inside the kernel (batch 1 reads ahead), and one prompt's tokens in
+    one cache row (`rows`), consecutive or far apart."""
+    where, m = metrics_of(window_runs, case)
+    window = int(case.split("-")[1][1:])
+    assert m["finite"], where
+    ways = ["batch3_splitsNone", "batch3_splits4", "batch1", "rope_batch1", "rope_batch3"]
+    ways += ["rows", "rows_spread"]
+    checked = sorted(f"{way}_vs_{ref}" for way in ways for ref in ("reference", "definition"))
+    assert sorted(m["rel"]) == checked, where
+    assert all(error < FP16_REL for error in m["rel"].values()), where
+    assert len(m["equal"]) == 2, where
+    assert all(m["equal"].values()), where  # rotary's cache writes
+    assert m["window_changes_the_answer"] == (window < 160), where  # 160 keys at most
 
 
 @pytest.mark.parametrize("case", cases("norm-"))
