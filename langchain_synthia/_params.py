@@ -32,9 +32,10 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from langchain_synthia._engine import BaseEngine, GenerationRequest, TokenEvent
+from langchain_synthia._engine_interface import Engine
 from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
-from langchain_synthia._remote import RemoteEngine, RemoteSettings, Server, remote_engine
+from langchain_synthia._remote import RemoteSettings, Server, remote_engine
+from langchain_synthia._requests import GenerationRequest, TokenEvent
 from langchain_synthia._sampling import SEED_RANGE, SamplingParams
 from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, check_revision
 
@@ -242,7 +243,8 @@ class SynthiaParams(BaseModel):
     @property
     def lc_attributes(self) -> dict[str, Any]:
         """Fields whose default comes from the environment serialize even at ``None``, so that
-        a loaded model has the saved settings, not the loading environment's defaults."""
+        a loaded model has the saved settings, not the loading environment's defaults.
+        """
         return {
             name: getattr(self, name)
             for name in _DEFAULTS_FROM_ENVIRONMENT
@@ -309,9 +311,7 @@ class SynthiaParams(BaseModel):
 
         In remote mode, check that the server answers instead.
         """
-        engine = self._engine_for(self.model, self.revision)
-        if isinstance(engine, RemoteEngine):
-            engine.check()
+        self._engine_for(self.model, self.revision).check()
         return self
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -343,7 +343,7 @@ class SynthiaParams(BaseModel):
             dense_prefill=self.dense_prefill if fast else None,
         )
 
-    def _engine_for(self, model: str, revision: str) -> "BaseEngine | RemoteEngine":
+    def _engine_for(self, model: str, revision: str) -> Engine:
         if self.base_url:
             return remote_engine(self._remote_settings(model))
         return get_engine(self._settings(model, revision))
@@ -357,7 +357,7 @@ class SynthiaParams(BaseModel):
             max_retries=self.max_retries,
         )
 
-    async def _aengine_for(self, model: str, revision: str) -> "BaseEngine | RemoteEngine":
+    async def _aengine_for(self, model: str, revision: str) -> Engine:
         if self.base_url:
             return remote_engine(self._remote_settings(model))
         settings = self._settings(model, revision)
@@ -481,7 +481,7 @@ def usage_of(event: TokenEvent) -> UsageMetadata:
     )
 
 
-def finish_info(event: TokenEvent, engine: BaseEngine) -> dict[str, Any]:
+def finish_info(event: TokenEvent, engine: Engine) -> dict[str, Any]:
     """Response metadata of a finished generation: model name, finish reason, provider."""
     return {
         "model_name": engine.name,
