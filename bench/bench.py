@@ -310,7 +310,7 @@ def call_sections(engine, call) -> dict:
         return wrapper
 
     submitted = {}
-    start_rows = engine._start
+    start_rows = engine.start
 
     def start(rows):
         submitted.setdefault("at", time.perf_counter())
@@ -318,7 +318,7 @@ def call_sections(engine, call) -> dict:
 
     for name, (owner, attr) in targets.items():
         setattr(owner, attr, timed(name, getattr(owner, attr)))
-    engine._start = start
+    engine.start = start
     started = time.perf_counter()
     try:
         call()
@@ -326,7 +326,7 @@ def call_sections(engine, call) -> dict:
         first = time.perf_counter()
         for owner, attr in targets.values():
             delattr(owner, attr)
-        del engine._start
+        del engine.start
     result = {name: round(ms, 2) for name, ms in spent.items()}
     result["total_ms"] = round((first - started) * 1000, 2)
     result["before_engine_ms"] = round((submitted.get("at", first) - started) * 1000, 2)
@@ -387,7 +387,7 @@ def scheduler_split(engine, run) -> tuple:
     out)."""
     spent = {"prefill_s": 0.0, "device_wait_s": 0.0, "steps": 0}
     marks: dict[str, float] = {}  # when, from the start, the engine saw the first request etc.
-    prefill, step, host, start_rows = engine._prefill, engine._step, engine._host, engine._start
+    prefill, step, host, start_rows = engine._prefill, engine._step, engine._host, engine.start
 
     def timed_prefill(joining) -> None:
         begun = time.perf_counter()
@@ -404,14 +404,14 @@ def scheduler_split(engine, run) -> tuple:
         marks.setdefault("first_request", time.perf_counter())
         start_rows(rows)
 
-    engine._prefill, engine._step, engine._start = timed_prefill, counted_step, noted_start
+    engine._prefill, engine._step, engine.start = timed_prefill, counted_step, noted_start
     engine._host = [(b, e and _TimedEvent(e, spent)) for b, e in host]  # no events on a CPU
     start = time.perf_counter()
     try:
         value = run()
     finally:
         spent["wall_s"] = time.perf_counter() - start
-        del engine._prefill, engine._step, engine._start
+        del engine._prefill, engine._step, engine.start
         engine._host = host
     spent["other_s"] = spent["wall_s"] - spent["prefill_s"] - spent["device_wait_s"]
     # the timeline: before the engine saw a request, and after the last step was launched

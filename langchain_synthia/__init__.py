@@ -12,10 +12,10 @@ from langchain_synthia._version import __version__
 
 if TYPE_CHECKING:
     from langchain_synthia._checkpoint import CheckpointError
-    from langchain_synthia._engine import EngineStoppedError, GenerationTimeoutError
     from langchain_synthia._fast_engine import EngineOutOfMemoryError
     from langchain_synthia._grammar import GrammarError
     from langchain_synthia._remote import RemoteEngineError
+    from langchain_synthia._token_stream import EngineStoppedError, GenerationTimeoutError
     from langchain_synthia.chat_models import ChatSynthia
     from langchain_synthia.llms import SynthiaLLM
     from langchain_synthia.output_parsers import SynthiaOutputParser
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 _MODULES = {
     "CheckpointError": "_checkpoint",
     "EngineOutOfMemoryError": "_fast_engine",
-    "EngineStoppedError": "_engine",
-    "GenerationTimeoutError": "_engine",
+    "EngineStoppedError": "_token_stream",
+    "GenerationTimeoutError": "_token_stream",
     "GrammarError": "_grammar",
     "RemoteEngineError": "_remote",
     "ChatSynthia": "chat_models",

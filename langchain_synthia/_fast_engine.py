@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from langchain_synthia._engine import BaseEngine, _Row, advance_or_fail, fail_row, grammar_mask
+from langchain_synthia._decoding_row import DecodingRow, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
+from langchain_synthia._local_engine import LocalEngine
 from langchain_synthia._prefix_cache import PrefixCache
 from langchain_synthia._sampling import GREEDY, BatchSampler
 
@@ -85,7 +86,7 @@ def _close_engines() -> None:
         engine.close()
 
 
-class FastEngine(BaseEngine):
+class FastEngine(LocalEngine):
     """Serve a `FastMistral` to any number of concurrent requests."""
 
     kind = "fast"
@@ -103,8 +104,8 @@ class FastEngine(BaseEngine):
         self.model = model
         self.prefixes = PrefixCache(prefix_tokens)
         self.sizes = [s for s in BATCH_SIZES if s < model.max_batch] + [model.max_batch]
-        self._slots: list[_Row | None] = [None] * model.max_batch
-        self._waiting: list[_Row] = []
+        self._slots: list[DecodingRow | None] = [None] * model.max_batch
+        self._waiting: list[DecodingRow] = []
         self._wake = threading.Condition()
         self._tokens = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
         self._positions = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
@@ -124,7 +125,7 @@ class FastEngine(BaseEngine):
         """Two host buffers for sampled tokens, each with the event that says it is filled: one
         is filled while the other is read."""
         self._flip = 0
-        self._pending: tuple[Any, torch.Tensor, list[_Row | None]] | None = None
+        self._pending: tuple[Any, torch.Tensor, list[DecodingRow | None]] | None = None
         """The step in flight: its ready event, its host tokens, the rows it decoded."""
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._suffix_sizes = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_tokens]
@@ -151,7 +152,8 @@ class FastEngine(BaseEngine):
         if self in _running:
             _running.remove(self)
 
-    def _start(self, rows: list[_Row]) -> None:
+    def start(self, rows: list[DecodingRow]) -> None:
+        """Queue `rows` for the scheduler, which prefills them as cache rows come free."""
         for row in rows:
             row.stream.producer = self._thread
         with self._wake:
@@ -212,20 +214,20 @@ class FastEngine(BaseEngine):
         wrapped.__cause__ = error
         return wrapped
 
-    def _take_waiting(self) -> list[tuple[int, _Row]]:
+    def _take_waiting(self) -> list[tuple[int, DecodingRow]]:
         joining = []
         free = [i for i, row in enumerate(self._slots) if row is None]
         while self._waiting and free:
             row = self._waiting.pop(0)
             if row.stream.cancelled.is_set():
-                row.stream._put(None)
+                row.stream.put(None)
                 continue
             slot = free.pop(0)
             self._slots[slot] = row
             joining.append((slot, row))
         return joining
 
-    def _prefill(self, joining: list[tuple[int, _Row]]) -> None:
+    def _prefill(self, joining: list[tuple[int, DecodingRow]]) -> None:
         """Prefill new requests (reusing cached prefixes); sample their first tokens."""
         prompts = []
         last: dict[int, torch.Tensor] = {}
@@ -253,7 +255,7 @@ class FastEngine(BaseEngine):
             cache = (self.model.k_cache[:, slot], self.model.v_cache[:, slot])
             self.prefixes.store(row.prompt_ids, *cache)
 
-    def _first_token(self, slot: int, row: _Row, logits: torch.Tensor) -> None:
+    def _first_token(self, slot: int, row: DecodingRow, logits: torch.Tensor) -> None:
         """Set up cache row `slot`'s sampling for `row`, sample its first token, send it."""
         ids = row.prompt_ids
         self._sampler.assign(slot, row.stream.request.sampling, ids)
@@ -264,7 +266,7 @@ class FastEngine(BaseEngine):
         self._tokens[slot] = token
         self._positions[slot] = len(ids)
         self._busy[slot] = 1
-        row.advance(token, self._eos_id)
+        row.advance(token, self.eos_id)
 
     def _prefill_suffix(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Prefill `ids` (positions ``start...``) in cache row `slot`; the last token's logits.
@@ -334,13 +336,13 @@ class FastEngine(BaseEngine):
             ready.synchronize()
         for row, token in zip(rows, host.tolist(), strict=True):
             if row is not None and not row.done and not row.stream.cancelled.is_set():
-                advance_or_fail(row, token, self._eos_id)
+                advance_or_fail(row, token, self.eos_id)
 
     def _release_finished(self) -> None:
         for slot, row in enumerate(self._slots):
             if row is not None and (row.done or row.stream.cancelled.is_set()):
                 if not row.done:
-                    row.stream._put(None)
+                    row.stream.put(None)
                 self._slots[slot] = None
                 self._positions[slot] = 0
                 self._busy[slot] = 0

@@ -1,4 +1,4 @@
-"""From a Hub repo id or a folder to a loaded `Engine`: the only module that imports the stack.
+"""From a Hub repo id or a folder to a loaded engine: the only module that imports the stack.
 
 The road is the one the model card describes, on the 2026 stack: the checkpoint comes through
 huggingface-hub (its cache, its progress bar, ``HF_HUB_OFFLINE``), and transformers loads the
@@ -26,7 +26,8 @@ from langchain_synthia._checkpoint import (
     read_model_config,
 )
 from langchain_synthia._console import quiet_output
-from langchain_synthia._engine import BaseEngine, Engine
+from langchain_synthia._local_engine import LocalEngine
+from langchain_synthia._transformers_engine import TransformersEngine
 from langchain_synthia.variants import DEFAULT_BRANCH, check_revision
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,12 @@ class ModelSettings:
     """Fast engine with Marlin: keep a second weight copy for cuBLAS prefills (None: if room)."""
 
 
-_engines: dict[ModelSettings, BaseEngine] = {}
+_engines: dict[ModelSettings, LocalEngine] = {}
 _engine_locks: dict[ModelSettings, threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
-def get_engine(settings: ModelSettings) -> BaseEngine:
+def get_engine(settings: ModelSettings) -> LocalEngine:
     """Return the process-wide engine for `settings`, loading it on first use (once)."""
     with _registry_lock:
         engine = _engines.get(settings)
@@ -347,7 +348,7 @@ def kernel_build_cache() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache/gptqmodel/torch_extensions"
 
 
-def _load(settings: ModelSettings) -> BaseEngine:
+def _load(settings: ModelSettings) -> LocalEngine:
     folder = resolve_checkpoint(settings)
     quant = validate_checkpoint(folder)
     check_weights(folder, quant, fetch_again(settings.model, settings.revision, folder))
@@ -376,7 +377,7 @@ def _load(settings: ModelSettings) -> BaseEngine:
         )
         model.eval()
         tokenizer = _tokenizer(folder)
-    return Engine(model, tokenizer, name=settings.model)
+    return TransformersEngine(model, tokenizer, name=settings.model)
 
 
 def fetch_again(model: str, revision: str, folder: Path) -> str:
@@ -419,7 +420,7 @@ def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str)
 
 def _load_fast(
     settings: ModelSettings, folder: Path, device: str, quant: dict[str, Any] | None = None
-) -> BaseEngine:
+) -> LocalEngine:
     import torch
 
     from langchain_synthia._fast_engine import FastEngine

@@ -32,9 +32,10 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from langchain_synthia._engine import BaseEngine, GenerationRequest, TokenEvent
+from langchain_synthia._engine_interface import Engine
 from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
-from langchain_synthia._remote import RemoteEngine, RemoteSettings, Server, remote_engine
+from langchain_synthia._remote import RemoteSettings, Server, remote_engine
+from langchain_synthia._requests import GenerationRequest, TokenEvent
 from langchain_synthia._sampling import SEED_RANGE, SamplingParams
 from langchain_synthia.variants import DEFAULT_BRANCH, DEFAULT_REPO, check_revision
 
@@ -309,9 +310,7 @@ class SynthiaParams(BaseModel):
 
         In remote mode, check that the server answers instead.
         """
-        engine = self._engine_for(self.model, self.revision)
-        if isinstance(engine, RemoteEngine):
-            engine.check()
+        self._engine_for(self.model, self.revision).check()
         return self
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -343,7 +342,7 @@ class SynthiaParams(BaseModel):
             dense_prefill=self.dense_prefill if fast else None,
         )
 
-    def _engine_for(self, model: str, revision: str) -> "BaseEngine | RemoteEngine":
+    def _engine_for(self, model: str, revision: str) -> Engine:
         if self.base_url:
             return remote_engine(self._remote_settings(model))
         return get_engine(self._settings(model, revision))
@@ -357,7 +356,7 @@ class SynthiaParams(BaseModel):
             max_retries=self.max_retries,
         )
 
-    async def _aengine_for(self, model: str, revision: str) -> "BaseEngine | RemoteEngine":
+    async def _aengine_for(self, model: str, revision: str) -> Engine:
         if self.base_url:
             return remote_engine(self._remote_settings(model))
         settings = self._settings(model, revision)
@@ -481,7 +480,7 @@ def usage_of(event: TokenEvent) -> UsageMetadata:
     )
 
 
-def finish_info(event: TokenEvent, engine: BaseEngine) -> dict[str, Any]:
+def finish_info(event: TokenEvent, engine: Engine) -> dict[str, Any]:
     """Response metadata of a finished generation: model name, finish reason, provider."""
     return {
         "model_name": engine.name,

@@ -31,17 +31,13 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from langchain_synthia._engine import (
-    GenerationRequest,
-    GenerationTimeoutError,
-    TokenEvent,
-    TokenStream,
-)
+from langchain_synthia._requests import GenerationRequest, TokenEvent
 from langchain_synthia._stops import StopMatcher
+from langchain_synthia._token_stream import GenerationTimeoutError, TokenStream
 
 Server = Literal["auto", "vllm", "sglang", "tgi", "llama.cpp", "openai"]
 
@@ -84,8 +80,9 @@ class RemoteSettings:
 class RemoteEngine:
     """Completions from an OpenAI-compatible server, as `TokenEvent`s like the local engines.
 
-    The server batches concurrent requests itself (continuous batching), so requests are sent
-    as they come (`batches_locally` is false).
+    An `langchain_synthia._engine_interface.Engine`. The server batches concurrent requests
+    itself (continuous batching), so requests are sent as they come (`batches_locally` is
+    false).
     """
 
     kind = "remote"
@@ -188,7 +185,7 @@ class RemoteEngine:
         finally:
             deadline.cancel()
 
-    def submit(self, requests: list[GenerationRequest]) -> list[TokenStream]:
+    def submit(self, requests: Sequence[GenerationRequest]) -> list[TokenStream]:
         """Send `requests` at once (the server batches them); return their streams.
 
         Each request streams in a thread of its own into a `TokenStream`, which its caller
@@ -206,9 +203,9 @@ class RemoteEngine:
             for event in events:
                 if stream.cancelled.is_set():
                     return
-                stream._put(event)
+                stream.put(event)
         except Exception as error:  # handed to the reader, who raises it
-            stream._put(error)
+            stream.put(error)
         finally:
             events.close()
 
@@ -262,8 +259,9 @@ class RemoteEngine:
         tokens = data.get("tokens", data.get("ids")) if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(_is_count(token) for token in tokens):
             msg = (
-                f"{root}{path} answered with no list of token ids ({self._detail(reply.content)}). "
-                "Token usage of answers still comes from the server."
+                f"{root}{path} answered with no list of token ids "
+                f"({self.server_message(reply.content)}). Token usage of answers still comes "
+                "from the server."
             )
             raise RemoteEngineError(msg, reply.status)
         return tokens
@@ -530,7 +528,7 @@ class RemoteEngine:
         if status < 300:
             msg = (
                 f"The server at {self.url} answered {status} with {kind or 'no content type'} "
-                f"instead of a stream of server-sent events: {self._detail(content)}"
+                f"instead of a stream of server-sent events: {self.server_message(content)}"
             )
             raise RemoteEngineError(msg, status)
         if status not in _RETRY_STATUS or last:
@@ -538,14 +536,14 @@ class RemoteEngine:
 
     # -- errors -------------------------------------------------------------------------------
 
-    def _redact(self, text: str) -> str:
-        """`text` without the API key, cut to `_DETAIL_CHARS`."""
+    def redact(self, text: str) -> str:
+        """`text` without the API key, cut to `_DETAIL_CHARS` (for an error message)."""
         key = self.settings.api_key
         if key:
             text = text.replace(key, "[api key]")
         return text if len(text) <= _DETAIL_CHARS else f"{text[:_DETAIL_CHARS]}..."
 
-    def _detail(self, content: Any) -> str:
+    def server_message(self, content: Any) -> str:
         """A server's own message from a reply body, an error object or any JSON value."""
         if isinstance(content, bytes):
             content = content.decode("utf-8", "replace")
@@ -553,19 +551,19 @@ class RemoteEngine:
             parsed = _json_or_none(content)
             if parsed is None:  # not JSON: an HTML page or plain text, without the markup
                 text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", content, flags=re.S)
-                return self._redact(" ".join(text.split()) or "(no text)")
+                return self.redact(" ".join(text.split()) or "(no text)")
             content = parsed
         for key in ("error", "message", "detail"):
             if isinstance(content, dict) and content.get(key) not in (None, "", {}):
                 content = content[key]
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-        return self._redact(" ".join(text.split()))
+        return self.redact(" ".join(text.split()))
 
     def _unreachable(self, error: Exception) -> RemoteEngineError:
         tries = self.settings.max_retries + 1
         msg = (
             f"Could not connect to the server at {self.url} "
-            f"({type(error).__name__}: {self._redact(str(error))}) "
+            f"({type(error).__name__}: {self.redact(str(error))}) "
             f"after {tries} attempt{'s' * (tries > 1)}. Is it running, and is base_url right "
             "(it ends in /v1)?"
         )
@@ -575,11 +573,11 @@ class RemoteEngine:
         if 300 <= status < 400:
             msg = (
                 f"The server at {self.url} answered {status}, a redirect to "
-                f"{self._redact(location or '(no location)')}. Redirects are not followed (the "
+                f"{self.redact(location or '(no location)')}. Redirects are not followed (the "
                 "prompt and the API key would go elsewhere): set base_url to where it points."
             )
             return RemoteEngineError(msg, status)
-        msg = f"The server at {self.url} answered {status}: {self._detail(content)}"
+        msg = f"The server at {self.url} answered {status}: {self.server_message(content)}"
         return RemoteEngineError(msg, status)
 
     def _too_slow(self, path: str) -> RemoteEngineError:
@@ -589,7 +587,7 @@ class RemoteEngine:
     def _broken(self, error: Exception, matcher: "_Answer") -> RemoteEngineError:
         msg = (
             f"The server at {self.url} broke off the answer after {matcher.pieces} pieces of "
-            f"text ({type(error).__name__}: {self._redact(str(error))})."
+            f"text ({type(error).__name__}: {self.redact(str(error))})."
         )
         return RemoteEngineError(msg)
 
@@ -804,7 +802,7 @@ class _Lines:
         if event.get("error") is not None:
             msg = (
                 f"The server at {self._engine.url} reported an error mid-answer: "
-                f"{self._engine._detail(event)}"
+                f"{self._engine.server_message(event)}"
             )
             raise RemoteEngineError(msg)
         if event.get("usage") is not None:  # a malformed count is counted again instead
@@ -830,7 +828,7 @@ class _Lines:
     def _malformed(self, what: str, data: str) -> RemoteEngineError:
         msg = (
             f"The server at {self._engine.url} sent an event that {what}, so it is not an "
-            f"OpenAI completion chunk: {self._engine._redact(data)}"
+            f"OpenAI completion chunk: {self._engine.redact(data)}"
         )
         return RemoteEngineError(msg)
 
@@ -905,11 +903,8 @@ class _Answer:
         """
         url = self._engine.url
         if not (lines.done or lines.finish_reason or self.stops.stopped or self.over_budget):
-            instead = (
-                f" Instead of server-sent events it sent: {self._engine._detail(lines.other)}"
-                if lines.other
-                else ""
-            )
+            sent = self._engine.server_message(lines.other) if lines.other else ""
+            instead = f" Instead of server-sent events it sent: {sent}" if lines.other else ""
             msg = (
                 f"The server at {url} closed the connection before the answer finished "
                 f"(after {self.pieces} pieces of text).{instead}"
@@ -923,7 +918,7 @@ class _Answer:
             msg = (
                 f"The server at {url} ended the answer before it completed the grammar it "
                 f"was sent (an unfinished tool call or JSON value): "
-                f"{self._engine._redact(''.join(self.raw))}"
+                f"{self._engine.redact(''.join(self.raw))}"
             )
             raise RemoteEngineError(msg)
         yield TokenEvent(
@@ -941,7 +936,7 @@ class _Answer:
                 f"The server at {self._engine.url} sent an answer that breaks the grammar it "
                 "was sent (a call of a tool that is not bound, arguments outside the tool's "
                 "schema, or JSON outside the requested schema), so it is not returned: "
-                f"{self._engine._redact(''.join(self.raw))}. Check that the server applies "
+                f"{self._engine.redact(''.join(self.raw))}. Check that the server applies "
                 "the grammar option (vLLM: --structured-outputs-config.backend guidance)."
             )
             raise RemoteEngineError(msg)

@@ -18,19 +18,12 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 from typing_extensions import Self
 
-from langchain_synthia._engine import (
-    BaseEngine,
-    GenerationRequest,
-    TokenEvent,
-    aopen_stream,
-    aread_all,
-    batch_group,
-    open_stream,
-    read_all,
-    whole_answer,
-)
+from langchain_synthia._batching import aopen_stream, batch_group, open_stream
+from langchain_synthia._engine_interface import Engine
 from langchain_synthia._params import SynthiaParams, batch_configs, finish_info, usage_of
+from langchain_synthia._requests import GenerationRequest, TokenEvent, whole_answer
 from langchain_synthia._structured import AnswerPlan, plan_answer, structured_output
+from langchain_synthia._token_stream import aread_all, read_all
 from langchain_synthia.prompts import (
     DEFAULT_SYSTEM_MESSAGE,
     render_messages,
@@ -365,7 +358,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         return replace(self._request(prompt, options), constrained_opening=plan.constrained_opening)
 
     def _chunk(
-        self, event: TokenEvent, engine: BaseEngine, reader: ToolCallReader | None
+        self, event: TokenEvent, engine: Engine, reader: ToolCallReader | None
     ) -> ChatGenerationChunk:
         """One token's chunk: its content, the tool calls it completes, the usage at the end."""
         text, calls = (event.text, []) if reader is None else reader.feed(event.text)
@@ -471,7 +464,7 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         return self._result(await aread_all(stream), engine, reader)
 
     def _result(
-        self, events: list[TokenEvent], engine: BaseEngine, reader: ToolCallReader | None
+        self, events: list[TokenEvent], engine: Engine, reader: ToolCallReader | None
     ) -> ChatResult:
         """The finished answer's events as one message (tool calls and usage included)."""
         chunk = self._chunk(whole_answer(events), engine, reader)

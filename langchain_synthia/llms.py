@@ -16,17 +16,11 @@ from langchain_core.prompt_values import PromptValue, StringPromptValue
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 
-from langchain_synthia._engine import (
-    BaseEngine,
-    TokenEvent,
-    aopen_stream,
-    aread_all,
-    batch_group,
-    open_stream,
-    read_all,
-    whole_answer,
-)
+from langchain_synthia._batching import aopen_stream, batch_group, open_stream
+from langchain_synthia._engine_interface import Engine
 from langchain_synthia._params import SynthiaParams, batch_configs, finish_info, usage_of
+from langchain_synthia._requests import TokenEvent, whole_answer
+from langchain_synthia._token_stream import aread_all, read_all
 from langchain_synthia.prompts import render_messages
 
 
@@ -217,7 +211,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _chunk(self, event: TokenEvent, engine: BaseEngine) -> GenerationChunk:
+    def _chunk(self, event: TokenEvent, engine: Engine) -> GenerationChunk:
         if event.finish_reason is None:
             return GenerationChunk(text=event.text)
         info = {**finish_info(event, engine), "usage_metadata": usage_of(event)}
@@ -225,7 +219,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     def _start(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[BaseEngine, list]:
+    ) -> tuple[Engine, list]:
         """The engine and the streams of `prompts` (one prompt joins an active batch group)."""
         options = self._call_options(stop, kwargs)
         engine = self._engine_for(options["model"], options["revision"])
@@ -236,7 +230,7 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
 
     async def _astart(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[BaseEngine, list]:
+    ) -> tuple[Engine, list]:
         options = self._call_options(stop, kwargs)
         engine = await self._aengine_for(options["model"], options["revision"])
         requests = [self._request(prompt, options) for prompt in prompts]
@@ -404,7 +398,7 @@ def _joined(chunks: list[GenerationChunk]) -> GenerationChunk:
     return total
 
 
-def _llm_result(results: list[GenerationChunk], engine: BaseEngine) -> LLMResult:
+def _llm_result(results: list[GenerationChunk], engine: Engine) -> LLMResult:
     usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
     for result in results:
         for key in usage:

@@ -41,16 +41,16 @@ def tiny_model() -> str:
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The sizes of the batches the transformers engine starts during the test, in order."""
-    from langchain_synthia._engine import Engine
+    from langchain_synthia._transformers_engine import TransformersEngine
 
     started: list[int] = []
-    original = Engine._start
+    original = TransformersEngine.start
 
-    def spy(self: Engine, rows: list) -> None:
+    def spy(self: TransformersEngine, rows: list) -> None:
         started.append(len(rows))
         original(self, rows)
 
-    monkeypatch.setattr(Engine, "_start", spy)
+    monkeypatch.setattr(TransformersEngine, "start", spy)
     return started
 
 

@@ -12,8 +12,8 @@ from langchain_synthia import (
     render_messages,
     synthia_chat_prompt,
 )
-from langchain_synthia._engine import Engine
 from langchain_synthia._loading import ModelSettings, get_engine
+from langchain_synthia._transformers_engine import TransformersEngine
 from tests.conftest import DEVICE, LoopTicker, TokenCounter
 
 
@@ -22,7 +22,7 @@ def chat(tiny_model: str) -> ChatSynthia:
     return ChatSynthia(model=tiny_model, device=DEVICE, max_tokens=20, temperature=0)
 
 
-def engine_of(tiny_model: str) -> Engine:
+def engine_of(tiny_model: str) -> TransformersEngine:
     return get_engine(ModelSettings(model=tiny_model, device=DEVICE))
 
 

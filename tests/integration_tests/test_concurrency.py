@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from langchain_synthia import ChatSynthia, GenerationTimeoutError
-from langchain_synthia._engine import TokenStream, _Row
+from langchain_synthia._decoding_row import DecodingRow
+from langchain_synthia._token_stream import TokenStream
 from tests.conftest import DEVICE
 from tests.integration_tests.test_fast_engine import fast_chat
 
@@ -113,7 +114,7 @@ def step_log(engine: Any, record: Callable[[Any], Any]) -> Iterator[StepLog]:
     ``.submitted``: every request row handed to the engine."""
     steps = StepLog()
     steps.submitted = []
-    step, start = engine._step, engine._start
+    step, start = engine._step, engine.start
 
     def spy() -> None:
         steps.append(record(engine))
@@ -123,11 +124,11 @@ def step_log(engine: Any, record: Callable[[Any], Any]) -> Iterator[StepLog]:
         steps.submitted.extend(rows)
         start(rows)
 
-    engine._step, engine._start = spy, spy_start
+    engine._step, engine.start = spy, spy_start
     try:
         yield steps
     finally:
-        del engine._step, engine._start
+        del engine._step, engine.start
 
 
 def busy_rows(engine: Any) -> tuple:
@@ -285,7 +286,7 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
 
     threads_before = threading.active_count()
     names_before = {t.name for t in threading.enumerate()}
-    streams_before, rows_before = live(TokenStream), live(_Row)
+    streams_before, rows_before = live(TokenStream), live(DecodingRow)
     gpu_before = allocated_gpu_bytes()
 
     first = all_at_once(chat, jobs)
@@ -311,7 +312,7 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
     settled = wait_until(lambda: threading.active_count() <= threads_before)
     extra = {t.name for t in threading.enumerate()} - names_before
     assert settled, f"threads left running: {extra}"
-    streams_after, rows_after = live(TokenStream), live(_Row)
+    streams_after, rows_after = live(TokenStream), live(DecodingRow)
     gpu_after = allocated_gpu_bytes()
     assert streams_after <= streams_before
     assert rows_after <= rows_before
@@ -396,7 +397,7 @@ def consume_then_stop(chat: ChatSynthia, way: str, prompt: str, after: int) -> l
     return pieces
 
 
-def row_of(steps: StepLog, prompt: str) -> _Row:
+def row_of(steps: StepLog, prompt: str) -> DecodingRow:
     return next(row for row in steps.submitted if prompt in row.stream.request.prompt)
 
 

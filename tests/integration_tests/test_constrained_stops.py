@@ -68,11 +68,11 @@ def opens_a_call(monkeypatch: pytest.MonkeyPatch, chat: ChatSynthia) -> None:
 
     Only the first token is steered, to ``<`` or `` <``; the grammar decides the rest.
     """
-    from langchain_synthia import _engine
+    from langchain_synthia import _transformers_engine
 
     tokenizer = chat._engine_for(chat.model, chat.revision).tokenizer
     openers = tokenizer.convert_tokens_to_ids(["<", "\u2581<"])
-    original = _engine.grammar_mask
+    original = _transformers_engine.grammar_mask
 
     def first_token_opens(rows: list, vocab_size: int, device: Any) -> Any:
         allowed = original(rows, vocab_size, device)
@@ -83,7 +83,7 @@ def opens_a_call(monkeypatch: pytest.MonkeyPatch, chat: ChatSynthia) -> None:
                 allowed[index, openers] = keep
         return allowed
 
-    monkeypatch.setattr(_engine, "grammar_mask", first_token_opens)
+    monkeypatch.setattr(_transformers_engine, "grammar_mask", first_token_opens)
 
 
 def substrings(text: str) -> st.SearchStrategy[str]:

@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from langchain_synthia._engine import Engine, GenerationRequest
 from langchain_synthia._params import USER_TURN_STOPS
+from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import SamplingParams
+from langchain_synthia._transformers_engine import TransformersEngine
 
 GREEDY = SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
 
@@ -47,7 +48,7 @@ def tokenizer(tiny_model: str):
 def run(tokenizer, answer: str, stops=USER_TURN_STOPS, max_new_tokens: int = 100):
     script = tokenizer(answer, add_special_tokens=False).input_ids
     model = ScriptedLM(script)
-    engine = Engine(model, tokenizer, name="scripted")
+    engine = TransformersEngine(model, tokenizer, name="scripted")
     request = GenerationRequest("USER: hi\nASSISTANT:", max_new_tokens, GREEDY, tuple(stops))
     (stream,) = engine.submit([request])
     events = list(stream)
@@ -123,7 +124,7 @@ def test_a_grammar_overrules_the_model(tokenizer) -> None:
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     script = tokenizer(" I would rather write prose.", add_special_tokens=False).input_ids
-    engine = Engine(ScriptedLM(script), tokenizer, name="scripted")
+    engine = TransformersEngine(ScriptedLM(script), tokenizer, name="scripted")
     request = GenerationRequest(
         "USER: hi\nASSISTANT:", 40, GREEDY, (), grammar=json_schema_grammar(schema)
     )

@@ -270,7 +270,7 @@ def test_a_server_that_goes_away_mid_stream() -> None:
 
 
 def test_server_kind_is_detected_and_sampling_options_are_named_for_it(chat: ChatSynthia) -> None:
-    from langchain_synthia._engine import GenerationRequest
+    from langchain_synthia._requests import GenerationRequest
     from langchain_synthia._sampling import SamplingParams
 
     engine = chat._engine_for(chat.model, chat.revision)

@@ -21,17 +21,13 @@ from hypothesis import strategies as st
 from langchain_core.messages import AIMessage
 
 from langchain_synthia import ChatSynthia, GenerationTimeoutError, SynthiaLLM
-from langchain_synthia._engine import (
-    BaseEngine,
-    Engine,
-    EngineStoppedError,
-    GenerationRequest,
-    TokenStream,
-    _Row,
-    batch_group,
-    open_stream,
-)
+from langchain_synthia._batching import batch_group, open_stream
+from langchain_synthia._decoding_row import DecodingRow
+from langchain_synthia._local_engine import LocalEngine
+from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import BatchSampler, SamplingParams
+from langchain_synthia._token_stream import EngineStoppedError, TokenStream
+from langchain_synthia._transformers_engine import TransformersEngine
 from tests.conftest import DEVICE
 from tests.integration_tests.test_concurrency import (
     LONG,
@@ -192,24 +188,24 @@ def fail_poison(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest)
             assign(self, row, params, prompt)
 
         monkeypatch.setattr(BatchSampler, "assign", failing_assign)
-        encode = BaseEngine.encode
+        encode = LocalEngine.encode
 
-        def encode_spy(self: BaseEngine, text: str) -> list[int]:
+        def encode_spy(self: LocalEngine, text: str) -> list[int]:
             ids = encode(self, text)
             if POISON in text:
                 poison_ids.append(ids)
             return ids
 
-        monkeypatch.setattr(BaseEngine, "encode", encode_spy)
+        monkeypatch.setattr(LocalEngine, "encode", encode_spy)
     else:
-        advance = _Row.advance
+        advance = DecodingRow.advance
 
-        def failing_advance(self: _Row, token_id: int, eos_id: int | None) -> None:
+        def failing_advance(self: DecodingRow, token_id: int, eos_id: int | None) -> None:
             if POISON in self.stream.request.prompt and self.generated == 2:
                 raise Injected("this request's token could not be decoded")
             advance(self, token_id, eos_id)
 
-        monkeypatch.setattr(_Row, "advance", failing_advance)
+        monkeypatch.setattr(DecodingRow, "advance", failing_advance)
     return stage
 
 
@@ -235,7 +231,7 @@ def test_a_reader_whose_decoding_thread_died_gets_an_error_not_a_hang(
 ) -> None:
     chat = chat_on("transformers", tiny_model)
     chat.invoke("warm up")  # loaded before the worker is broken
-    monkeypatch.setattr(Engine, "_run", lambda self, rows: None)  # dies saying nothing
+    monkeypatch.setattr(TransformersEngine, "_run", lambda self, rows: None)  # dies saying nothing
     began = time.monotonic()
     for call in (lambda: chat.invoke(POISON), lambda: asyncio.run(chat.ainvoke(POISON))):
         with pytest.raises(EngineStoppedError, match="stopped without finishing this request"):
@@ -279,19 +275,19 @@ def test_a_lone_surrogate_fails_its_own_slot_of_an_llm_batch(tiny_model: str, me
     assert "lone surrogate" in str(got[1])
 
 
-class FakeEngine(BaseEngine):
+class FakeEngine(LocalEngine):
     """An engine without a model whose requests fail where a test says."""
 
     def __init__(self, plan: dict[str, BaseException | None], start_error: BaseException | None):
         self.plan, self.start_error, self.started = plan, start_error, []
 
-    def _row(self, request: GenerationRequest) -> Any:
+    def row_for(self, request: GenerationRequest) -> Any:
         error = self.plan[request.prompt]
         if error is not None:
             raise error
         return _FakeRow(TokenStream(request, 1))
 
-    def _start(self, rows: list) -> None:
+    def start(self, rows: list) -> None:
         if self.start_error is not None:
             raise self.start_error
         self.started.extend(rows)

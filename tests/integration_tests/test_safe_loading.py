@@ -338,10 +338,10 @@ def test_the_log_capture_sees_debug_records_of_every_logger(
     quiet = logging.getLogger("transformers.quiet.probe")
     quiet.setLevel(logging.ERROR)
     quiet.propagate = False
-    for logger in (logging.getLogger("langchain_synthia._engine"), quiet):
+    for logger in (logging.getLogger("langchain_synthia._transformers_engine"), quiet):
         logger.debug("prompt: %s", PROMPT)
     assert [r.name for r in every_log_record if PROMPT in r.getMessage()] == [
-        "langchain_synthia._engine",
+        "langchain_synthia._transformers_engine",
         "transformers.quiet.probe",
     ]
 

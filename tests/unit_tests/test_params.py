@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from langchain_synthia import ChatSynthia, SynthiaLLM
-from langchain_synthia._engine import PRODUCER_CHECK, TokenStream
+from langchain_synthia._token_stream import PRODUCER_CHECK, TokenStream
 from langchain_synthia._params import _CALL_OPTIONS, USER_TURN_STOPS, SynthiaParams
 from langchain_synthia._sampling import BatchSampler
 

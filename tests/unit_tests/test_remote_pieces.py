@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from langchain_synthia import ChatSynthia
-from langchain_synthia._engine import GenerationRequest
 from langchain_synthia._gbnf import json_schema_to_gbnf, lark_to_gbnf
 from langchain_synthia._grammar import GrammarError, json_schema_grammar
 from langchain_synthia._remote import (
@@ -21,6 +20,7 @@ from langchain_synthia._remote import (
     _Lines,
     _LineSplitter,
 )
+from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import SamplingParams
 from langchain_synthia.tools import convert_tools, tool_grammar
 

@@ -7,15 +7,14 @@ import time
 
 import pytest
 
-from langchain_synthia._engine import (
-    GenerationRequest,
+from langchain_synthia._requests import GenerationRequest, TokenEvent
+from langchain_synthia._sampling import SamplingParams
+from langchain_synthia._token_stream import (
     GenerationTimeoutError,
-    TokenEvent,
     TokenStream,
     aread_all,
     read_all,
 )
-from langchain_synthia._sampling import SamplingParams
 
 GREEDY = SamplingParams(0.0, 1.0, 0, 1.0, 0)
 
@@ -53,7 +52,7 @@ def produce(stream: TokenStream, items: list, delay: float = 0.0) -> threading.T
     def run() -> None:
         for item in items:
             time.sleep(delay)
-            stream._put(item)
+            stream.put(item)
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -64,7 +63,7 @@ def test_collect_returns_every_event_and_wakes_the_reader_once() -> None:
     stream = TokenStream(GenerationRequest("p", 50, GREEDY), input_tokens=3)
     stream._items = CountingQueue()
     sent = events(50)
-    stream._put(sent[0])  # one event before the reader asks for the whole answer
+    stream.put(sent[0])  # one event before the reader asks for the whole answer
     thread = produce(stream, sent[1:], delay=0.0005)
     assert read_all(stream) == sent
     thread.join()
@@ -96,7 +95,7 @@ def test_collect_ends_on_an_end_marker_or_an_error(end) -> None:
 
 def test_collect_still_times_out() -> None:
     stream = TokenStream(GenerationRequest("p", 10, GREEDY, timeout=0.05), input_tokens=3)
-    stream._put(events(3)[0])
+    stream.put(events(3)[0])
     with pytest.raises(GenerationTimeoutError):
         stream.collect()
     assert stream.cancelled.is_set()
@@ -144,7 +143,7 @@ def test_async_streams_of_one_loop_share_its_wakeups_and_keep_their_order() -> N
         for step in range(3):  # three steps, each handing every stream its token at once
             for index, stream in enumerate(streams):
                 finish = "length" if step == 2 else None
-                stream._put(TokenEvent(text=f"{index}.{step}", token_id=step, finish_reason=finish))
+                stream.put(TokenEvent(text=f"{index}.{step}", token_id=step, finish_reason=finish))
         got = [[(await first).text] for first in firsts]
         for index, reader in enumerate(readers):
             got[index] += [event.text async for event in reader]
