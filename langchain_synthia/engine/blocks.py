@@ -10,22 +10,26 @@ takes a reference to that block instead of computing it again (no copy). Only fu
 are shared and a full block is never written again, so sharing needs no copy-on-write: a
 request's own writes always go to blocks it allocated itself. A block whose last holder lets
 go keeps its contents and hash and waits, least recently used first, until a fresh block is
-needed and no never-used block is left; only then is it evicted.
+needed and no empty block is left; only then is it evicted. Turning `prefix_caching` off
+shares and keeps nothing.
 
 Sliding window: a query at position ``n`` attends to at most `window` positions before it, so
 once a sequence's next position to compute is ``n``, a block whose positions all lie more than
 `window` positions back is released (one position more than the model needs, to be safe under
 either reading of the window's edge). A long request thus holds about a window of blocks.
 
-Admission never over-commits. Each admitted request may hold at most ``peak_blocks`` blocks at
-once (`peak_blocks`), and the manager keeps the ledger `num_committed_blocks`: the most blocks
-all admitted requests could hold together in the worst case, namely the sum of their peaks
-less one for each extra *keeper* of a shared block (a holder that keeps it until it finishes,
-never releasing it to the window: shared that way, the block is counted once). A request is
-admitted only if the ledger, with it, stays within the pool; so a running request always finds
-a block when it needs one, and none is ever preempted. The price: admission plans for every
-request using its whole `max_new_tokens`, so requests that stop early leave room unused (room
-that unused cached blocks keep filling until it is needed).
+Admission never over-commits. Each admitted request may hold at most `peak_blocks` blocks at
+once, and the manager keeps the ledger `num_committed_blocks`: the most blocks all admitted
+requests could hold together in the worst case, namely the sum of their peaks less one for
+each extra *keeper* of a shared block (a holder that keeps it until it finishes). A holder
+that the window will move past gets no such credit: once it lets go of the shared block it
+may need a fresh one while the block stays held by the others. A request is admitted only if
+the ledger, with it, stays within the pool; so a running request always finds a block when
+it needs one, and none is ever preempted. Blocks are counted, not set aside: until they are
+needed, they keep serving as cache. The price: admission plans for every request using its
+whole `max_new_tokens`, so requests that stop early leave room unused that could have
+admitted others sooner (the alternative, admitting on the blocks in use and preempting when
+they run out, would evict a running request's blocks).
 """
 
 import hashlib
@@ -101,7 +105,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks no sequence holds (never-used ones and unused cached ones)."""
+        """Blocks no sequence holds (empty ones and unused cached ones)."""
         return len(self._empty) + len(self._cached)
 
     @property

@@ -7,7 +7,8 @@ could not fit even in an empty cache is refused at submission. Admitted requests
 prompt in chunks (every step's prefill pass holds at most `max_prefill_tokens` prompt tokens),
 then decode one token per step until the engine finishes them. No running request is ever
 preempted or loses a block: how many decode at once is bounded by the KV memory their tokens
-need, and by `max_batch_size`.
+need, and by `max_batch_size`. A block joins the prefix cache at the first step after the one
+that computed it, so requests admitted in the same step do not share their new blocks.
 
 An engine step reads: ``step = scheduler.schedule()``; compute ``step.prefills`` (sampling a
 first token for each chunk that completes its prompt) and ``step.decodes``; record sampled

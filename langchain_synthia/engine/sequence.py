@@ -60,7 +60,7 @@ class Sequence:
         self.last_block_hash = b""
         """The chained hash of block ``num_sealed_blocks - 1`` (empty before the first)."""
         self.peak_blocks = 0
-        """The most blocks it may hold at once (set at admission by the block manager)."""
+        """The most blocks it may hold at once (set by `Scheduler.submit`)."""
 
     def __repr__(self) -> str:
         return (
