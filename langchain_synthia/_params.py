@@ -242,8 +242,10 @@ class SynthiaParams(BaseModel):
 
     @property
     def lc_attributes(self) -> dict[str, Any]:
-        """Fields whose default comes from the environment serialize even at ``None``, so that
-        a loaded model has the saved settings, not the loading environment's defaults."""
+        """Fields whose default comes from the environment, serialized even at ``None``.
+
+        A loaded model then has the saved settings, not the loading environment's defaults.
+        """
         return {
             name: getattr(self, name)
             for name in _DEFAULTS_FROM_ENVIRONMENT

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from langchain_synthia import ChatSynthia, SynthiaLLM
-from langchain_synthia._token_stream import PRODUCER_CHECK, TokenStream
 from langchain_synthia._params import _CALL_OPTIONS, USER_TURN_STOPS, SynthiaParams
 from langchain_synthia._sampling import BatchSampler
+from langchain_synthia._token_stream import PRODUCER_CHECK, TokenStream
 
 
 @pytest.mark.parametrize("cls", [ChatSynthia, SynthiaLLM])
