@@ -83,11 +83,18 @@ def transformers_answers(window_model: str) -> dict[str, str]:
     for name, messages in conversations.items():
         ids = engine.encode(render_messages(messages))
         with torch.inference_mode():
-            answer = engine.model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
+            prompt = torch.tensor([ids], device=engine.model.device)
+            answer = engine.model.generate(prompt, max_new_tokens=NEW_TOKENS,
                                            do_sample=False, repetition_penalty=1.0)  # fmt: skip
             logits = engine.model(input_ids=answer).logits[0, len(ids) - 1 : -1].float()
         best = logits.topk(2, dim=-1).values
         gap = float((best[:, 0] - best[:, 1]).min())
+        if gap < NEAR_TIE and DEVICE != "cpu":
+            pytest.skip(
+                f"{name!r}: the tiny model's fp16 logits on {DEVICE} tie ({gap}) on its greedy "
+                "path, so greedy equality is checked on the CPU; the logits are compared on "
+                "every device (test_logits_match_transformers_past_the_window)"
+            )
         assert gap >= NEAR_TIE, f"{name!r}: a near tie ({gap}) on its greedy path; choose another"
         assert 2 * WINDOW < len(ids) <= 110, (name, len(ids))
         answers[name] = chat.invoke(messages).content
