@@ -9,7 +9,7 @@ The bookkeeping is plain Python and imports no torch, so that it is unit-tested 
 - `scheduler`: waiting and running requests; each step, which requests prefill (a chunk of
   their prompt, within a token budget per pass) and which decode (within `max_batch_size`).
 
-The device side (the model runner that owns the KV tensors, buffers and CUDA graphs; the
-network and its linear back-ends; the kernels by family) joins this package as its own
-modules, reading block tables and slots from the scheduler's output.
+The fast engine (`langchain_synthia._fast_engine`) does not run on these parts yet: its KV
+cache is still one row of ``context_window`` positions per request. They are tested on their
+own (tests/unit_tests/test_blocks.py, test_scheduler.py).
 """
