@@ -5,9 +5,13 @@ import functools
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+from langchain_core.caches import BaseCache
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage
+from langchain_core.outputs import ChatGeneration, Generation
 
 # Never reach the Hub from tests; quantising on a small CPU needs these (see testing.py).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -81,3 +85,32 @@ class LoopTicker:
     async def __aexit__(self, *exc: object) -> None:
         self._running = False
         await self._task
+
+
+class AnswerPerKey(BaseCache):
+    """A cache that answers every lookup: the first lookup of a key gets a new numbered answer.
+
+    Two models share an answer exactly when their cache keys are equal; no model runs.
+    """
+
+    def __init__(self, *, chat: bool) -> None:
+        self.chat = chat
+        self.answers: dict[tuple[str, str], list] = {}
+        self.keys: list[str] = []
+
+    def lookup(self, prompt: str, llm_string: str) -> list:
+        self.keys.append(llm_string)
+        key = (prompt, llm_string)
+        if key not in self.answers:
+            text = f"answer #{len(self.answers)}"
+            generation = (
+                ChatGeneration(message=AIMessage(text)) if self.chat else Generation(text=text)
+            )
+            self.answers[key] = [generation]
+        return self.answers[key]
+
+    def update(self, prompt: str, llm_string: str, return_val: Any) -> None:
+        pass
+
+    def clear(self, **kwargs: Any) -> None:
+        self.answers.clear()

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import pytest
-from langchain_core.caches import BaseCache, InMemoryCache
+from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler, get_usage_metadata_callback
 from langchain_core.globals import get_llm_cache, set_llm_cache
 from langchain_core.load import dumpd, dumps, loads
@@ -35,7 +35,6 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.utils import trim_messages
-from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.rate_limiters import BaseRateLimiter, InMemoryRateLimiter
 from langchain_core.runnables import ConfigurableField
@@ -50,7 +49,7 @@ from langchain_synthia import (
     synthia_chat_prompt,
     synthia_prompt_template,
 )
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, AnswerPerKey
 
 SERVED = "smollm2"
 """The model name llama.cpp's server serves (test_remote.py's)."""
@@ -227,35 +226,6 @@ def test_get_num_tokens_counts_plain_strings(cls: type, tiny_model: str) -> None
 
 
 # -- caches: every field that can change an answer is in the key --------------------------------
-
-
-class AnswerPerKey(BaseCache):
-    """A cache that answers every lookup: the first lookup of a key gets a new numbered answer.
-
-    Two models share an answer exactly when their cache keys are equal; no model runs.
-    """
-
-    def __init__(self, *, chat: bool) -> None:
-        self.chat = chat
-        self.answers: dict[tuple[str, str], list] = {}
-        self.keys: list[str] = []
-
-    def lookup(self, prompt: str, llm_string: str) -> list:
-        self.keys.append(llm_string)
-        key = (prompt, llm_string)
-        if key not in self.answers:
-            text = f"answer #{len(self.answers)}"
-            generation = (
-                ChatGeneration(message=AIMessage(text)) if self.chat else Generation(text=text)
-            )
-            self.answers[key] = [generation]
-        return self.answers[key]
-
-    def update(self, prompt: str, llm_string: str, return_val: Any) -> None:
-        pass
-
-    def clear(self, **kwargs: Any) -> None:
-        self.answers.clear()
 
 
 def _answer(runnable: Any, /, **call: Any) -> str:

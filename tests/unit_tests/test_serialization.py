@@ -10,43 +10,16 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from langchain_core.caches import BaseCache
 from langchain_core.load import dumpd, dumps, load, loads
-from langchain_core.messages import AIMessage
-from langchain_core.outputs import ChatGeneration, Generation
 
 from langchain_synthia import ChatSynthia, SynthiaLLM
 from langchain_synthia._loading import loaded_engines
+from tests.conftest import AnswerPerKey
 
 URL = "http://127.0.0.1:9/v1"
 """The discard port: nothing is sent to it (a cached call never reaches the server)."""
 
 ENVIRONMENT = ("SYNTHIA_MODEL", "SYNTHIA_REVISION", "SYNTHIA_DEVICE", "SYNTHIA_BASE_URL")
-
-
-class AnswerPerKey(BaseCache):
-    """Answers every lookup; the first lookup of a (prompt, key) pair gets a new numbered answer."""
-
-    def __init__(self, *, chat: bool) -> None:
-        self.chat = chat
-        self.answers: dict[tuple[str, str], list] = {}
-        self.keys: list[str] = []
-
-    def lookup(self, prompt: str, llm_string: str) -> list:
-        self.keys.append(llm_string)
-        if (prompt, llm_string) not in self.answers:
-            text = f"answer #{len(self.answers)}"
-            generation = (
-                ChatGeneration(message=AIMessage(text)) if self.chat else Generation(text=text)
-            )
-            self.answers[prompt, llm_string] = [generation]
-        return self.answers[prompt, llm_string]
-
-    def update(self, prompt: str, llm_string: str, return_val: Any) -> None:
-        pass
-
-    def clear(self, **kwargs: Any) -> None:
-        self.answers.clear()
 
 
 def _answer(model: Any, /, **call: Any) -> str:
