@@ -40,6 +40,14 @@ from dataclasses import dataclass
 from langchain_synthia.engine.sequence import RELEASED, Sequence
 
 
+def require_positive(**sizes: int) -> None:
+    """Raise `ValueError` naming the first of `sizes` that is below 1."""
+    for name, value in sizes.items():
+        if value < 1:
+            msg = f"{name} must be at least 1 (got {value})."
+            raise ValueError(msg)
+
+
 def block_hash(previous: bytes, token_ids: list[int]) -> bytes:
     """The hash of a block of `token_ids` that follows the block hashed `previous`."""
     digest = hashlib.blake2b(previous, digest_size=16)
@@ -81,11 +89,8 @@ class BlockManager:
         Raises:
             ValueError: If a size is below 1.
         """
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
-                            ("window", 1 if window is None else window)):  # fmt: skip
-            if value < 1:
-                msg = f"{name} must be at least 1 (got {value})."
-                raise ValueError(msg)
+        require_positive(num_blocks=num_blocks, block_size=block_size,
+                         window=1 if window is None else window)  # fmt: skip
         self.block_size = block_size
         self.window = window
         self.prefix_caching = prefix_caching

@@ -20,7 +20,7 @@ may schedule the next step before the last one's tokens reach the host.
 from collections import deque
 from dataclasses import dataclass, field
 
-from langchain_synthia.engine.blocks import BlockManager
+from langchain_synthia.engine.blocks import BlockManager, require_positive
 from langchain_synthia.engine.sequence import Sequence, SequenceStatus
 
 
@@ -85,11 +85,7 @@ class Scheduler:
         Raises:
             ValueError: If a limit is below 1.
         """
-        for name, value in (("max_batch_size", max_batch_size),
-                            ("max_prefill_tokens", max_prefill_tokens)):  # fmt: skip
-            if value < 1:
-                msg = f"{name} must be at least 1 (got {value})."
-                raise ValueError(msg)
+        require_positive(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
