@@ -1,6 +1,5 @@
 """The ``synthia`` command (the thin face over ChatSynthia), run on the tiny checkpoint."""
 
-import http.server
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 from langchain_synthia import ChatSynthia
 from langchain_synthia.cli import _MODEL_OPTIONS, _SAMPLING_OPTIONS, main
 from langchain_synthia.prompts import TREE_OF_THOUGHT_SYSTEM_MESSAGE
+from tests._completions_server import CompletionsServer, Reply, event_stream, json_reply
 from tests.conftest import DEVICE
 
 COMMANDS = ("chat", "generate", "variants", "download", "info")
@@ -492,53 +492,27 @@ class _HostileServer:
 
     def __init__(self) -> None:
         self.prompts: list[str] = []
-        outer = self
+        self.server = CompletionsServer(self._complete)
+        self.url = self.server.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._send(200, "application/json", {"data": [{"id": "m", "owned_by": "vllm"}]})
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                last = body["prompt"].rsplit("USER: ", 1)[-1]
-                outer.prompts.append(body["prompt"])
-                if last.startswith("FAIL"):
-                    error = {"error": {"message": f"bad request{TITLE}: {CLIPBOARD}no"}}
-                    self._send(400, "application/json", error)
-                elif last.startswith("BREAK"):
-                    error = {"error": {"message": f"engine died\x1b[2J{CLIPBOARD}"}}
-                    self._stream([completion("partial"), error])
-                else:
-                    *pieces, end = _HostileServer.ANSWER
-                    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-                    events = [*map(completion, pieces), completion(end, "stop") | {"usage": usage}]
-                    self._stream(events)
-
-            def _stream(self, events: list[dict]) -> None:
-                lines = [f"data: {json.dumps(event)}" for event in events] + ["data: [DONE]"]
-                self._send(200, "text/event-stream", "\n\n".join(lines) + "\n\n")
-
-            def _send(self, status: int, kind: str, body: dict | str) -> None:
-                data = (body if isinstance(body, str) else json.dumps(body)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def _complete(self, body: dict) -> Reply:
+        last = body["prompt"].rsplit("USER: ", 1)[-1]
+        self.prompts.append(body["prompt"])
+        if last.startswith("FAIL"):
+            return json_reply(400, {"error": {"message": f"bad request{TITLE}: {CLIPBOARD}no"}})
+        if last.startswith("BREAK"):
+            error = {"error": {"message": f"engine died\x1b[2J{CLIPBOARD}"}}
+            return event_stream([completion("partial"), error])
+        *pieces, end = _HostileServer.ANSWER
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        return event_stream([*map(completion, pieces), completion(end, "stop") | {"usage": usage}])
 
 
 @pytest.fixture
 def hostile_server():
     server = _HostileServer()
     yield server
-    server.server.shutdown()
+    server.server.close()
 
 
 def remote_args(server: _HostileServer) -> list[str]:

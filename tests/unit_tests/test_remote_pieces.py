@@ -23,6 +23,7 @@ from langchain_synthia._remote import (
 from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import SamplingParams
 from langchain_synthia.tools import convert_tools, tool_grammar
+from tests._completions_server import CompletionsServer, Reply, event_stream, json_reply
 
 GREEDY = SamplingParams(0.0, 1.0, 0, 1.0, None)
 
@@ -204,46 +205,24 @@ class _Scripted:
     """A loopback HTTP server that answers POSTs with the given statuses, then a stream."""
 
     def __init__(self, statuses: list[int]) -> None:
-        import http.server
-        import threading
-
         self.statuses = list(statuses)
         self.posts = 0
-        outer = self
+        self.server = CompletionsServer(self._complete)
+        self.url = self.server.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._send(200, "application/json", b'{"data": [{"owned_by": "vllm"}]}')
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                if not self.path.endswith("/completions"):
-                    self._send(404, "application/json", b"{}")
-                    return
-                outer.posts += 1
-                if outer.statuses:
-                    body = json.dumps({"error": {"message": "busy, try later"}}).encode()
-                    self._send(outer.statuses.pop(0), "application/json", body)
-                    return
-                events = [sse("Hi"), sse(" there", "stop"), "data: [DONE]"]
-                self._send(200, "text/event-stream", "\n\n".join(events).encode() + b"\n\n")
-
-            def _send(self, status: int, kind: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def _complete(self, body: dict) -> Reply:
+        self.posts += 1
+        if self.statuses:
+            return json_reply(self.statuses.pop(0), {"error": {"message": "busy, try later"}})
+        return event_stream(
+            [
+                {"choices": [{"text": "Hi", "finish_reason": None}]},
+                {"choices": [{"text": " there", "finish_reason": "stop"}]},
+            ]
+        )
 
     def close(self) -> None:
-        self.server.shutdown()
+        self.server.close()
 
 
 @pytest.mark.parametrize("use_async", [False, True])
