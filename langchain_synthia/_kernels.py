@@ -126,25 +126,41 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
     rows: torch.Tensor | None = None, window: int | None = None,
+    tables: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Q ``[B, H, D]``; caches ``[R, S, KVH, D]``; query ``b`` attends to the first ``lengths[b]``.
+    """Q ``[B, H, D]``; caches ``[N, S, KVH, D]``; query ``b`` attends to the first ``lengths[b]``.
 
-    Query ``b`` reads cache row ``rows[b]`` (row ``b`` without `rows`). With `window`, it reads
-    only the last `window` of those keys: the query at position ``p = lengths[b] - 1`` sees the
-    keys at ``p - window < j <= p`` (Mistral's sliding window, as transformers masks it).
+    The caches are `N` blocks of `S` positions. Query ``b`` reads block-table row ``rows[b]``
+    (row ``b`` without `rows`) of `tables` ``[R, M]``: position ``p`` of row ``r`` is in block
+    ``tables[r, p // S]`` at offset ``p % S``. Without `tables`, row ``r`` is block ``r``
+    (`identity_tables`). With `window`, a query reads only the last `window` of its keys: the
+    query at position ``p = lengths[b] - 1`` sees the keys at ``p - window < j <= p``
+    (Mistral's sliding window, as transformers masks it).
     """
     batch, heads, dim = q.shape
+    page = k_cache.shape[1]
     group = heads // k_cache.shape[2]
+    if tables is None:
+        tables = identity_tables(k_cache)
     out = torch.empty_like(q)
     for b in range(batch):
         n = int(lengths[b])
         first = 0 if window is None else max(0, n - window)
         row = b if rows is None else int(rows[b])
-        k = k_cache[row, first:n].float().repeat_interleave(group, dim=1)  # [n - first, H, D]
-        v = v_cache[row, first:n].float().repeat_interleave(group, dim=1)
+        positions = torch.arange(first, n, device=q.device)
+        blocks = tables[row].long()[positions // page]
+        offsets = positions % page
+        k = k_cache[blocks, offsets].float().repeat_interleave(group, dim=1)  # [n - first, H, D]
+        v = v_cache[blocks, offsets].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) / math.sqrt(dim)
         out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
+
+
+def identity_tables(k_cache: torch.Tensor) -> torch.Tensor:
+    """The block tables of a cache read as rows: row ``r`` is block ``r`` (int32 ``[N, 1]``)."""
+    count = k_cache.shape[0]
+    return torch.arange(count, dtype=torch.int32, device=k_cache.device)[:, None]
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
