@@ -1,14 +1,19 @@
-"""The fast engine: one scheduler thread, continuous batching, CUDA-graph decode steps.
+"""The fast engine: one scheduler thread, continuous batching over a paged KV cache.
 
-Requests join and leave between steps: a new request is prefilled into a free cache row and
-decodes with the others from the next step on; a finished or cancelled one frees its row. Each
-step decodes the smallest captured batch size that covers the busy rows (on CUDA a replay of a
-graph captured at load), samples on the device, and streams every row's token to its caller.
+Every step, the scheduler (`langchain_synthia.engine.Scheduler`) says which prompts prefill
+(a chunk each) and which requests decode a token; the block manager hands out the KV blocks
+they write and shares cached prompt blocks between requests. A request holds one of the
+``max_batch`` decode rows from admission to its end; a row that holds no request reads and
+writes only the null block. Each decode step runs the smallest captured batch size that covers
+the busy rows (on CUDA a replay of a graph captured at load), samples on the device, and
+streams every row's token to its caller one step later, so that the device never waits for
+the host. The KV cache is sized at load from the memory left (`kv_cache_blocks`).
 """
 
 import atexit
 import contextlib
 import logging
+import math
 import threading
 from typing import Any
 
@@ -17,50 +22,38 @@ import torch
 from langchain_synthia._decoding_row import DecodingRow, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._local_engine import LocalEngine
-from langchain_synthia._prefix_cache import PrefixCache
+from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import GREEDY, BatchSampler
+from langchain_synthia.engine import BlockManager, PrefillChunk, Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
 
 SUFFIX_SIZES = (16, 32, 64, 128)
-"""With the prefix cache on: a prompt's rest after a reused prefix, up to this many tokens,
-runs as one step of a graph captured for these token counts (its tokens as the rows of a
-decode step, all in one cache row). Eager, its few hundred kernel launches took most of the
-call's time."""
+"""A prompt's rest after cached blocks, up to this many tokens, runs as one step of a graph
+captured for these token counts (its tokens as the rows of a decode step, all of one block
+table). Eager, its few hundred kernel launches would take most of the call's time."""
 
 PREFILL_TOKENS = 2048
-"""Most prompt tokens prefilled in one pass. A longer prompt, or a burst of requests, is
-prefilled in several passes: this bounds the activations' memory (a 4k context fits 6 GiB)."""
+"""Most prompt tokens prefilled in one step. A longer prompt, or a burst of requests, is
+prefilled over several steps: this bounds the activations' memory."""
 
 DENSE_PREFILL_TOKENS = 8192
 """The same bound on a card with the dense-prefill copy (which has memory to spare): every
-pass dequantises all the weights once (6.4 ms on an H100), so fewer, larger passes."""
+pass dequantises all the weights once, so fewer, larger passes."""
 
+BLOCK_SIZE = 16
+"""Positions a KV block holds: the unit of allocation and of prefix sharing."""
 
-def _passes(
-    prompts: list[tuple[int, list[int], int]], budget: int
-) -> list[list[tuple[int, list[int], int]]]:
-    """Cut prompts ``(cache row, ids, start)`` into passes of at most `budget` tokens.
+CPU_KV_ROWS = 8
+"""On the CPU, the KV cache holds this many full context windows (or ``max_batch`` if fewer)
+unless ``kv_cache_tokens`` says otherwise."""
 
-    A prompt longer than what is left of a pass continues in the next one, from where it was
-    cut (its earlier pieces are already in its cache row by then).
-    """
-    passes: list[list[tuple[int, list[int], int]]] = [[]]
-    size = 0
-    for slot, ids, start in prompts:
-        offset = 0
-        while offset < len(ids):
-            if size == budget:
-                passes.append([])
-                size = 0
-            piece = ids[offset : offset + budget - size]
-            passes[-1].append((slot, piece, start + offset))
-            size += len(piece)
-            offset += len(piece)
-    return [part for part in passes if part]  # none at all when every prompt was handled
+GRAPH_RESERVE = 512 << 20
+"""GPU memory kept out of the KV cache for the decode graphs' own allocations and the
+sampler's work."""
 
 
 class GenerationClosedError(RuntimeError):
@@ -86,39 +79,114 @@ def _close_engines() -> None:
         engine.close()
 
 
+def kv_cache_blocks(
+    model: FastMistral, *, block_size: int, prefill_tokens: int, graph_sizes: list[int],
+    gpu_memory_utilization: float, kv_cache_tokens: int | None,
+) -> int:  # fmt: skip
+    """How many KV blocks of `block_size` positions the engine of `model` gets.
+
+    `kv_cache_tokens` fixes it. Otherwise, on the CPU, `CPU_KV_ROWS` context windows; on a GPU,
+    what is left of ``gpu_memory_utilization`` of the card (or of the process's share, if
+    ``torch.cuda.set_per_process_memory_fraction`` set a smaller one) once the weights, the
+    decode buffers of every graph size and the peak of a prefill of `prefill_tokens` tokens
+    are counted, less `GRAPH_RESERVE`; and never more than the GPU has free.
+
+    Raises:
+        EngineOutOfMemoryError: If that leaves no room for a single context window.
+    """
+    if kv_cache_tokens is not None:
+        return max(1, math.ceil(kv_cache_tokens / block_size))
+    if model.device.type != "cuda":
+        return math.ceil(min(model.max_batch, CPU_KV_ROWS) * (model.max_len + 1) / block_size)
+    device = model.device
+    longest = min(prefill_tokens, model.max_len)  # one prompt's most (the rotary table's end)
+    lengths = [longest] * (prefill_tokens // longest)
+    lengths += [prefill_tokens % longest] if prefill_tokens % longest else []
+    per_prompt = math.ceil(longest / block_size)
+    model.allocate_kv(per_prompt * len(lengths), block_size)
+    trial_bytes = model.k_cache.numel() * 4  # keys and values, fp16
+    prompts = [
+        (list(range(i * per_prompt, (i + 1) * per_prompt)), [0] * length, 0)
+        for i, length in enumerate(lengths)
+    ]
+    with torch.inference_mode():
+        model.prepare_decode_buffers(graph_sizes, SUFFIX_SIZES)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model.prefill_many(prompts)
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - trial_bytes
+    model.allocate_kv(1, block_size)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    share = min(gpu_memory_utilization, torch.cuda.get_per_process_memory_fraction(device))
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    room = min(total * share - peak, free + cached) - GRAPH_RESERVE
+    per_block = model.kv_bytes_per_token * block_size
+    blocks = int(room // per_block)
+    if blocks * block_size < model.max_len:
+        msg = (
+            f"Out of GPU memory for the KV cache: after the weights and working buffers "
+            f"({peak / 2**30:.2f} GiB), {max(room, 0) / 2**30:.2f} GiB are left of "
+            f"gpu_memory_utilization={gpu_memory_utilization} (card: {total / 2**30:.1f} GiB, "
+            f"free: {free / 2**30:.1f} GiB), fewer than one context window of "
+            f"{model.max_len} tokens ({model.max_len * model.kv_bytes_per_token / 2**30:.2f} "
+            "GiB). Raise gpu_memory_utilization, close what else uses the GPU, lower "
+            "max_batch_size or context_window, or load a smaller branch (revision='main'); "
+            "see 'Out of GPU memory' in docs/troubleshooting.md."
+        )
+        raise EngineOutOfMemoryError(msg)
+    return blocks
+
+
 class FastEngine(LocalEngine):
-    """Serve a `FastMistral` to any number of concurrent requests."""
+    """Serve a `FastMistral` to any number of concurrent requests over a paged KV cache."""
 
     kind = "fast"
 
     def __init__(
         self, model: FastMistral, tokenizer: Any, *, name: str, graphs: bool,
-        prefix_tokens: int = 0,
+        num_blocks: int, block_size: int = BLOCK_SIZE, prefix_caching: bool = True,
     ) -> None:  # fmt: skip
-        """Serve `model`.
+        """Serve `model` with a KV cache of `num_blocks` blocks of `block_size` positions.
 
-        `graphs` captures the decode steps as CUDA graphs; `prefix_tokens` bounds the KV cache
-        of prompt prefixes kept for reuse (0: no reuse).
+        `graphs` captures the decode steps as CUDA graphs; `prefix_caching` shares the
+        cached blocks of a prompt's prefix with later prompts that start the same way.
         """
         super().__init__(tokenizer, name=name, device=model.device, max_len=model.max_len)
         self.model = model
-        self.prefixes = PrefixCache(prefix_tokens)
-        self.sizes = [s for s in BATCH_SIZES if s < model.max_batch] + [model.max_batch]
+        model.allocate_kv(num_blocks, block_size)
+        self.blocks = BlockManager(
+            num_blocks, block_size, window=model.sliding_window, prefix_caching=prefix_caching
+        )
+        budget = DENSE_PREFILL_TOKENS if model.dense_prefill else PREFILL_TOKENS
+        self.scheduler = Scheduler(
+            self.blocks, max_batch_size=model.max_batch, max_prefill_tokens=budget
+        )
+        self.sizes = graph_sizes(model.max_batch)
         self._slots: list[DecodingRow | None] = [None] * model.max_batch
+        """The request that holds each decode row, from its admission to its end."""
+        self._sequences: list[Sequence | None] = [None] * model.max_batch
+        self._decoding = [False] * model.max_batch
+        """Rows whose prompt is computed: they decode in every step (their ``_busy`` is 1)."""
+        self._queued: dict[Sequence, DecodingRow] = {}
+        """Requests the scheduler holds that have no decode row yet."""
         self._waiting: list[DecodingRow] = []
+        """Requests handed over by callers, not yet seen by the scheduler thread."""
         self._wake = threading.Condition()
         self._tokens = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
         self._positions = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
         self._busy = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
-        """1 for rows that hold a request: only their positions advance (free rows stay at 0)."""
+        """1 for rows that decode: only their positions advance (the others stay at 0)."""
         self._sampler = BatchSampler(
             [GREEDY] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
         )
-        cuda = model.device.type == "cuda"
+        self._cuda = model.device.type == "cuda"
         self._host = [
             (
-                torch.zeros(model.max_batch, dtype=torch.long, pin_memory=cuda),
-                torch.cuda.Event() if cuda else None,
+                torch.zeros(model.max_batch, dtype=torch.long, pin_memory=self._cuda),
+                torch.cuda.Event() if self._cuda else None,
             )
             for _ in range(2)
         ]
@@ -127,11 +195,15 @@ class FastEngine(LocalEngine):
         self._flip = 0
         self._pending: tuple[Any, torch.Tensor, list[DecodingRow | None]] | None = None
         """The step in flight: its ready event, its host tokens, the rows it decoded."""
+        self.prefix_hit_tokens = 0
+        """Prompt tokens found in the prefix cache (not computed again) since the load."""
+        self._table_writes: list[tuple[int, int, int]] = []
+        """(row, entry, block) writes to the device block tables, flushed before a step."""
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._suffix_sizes = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_tokens]
+        self._suffix_sizes = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_caching]
         longest = max(self._suffix_sizes, default=0)
         self._suffix = torch.zeros((3, longest), dtype=torch.long, device=model.device)
-        """The inputs of a suffix step: tokens, their positions, their cache row."""
+        """The inputs of a suffix step: tokens, their positions, their block-table row."""
         self._suffix_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture()
@@ -144,7 +216,7 @@ class FastEngine(LocalEngine):
         """Stop the scheduler after its current step; requests still open are cancelled."""
         with self._wake:
             self._closing = True
-            for row in [*self._waiting, *self._slots]:
+            for row in [*self._waiting, *self._queued.values(), *self._slots]:
                 if row is not None:
                     row.stream.cancel()
             self._wake.notify()
@@ -152,36 +224,57 @@ class FastEngine(LocalEngine):
         if self in _running:
             _running.remove(self)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued without a decode row yet (waiting for memory or for a row)."""
+        return len(self._waiting) + len(self._queued)
+
+    def row_for(self, request: GenerationRequest) -> DecodingRow:
+        """`LocalEngine.row_for`, and a request that could never fit the KV cache is refused.
+
+        Raises:
+            ValueError: If the prompt does not fit the context window or, with its answer,
+                the whole KV cache (nothing is truncated), or is not text.
+        """
+        row = super().row_for(request)
+        self.scheduler.check_fits(len(row.prompt_ids), row.budget)
+        return row
+
     def start(self, rows: list[DecodingRow]) -> None:
-        """Queue `rows` for the scheduler, which prefills them as cache rows come free."""
+        """Queue `rows` for the scheduler, which admits them as KV blocks allow."""
         for row in rows:
             row.stream.producer = self._thread
         with self._wake:
             self._waiting.extend(rows)
             self._wake.notify()
 
-    # -- the scheduler ----------------------------------------------------------------------
+    # -- the scheduler thread -----------------------------------------------------------------
 
     def _serve(self) -> None:
         while True:
             with self._wake:
-                while not (self._waiting or any(self._slots) or self._pending or self._closing):
+                while not (
+                    self._waiting or self.scheduler.has_work or self._pending or self._closing
+                ):
                     self._wake.wait()
                 if self._closing:
                     self._fail_all(GenerationClosedError("The engine was closed."), locked=True)
                     return
-                joining = self._take_waiting()
+                arriving, self._waiting = self._waiting, []
             doing = "prefilling"
             try:
                 with torch.inference_mode():
-                    if joining:
-                        self._prefill(joining)
+                    self._submit(arriving)
                     self._release_finished()
+                    step = self.scheduler.schedule()
+                    computed = self._prefill(step.prefills) if step.prefills else []
                     doing = "decoding"
-                    if any(self._slots):
+                    if step.decodes:
+                        self._note_new_blocks(step.decodes)
                         self._step()  # launches this step, then hands out the last one's tokens
                     else:
                         self._deliver()
+                    self._start_decoding(computed)
                     self._release_finished()
             except BaseException as error:
                 logger.exception("%s failed", doing)
@@ -189,23 +282,39 @@ class FastEngine(LocalEngine):
                     error = self._out_of_memory(error, doing)
                 self._fail_all(error)
 
+    def _submit(self, rows: list[DecodingRow]) -> None:
+        """Hand `rows` to the scheduler; one that can never fit fails alone."""
+        for row in rows:
+            if row.stream.cancelled.is_set():
+                row.stream.put(None)
+                continue
+            sequence = Sequence(row.prompt_ids, row.budget)
+            try:
+                self.scheduler.submit(sequence)
+            except ValueError as error:
+                fail_row(row, error)
+                continue
+            self._queued[sequence] = row
+
     def _out_of_memory(self, error: BaseException, doing: str) -> EngineOutOfMemoryError:
         """The error every request in flight gets for `error`, saying how to fit next time.
 
-        The rows in flight cannot go on (their step is lost), but the engine can: the next
-        call starts from free rows. On CUDA, what the failed step's allocator cached goes back.
+        The requests in flight cannot go on (their step is lost), but the engine can: the
+        next call starts from free rows. On CUDA, what the failed step's allocator cached
+        goes back.
         """
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.empty_cache()
-        rows = sum(row is not None for row in self._slots) + len(self._waiting)
+        count = sum(row is not None for row in self._slots) + len(self._queued)
         model = self.model
         said = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
         dense = ", dense_prefill=False (frees the dense-prefill copy of the weights)"
         msg = (
-            f"Out of {'GPU ' if self.device.type == 'cuda' else ''}memory while {doing} "
-            f"({rows} request{'s' if rows != 1 else ''} stopped): {said}. "
-            f"To fit, load the model with a smaller batch (max_batch_size={model.max_batch} "
-            f"now), a shorter context (context_window={model.max_len} now)"
+            f"Out of {'GPU ' if cuda else ''}memory while {doing} "
+            f"({count} request{'s' if count != 1 else ''} stopped): {said}. "
+            f"To fit, load the model with a lower gpu_memory_utilization (leaves more room "
+            f"outside the KV cache), a smaller max_batch_size ({model.max_batch} now)"
             f"{dense if model.dense_prefill else ''}, or a smaller branch (revision='main', "
             "4-bit, is the smallest); see 'Out of GPU memory' in docs/troubleshooting.md. The "
             "engine stays loaded and serves the next call."
@@ -214,74 +323,122 @@ class FastEngine(LocalEngine):
         wrapped.__cause__ = error
         return wrapped
 
-    def _take_waiting(self) -> list[tuple[int, DecodingRow]]:
-        joining = []
-        free = [i for i, row in enumerate(self._slots) if row is None]
-        while self._waiting and free:
-            row = self._waiting.pop(0)
-            if row.stream.cancelled.is_set():
-                row.stream.put(None)
-                continue
-            slot = free.pop(0)
-            self._slots[slot] = row
-            joining.append((slot, row))
-        return joining
+    def _row_of(self, sequence: Sequence) -> int:
+        """The decode row of `sequence`, given the first free one on its first chunk."""
+        if sequence in self._queued:
+            self.prefix_hit_tokens += sequence.num_cached_tokens
+            slot = self._slots.index(None)
+            self._slots[slot] = self._queued.pop(sequence)
+            self._sequences[slot] = sequence
+            return slot
+        return self._sequences.index(sequence)
 
-    def _prefill(self, joining: list[tuple[int, DecodingRow]]) -> None:
-        """Prefill new requests (reusing cached prefixes); sample their first tokens."""
-        prompts = []
+    def _prefill(self, chunks: list[PrefillChunk]) -> list[tuple[int, torch.Tensor]]:
+        """Compute this step's prompt chunks; the last logits of each prompt now computed.
+
+        Their first tokens are sampled after this step's decode is launched
+        (`_start_decoding`): the decode samples every row, and must not draw from the
+        random generator of a request that is not decoding yet.
+        """
+        slots = [self._row_of(chunk.sequence) for chunk in chunks]
         last: dict[int, torch.Tensor] = {}
-        for slot, row in joining:
-            reused, keys, values = self.prefixes.longest(row.prompt_ids)
-            rest = row.prompt_ids[reused:]
-            if reused:
-                self.model.k_cache[:, slot, :reused].copy_(keys)
-                self.model.v_cache[:, slot, :reused].copy_(values)
-                if len(rest) <= max(self._suffix_sizes, default=0):
-                    last[slot] = self._prefill_suffix(slot, rest, reused)
-                    continue
-            prompts.append((slot, rest, reused))
-        budget = DENSE_PREFILL_TOKENS if self.model.dense_prefill else PREFILL_TOKENS
-        for part in _passes(prompts, budget):
-            logits = self.model.prefill_many(part)
-            last.update((slot, logits[i]) for i, (slot, _, _) in enumerate(part))
-        for slot, row in joining:
+        passes = []
+        for slot, chunk in zip(slots, chunks, strict=True):
+            rest = chunk.token_ids
+            if (
+                chunk.start
+                and chunk.completes_prompt
+                and len(rest) <= max(self._suffix_sizes, default=0)
+            ):
+                last[slot] = self._prefill_suffix(chunk.block_table, rest, chunk.start)
+            else:
+                passes.append((slot, (list(chunk.block_table), rest, chunk.start)))
+        if passes:
+            logits = self.model.prefill_many([prompt for _, prompt in passes])
+            last.update((slot, logits[i]) for i, (slot, _) in enumerate(passes))
+        return [
+            (slot, last[slot])
+            for slot, chunk in zip(slots, chunks, strict=True)
+            if chunk.completes_prompt
+        ]
+
+    def _start_decoding(self, computed: list[tuple[int, torch.Tensor]]) -> None:
+        """Sample and send the first token of each `computed` prompt.
+
+        Its row then decodes from the next step on (token, position and block table set on
+        the device).
+        """
+        for slot, logits in computed:
+            row = self._slots[slot]
+            if row is None or row.done or row.stream.cancelled.is_set():
+                continue
             try:
-                self._first_token(slot, row, last[slot])
+                self._first_token(slot, row, logits)
             except Exception as error:  # this request's settings, grammar or text: it alone
                 logger.exception("the first token of a request failed")
-                fail_row(row, error)  # its cache row is freed with the finished ones
-        for slot, row in joining:  # after the first tokens are out (decoding never writes here)
-            cache = (self.model.k_cache[:, slot], self.model.v_cache[:, slot])
-            self.prefixes.store(row.prompt_ids, *cache)
+                fail_row(row, error)  # its blocks are freed with the finished ones
+                continue
+            sequence = self._sequences[slot]
+            if row.done or sequence is None:
+                continue
+            self._tokens[slot] = sequence.token_ids[-1]
+            self._positions[slot] = sequence.num_prompt_tokens
+            self._busy[slot] = 1
+            self._decoding[slot] = True
+            self._table_writes.extend(
+                (slot, index, block) for index, block in enumerate(sequence.block_table)
+            )
+        self._flush_table_writes()
 
     def _first_token(self, slot: int, row: DecodingRow, logits: torch.Tensor) -> None:
-        """Set up cache row `slot`'s sampling for `row`, sample its first token, send it."""
+        """Set up decode row `slot`'s sampling for `row`, sample its first token, send it."""
         ids = row.prompt_ids
         self._sampler.assign(slot, row.stream.request.sampling, ids)
         allowed = grammar_mask([row], self.model.vocab_size, self.device)
         if row.done:  # its grammar failed
             return
         token = int(self._sampler.sample(logits[None], row=slot, allowed=allowed)[0])
-        self._tokens[slot] = token
-        self._positions[slot] = len(ids)
-        self._busy[slot] = 1
+        self._sequences[slot].append_token(token)  # type: ignore[union-attr]
         row.advance(token, self.eos_id)
 
-    def _prefill_suffix(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Prefill `ids` (positions ``start...``) in cache row `slot`; the last token's logits.
+    def _note_new_blocks(self, decodes: list) -> None:
+        """Write the block each decode opened this step into its row's device table."""
+        size = self.blocks.block_size
+        for decode in decodes:
+            if decode.position % size == 0:
+                slot = self._sequences.index(decode.sequence)
+                index = decode.position // size
+                self._table_writes.append((slot, index, decode.sequence.block_table[index]))
+        self._flush_table_writes()
 
-        It runs as one decode-shaped step (a captured graph on CUDA), padded to a captured size
-        with copies of the last token: they compute and write the same key and value at the same
-        position, so they change nothing.
+    def _flush_table_writes(self) -> None:
+        """Apply the pending block-table writes on the device (in stream order, no wait)."""
+        if not self._table_writes:
+            return
+        writes = torch.tensor(self._table_writes, dtype=torch.int64).T.contiguous()
+        self._table_writes.clear()
+        if self._cuda:
+            writes = writes.pin_memory().to(self.device, non_blocking=True)
+        self.model.tables[writes[0], writes[1]] = writes[2].to(torch.int32)
+
+    def _prefill_suffix(self, table: list[int], ids: list[int], start: int) -> torch.Tensor:
+        """Prefill `ids` (positions ``start...``) through block `table`; the last logits.
+
+        It runs as one decode-shaped step (a captured graph on CUDA) on the suffix row of the
+        block tables, padded to a captured size with copies of the last token: they compute
+        and write the same key and value at the same position, so they change nothing.
         """
+        row = self.model.max_batch
+        tables = self.model.tables
+        tables[row].fill_(self.model.null_block)
+        tables[row, : len(table)].copy_(torch.tensor(table, dtype=torch.int32))
         count = len(ids)
         size = next(s for s in self._suffix_sizes if s >= count)
         pad = size - count
         inputs = torch.tensor(
             [ids + ids[-1:] * pad,
              list(range(start, start + count)) + [start + count - 1] * pad,
-             [slot] * size],
+             [row] * size],
             dtype=torch.long,
         )  # fmt: skip
         self._suffix[:, :size].copy_(inputs)
@@ -302,8 +459,9 @@ class FastEngine(LocalEngine):
         grammar need their previous token before this step's can be sampled: then the
         previous step is handed out first, and the masks are computed while the step runs.
         """
-        busy = max(i for i, row in enumerate(self._slots) if row is not None) + 1
+        busy = max(i for i, decoding in enumerate(self._decoding) if decoding) + 1
         size = next(s for s in self.sizes if s >= busy)
+        rows = [row if self._decoding[i] else None for i, row in enumerate(self._slots[:size])]
         graph = self._graphs.get(size)
         if graph is None:
             logits = self.model.decode(size, self._tokens, self._positions)
@@ -311,9 +469,9 @@ class FastEngine(LocalEngine):
             graph[0].replay()
             logits = graph[1]
         allowed = None
-        if any(row is not None and row.constraint is not None for row in self._slots[:size]):
+        if any(row is not None and row.constraint is not None for row in rows):
             self._deliver()
-            allowed = grammar_mask(self._slots[:size], self.model.vocab_size, self.device)
+            allowed = grammar_mask(rows, self.model.vocab_size, self.device)
         chosen = self._sampler.sample(logits, allowed=allowed)
         self._tokens[:size] = chosen
         self._positions[:size] += self._busy[:size]
@@ -324,7 +482,7 @@ class FastEngine(LocalEngine):
         if ready is not None:
             ready.record()
         self._deliver()
-        self._pending = (ready, host, self._slots[:size])
+        self._pending = (ready, host, rows)
 
     def _deliver(self) -> None:
         """Send each row its token from the step launched last (waiting for it if needed)."""
@@ -334,37 +492,62 @@ class FastEngine(LocalEngine):
         self._pending = None
         if ready is not None:
             ready.synchronize()
-        for row, token in zip(rows, host.tolist(), strict=True):
+        for slot, (row, token) in enumerate(zip(rows, host.tolist(), strict=True)):
             if row is not None and not row.done and not row.stream.cancelled.is_set():
+                sequence = self._sequences[slot]
+                if sequence is not None and sequence.num_generated < sequence.max_new_tokens:
+                    sequence.append_token(token)
                 advance_or_fail(row, token, self.eos_id)
 
     def _release_finished(self) -> None:
+        """Free the rows and blocks of requests that ended or were cancelled."""
+        for sequence, row in list(self._queued.items()):
+            if row.stream.cancelled.is_set():
+                del self._queued[sequence]
+                self.scheduler.finish(sequence)
+                row.stream.put(None)
         for slot, row in enumerate(self._slots):
             if row is not None and (row.done or row.stream.cancelled.is_set()):
                 if not row.done:
                     row.stream.put(None)
-                self._slots[slot] = None
-                self._positions[slot] = 0
-                self._busy[slot] = 0
-                self._sampler.assign(slot, GREEDY, ())
+                self._free_row(slot)
+
+    def _free_row(self, slot: int) -> None:
+        sequence = self._sequences[slot]
+        if sequence is not None:
+            self.scheduler.finish(sequence)
+        self._slots[slot] = None
+        self._sequences[slot] = None
+        self._decoding[slot] = False
+        self._positions[slot] = 0
+        self._busy[slot] = 0
+        self.model.tables[slot].fill_(self.model.null_block)
+        self._sampler.assign(slot, GREEDY, ())
 
     def _fail_all(self, error: BaseException, *, locked: bool = False) -> None:
         with contextlib.nullcontext() if locked else self._wake:
-            rows = [row for row in self._slots if row is not None] + self._waiting
+            rows = [*self._waiting, *self._queued.values()]
             self._waiting.clear()
-        self._slots = [None] * len(self._slots)
+        for sequence in list(self._queued):
+            self.scheduler.finish(sequence)
+        self._queued.clear()
         self._pending = None
-        self._positions.zero_()
-        self._busy.zero_()
-        for slot in range(len(self._slots)):  # as `_release_finished` leaves a free row
-            self._sampler.assign(slot, GREEDY, ())
+        self._table_writes.clear()
+        for slot, row in enumerate(self._slots):
+            if row is not None:
+                rows.append(row)
+                self._free_row(slot)
         for row in rows:
             fail_row(row, error)
 
     # -- CUDA graphs ------------------------------------------------------------------------
 
     def _capture(self) -> None:
-        """Capture one decode graph per batch size (the kernels compile on the warm-up run)."""
+        """Capture one decode graph per batch size (the kernels compile on the warm-up run).
+
+        Every row's block table points at the null block while they are captured, so the
+        warm-up steps write nowhere that matters.
+        """
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         pool = None
@@ -385,5 +568,8 @@ class FastEngine(LocalEngine):
             for size in reversed(self._suffix_sizes):
                 self._suffix_graphs[size] = capture(size, *self._suffix)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.model.k_cache.zero_()  # the warm-up steps wrote into it
-        self.model.v_cache.zero_()
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    """The decode batch sizes captured for an engine of `max_batch` rows."""
+    return [s for s in BATCH_SIZES if s < max_batch] + [max_batch]

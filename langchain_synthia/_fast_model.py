@@ -213,15 +213,72 @@ class FastMistral:
         """Per layer shape: (our GEMV, the kernel's own) µs for one row, timed at load (`_race`)."""
         if self.use_kernels and (self.dense_prefill or self.kernel == "triton"):
             self._race()
-        self.cos, self.sin = _rotary_tables(config.rope_theta, self.head_dim, max_len, device)
-        shape = (len(self.layers), max_batch, max_len, self.kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=torch.float16, device=device)
-        self.v_cache = torch.zeros(shape, dtype=torch.float16, device=device)
+        self.cos, self.sin = _rotary_tables(config.rope_theta, self.head_dim, max_len + 1, device)
+        self.block_size = 0
+        """Positions a KV block holds (0 until `allocate_kv`)."""
+        self.null_block = 0
+        """A block outside the managed ones: where a decode row that holds no request writes."""
+        self.k_cache = self.v_cache = torch.empty(0, dtype=torch.float16, device=device)
+        self.tables = torch.empty((0, 0), dtype=torch.int32, device=device)
         if not self.use_kernels and self.kernel == "triton":  # CPU: dequantise once, references
             for layer in self.layers:
                 for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
                     linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
         self._buffers: dict[tuple[int, bool], dict[str, Any]] = {}
+
+    # -- the paged KV cache -------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one position takes, all layers."""
+        return len(self.layers) * 2 * self.kv_heads * self.head_dim * 2
+
+    @property
+    def blocks_per_row(self) -> int:
+        """Block-table entries of a row: enough for every position up to `max_len`."""
+        return self.max_len // self.block_size + 1
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        """(Re)allocate the KV cache as `num_blocks` blocks of `block_size` positions.
+
+        Block `num_blocks` more is the null block (`null_block`). `tables` holds one block
+        table per decode row (``max_batch`` of them) and one for a prompt's rest run as a
+        decode step (row ``max_batch``); every entry starts at the null block, so that a row
+        that holds no request reads and writes only there.
+        """
+        self.k_cache = self.v_cache = torch.empty(0)  # the old cache goes first
+        self.block_size = block_size
+        self.null_block = num_blocks
+        shape = (len(self.layers), num_blocks + 1, block_size, self.kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=torch.float16, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=torch.float16, device=self.device)
+        self.tables = torch.full((self.max_batch + 1, self.blocks_per_row), num_blocks,
+                                 dtype=torch.int32, device=self.device)  # fmt: skip
+
+    def allocate_kv_rows(self, block_size: int = 16) -> None:
+        """A KV cache in which decode row ``r`` owns blocks enough for `max_len` positions.
+
+        Its block table is ``tables[r]``, blocks ``r * blocks_per_row ...``: for driving the
+        model directly (tests, benchmarks) without a block manager.
+        """
+        self.block_size = block_size  # blocks_per_row depends on it
+        per_row = self.blocks_per_row
+        self.allocate_kv(self.max_batch * per_row, block_size)
+        blocks = torch.arange(self.max_batch * per_row, dtype=torch.int32, device=self.device)
+        self.tables[: self.max_batch] = blocks.reshape(self.max_batch, per_row)
+
+    def _gather_kv(
+        self, index: int, table: torch.Tensor, low: int, high: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values of positions ``low ... high - 1`` of a row.
+
+        The row's block `table` is a device tensor; the result is ``[high - low, KVH, D]``
+        copies.
+        """
+        positions = torch.arange(low, high, device=self.device)
+        blocks = table.long()[positions // self.block_size]
+        offsets = positions % self.block_size
+        return self.k_cache[index, blocks, offsets], self.v_cache[index, blocks, offsets]
 
     # -- linear layers ------------------------------------------------------------------------
 
@@ -295,25 +352,40 @@ class FastMistral:
 
     # -- prefill ------------------------------------------------------------------------------
 
-    def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
-        """Run `ids` (at positions ``start...``) for cache row `slot`; return the last logits."""
-        return self.prefill_many([(slot, ids, start)])[0]
+    def prefill(self, table: list[int] | int, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run `ids` (at positions ``start...``) through block `table`; return the last logits.
 
-    def prefill_many(self, prompts: list[tuple[int, list[int], int]]) -> torch.Tensor:
-        """Prefill several prompts ``(cache row, ids, start)`` in one pass; last logits each.
+        `table` is a block table, or the index of a row of `tables`.
+        """
+        return self.prefill_many([(table, ids, start)])[0]
 
-        The linear layers see all their tokens at once (one weight pass for the lot); attention
-        runs per prompt over its own cache row.
+    def prefill_many(self, prompts: list[tuple[list[int] | int, list[int], int]]) -> torch.Tensor:
+        """Prefill several prompts ``(block table, ids, start)`` in one pass; last logits each.
+
+        A prompt's tokens sit at positions ``start...``; its earlier positions are in its
+        blocks already. Each block table (or index of a row of `tables`) covers every position
+        its prompt writes. The linear layers see all the tokens at once (one weight pass for
+        the lot); attention runs per prompt over its own blocks.
         """
         device = self.device
+        lists = [table for table, _, _ in prompts if not isinstance(table, int)]
+        width = max([self.tables.shape[1], *(len(table) for table in lists)])
+        null = self.null_block
+        tables = torch.full((len(prompts), width), null, dtype=torch.int32, device=device)
+        for i, (table, _, _) in enumerate(prompts):
+            if isinstance(table, int):
+                tables[i, : self.tables.shape[1]] = self.tables[table]
+            else:
+                tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         ids = [token for _, prompt, _ in prompts for token in prompt]
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
         positions = torch.cat(
             [torch.arange(start, start + len(p), device=device) for _, p, start in prompts]
         )
-        cache_rows = torch.cat(
-            [torch.full((len(p),), slot, dtype=torch.long, device=device) for slot, p, _ in prompts]
-        )
+        rows = torch.cat(
+            [torch.full((len(p),), i, dtype=torch.long, device=device)
+             for i, (_, p, _) in enumerate(prompts)]
+        )  # fmt: skip
         residual = self.embed[tokens].clone()
         normed = torch.empty_like(residual)
         delta = None
@@ -324,13 +396,13 @@ class FastMistral:
                 else:
                     self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
                 qkv = self._linear(normed, layer.qkv)
-                q = self._rope_and_cache(index, qkv, positions, cache_rows)
+                q = self._rope_and_cache(index, qkv, positions, rows, tables)
                 attn = torch.empty_like(q)
                 offset = 0
-                for slot, prompt, start in prompts:
+                for i, (_, prompt, start) in enumerate(prompts):
                     end = offset + len(prompt)
                     attn[offset:end] = self._prefill_attention(
-                        index, slot, q[offset:end], start + len(prompt)
+                        index, tables[i], q[offset:end], start + len(prompt)
                     )
                     offset = end
                 o = self._linear(self._attention_out(attn, layer.o_order), [layer.o])
@@ -342,8 +414,10 @@ class FastMistral:
         self._norm(delta[ends], residual[ends], self.norm, last)
         return (last @ self.lm_head.T).float()
 
-    def _prefill_attention(self, index: int, slot: int, q: torch.Tensor, end: int) -> torch.Tensor:
-        """Causal attention of `q` (the last ``len(q)`` of ``end`` cached positions).
+    def _prefill_attention(
+        self, index: int, table: torch.Tensor, q: torch.Tensor, end: int
+    ) -> torch.Tensor:
+        """Causal attention of `q` (the last ``len(q)`` of ``end`` positions of block `table`).
 
         Within the sliding window (``end <= sliding_window``) every query sees every key before
         it: plain causal attention, no mask built. Past it, the queries go in chunks
@@ -353,9 +427,10 @@ class FastMistral:
 
         count = q.shape[0]
         if self.sliding_window is not None and end > self.sliding_window:
-            return self._window_attention(index, slot, q, end, self.sliding_window)
-        k = self.k_cache[index, slot, :end].transpose(0, 1)[None]  # [1, KVH, end, D]
-        v = self.v_cache[index, slot, :end].transpose(0, 1)[None]
+            return self._window_attention(index, table, q, end, self.sliding_window)
+        keys, values = self._gather_kv(index, table, 0, end)
+        k = keys.transpose(0, 1)[None]  # [1, KVH, end, D]
+        v = values.transpose(0, 1)[None]
         query = q.transpose(0, 1)[None]
         sdpa = torch.nn.functional.scaled_dot_product_attention
         if end == count:  # no cached prefix: plain causal attention
@@ -366,7 +441,7 @@ class FastMistral:
         return out[0].transpose(0, 1)  # [count, H, D]
 
     def _window_attention(
-        self, index: int, slot: int, q: torch.Tensor, end: int, window: int
+        self, index: int, table: torch.Tensor, q: torch.Tensor, end: int, window: int
     ) -> torch.Tensor:
         """`_prefill_attention` with a sliding `window`: position p sees ``p - window < j <= p``.
 
@@ -389,8 +464,9 @@ class FastMistral:
             k_pos = torch.arange(low, high, device=self.device)
             distance = q_pos[:, None] - k_pos[None, :]
             mask = (distance >= 0) & (distance < window)  # [chunk, keys]
-            k = self.k_cache[index, slot, low:high].repeat_interleave(group, dim=1)
-            v = self.v_cache[index, slot, low:high].repeat_interleave(group, dim=1)
+            keys, values = self._gather_kv(index, table, low, high)
+            k = keys.repeat_interleave(group, dim=1)
+            v = values.repeat_interleave(group, dim=1)
             query = q[first:last].transpose(0, 1)[None]  # [1, H, chunk, D]
             part = sdpa(query, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask)
             out[first:last] = part[0].transpose(0, 1)
@@ -402,14 +478,15 @@ class FastMistral:
         self, batch: int, tokens: torch.Tensor, positions: torch.Tensor,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """One token for each of the first `batch` cache rows; return logits ``[batch, V]``.
+        """One token for each of the first `batch` decode rows; return logits ``[batch, V]``.
 
-        `tokens` and `positions` are device tensors of at least `batch` entries; nothing here
-        reads them on the host, so the whole step can be captured as a CUDA graph.
+        Row ``b`` reads and writes the KV cache through block table ``tables[b]``. `tokens`
+        and `positions` are device tensors of at least `batch` entries; nothing here reads them
+        (or the tables) on the host, so the whole step can be captured as a CUDA graph.
 
-        With `rows` (a device tensor too), the tokens are several tokens of one prompt, all in
-        cache row ``rows[0]`` (every entry names that row), each attending up to its own
-        position: a short prefill (a prompt's rest after a reused prefix) that a captured graph
+        With `rows` (a device tensor too), the tokens are several tokens of one prompt, all of
+        block-table row ``rows[0]`` (every entry names that row), each attending up to its own
+        position: a short prefill (a prompt's rest after a cached prefix) that a captured graph
         can run. Attention reads the row's keys once for a block of such tokens. These steps
         keep buffers of their own.
         """
@@ -434,20 +511,23 @@ class FastMistral:
                 self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
             qkv = self._linear(normed, layer.qkv, qkv)
             caches = (self.k_cache[index], self.v_cache[index], lengths)
+            tables = self.tables
             if self.use_kernels:
                 scatter = None if layer.o_order is None else layer.o_order.scatter
                 attn = buf["attn"] if scatter is None else buf["o_in"]  # o_proj's order
                 if cache_rows is None:  # rotary and cache write inside the attention kernel
                     K.decode_attention(qkv, *caches, buf["attn_work"], attn, scatter,
-                                       rope=(self.cos, self.sin))  # fmt: skip
+                                       rope=(self.cos, self.sin), tables=tables)  # fmt: skip
                 else:  # a prompt's tokens read each other's keys: all written first
-                    q = self._rope_and_cache(index, qkv, positions, cache_rows, buf["q"])
+                    q = self._rope_and_cache(index, qkv, positions, cache_rows, tables, buf["q"])
                     K.decode_attention(q, *caches, buf["attn_work"], attn, scatter,
-                                       rows=cache_rows)  # fmt: skip
+                                       rows=cache_rows, tables=tables)  # fmt: skip
                 o_in = attn.reshape(batch, -1)
             else:
-                q = self._rope_and_cache(index, qkv, positions, rows)
-                attn = K.decode_attention_reference(q, *caches, cache_rows, self.sliding_window)
+                q = self._rope_and_cache(index, qkv, positions, rows, tables)
+                attn = K.decode_attention_reference(
+                    q, *caches, cache_rows, self.sliding_window, tables=tables
+                )
                 o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
             o = self._linear(o_in, [layer.o], o)
             self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
@@ -455,6 +535,17 @@ class FastMistral:
             delta = self._linear(gate_up, [layer.down], down, gated=True)
         self._norm(delta, residual, self.norm, normed)
         return torch.matmul(normed, self.lm_head.T, out=buf["logits"]).float()
+
+    def prepare_decode_buffers(self, sizes: list[int], suffix_sizes: tuple[int, ...]) -> None:
+        """Allocate the decode buffers now, before the KV cache takes what memory is left.
+
+        Those of decode steps of `sizes` rows and of prompt rests of `suffix_sizes` tokens.
+        """
+        for size in sizes:
+            self._decode_buffers(size)
+        for size in suffix_sizes:
+            if size <= self.max_len:
+                self._decode_buffers(size, shared=True)
 
     def _decode_buffers(self, batch: int, shared: bool = False) -> dict[str, Any]:
         key = (batch, shared)
@@ -502,7 +593,7 @@ class FastMistral:
         }
         if self.use_kernels:
             buf["attn_work"] = K.AttentionWorkspace(
-                batch, self.heads, self.kv_heads, self.head_dim, self.max_len, self.device,
+                batch, self.heads, self.kv_heads, self.head_dim, self.max_len + 1, self.device,
                 shared_rows=shared, window=self.sliding_window,
             )  # fmt: skip
         self._buffers[key] = buf
@@ -578,21 +669,27 @@ class FastMistral:
 
     def _rope_and_cache(
         self, index: int, qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-        q_out: torch.Tensor | None = None,
+        tables: torch.Tensor, q_out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Rotate q and k of each token, write k and v into its cache row; return q (fp16)."""
+        """Rotate q and k of each token and write its k and v into the cache; return q (fp16).
+
+        Token ``t`` is written at its position of block-table row ``tables[rows[t]]``.
+        """
         count = qkv.shape[0]
         if self.use_kernels:
             if q_out is None:
                 q_out = torch.empty((count, self.heads, self.head_dim), dtype=torch.float16,
                                     device=self.device)  # fmt: skip
             return K.rope_and_cache(qkv, self.cos, self.sin, positions, rows, q_out,
-                                    self.k_cache[index], self.v_cache[index])  # fmt: skip
+                                    self.k_cache[index], self.v_cache[index],
+                                    tables=tables)  # fmt: skip
         q, k, v = self._split_qkv(qkv.half(), count)
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         q, k = K.rotate(q, cos, sin), K.rotate(k, cos, sin)
-        self.k_cache[index, rows, positions] = k
-        self.v_cache[index, rows, positions] = v
+        blocks = tables[rows, positions // self.block_size].long()
+        offsets = positions % self.block_size
+        self.k_cache[index, blocks, offsets] = k
+        self.v_cache[index, blocks, offsets] = v
         return q
 
     def _split_qkv(self, qkv: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:

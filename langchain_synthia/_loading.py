@@ -57,11 +57,15 @@ class ModelSettings:
     engine: str = "auto"
     """``"fast"`` (our CUDA engine), ``"transformers"``, or ``"auto"`` (fast on CUDA)."""
     max_batch_size: int = 0
-    """Fast engine: cache rows, i.e. requests decoded at once (0 for the transformers engine)."""
+    """Fast engine: requests decoded at once at most (0 for the transformers engine)."""
     context_window: int = 0
-    """Fast engine: tokens per cache row (0 for the transformers engine)."""
-    prefix_cache_tokens: int = 0
-    """Fast engine: tokens of prompt prefixes whose KV cache is kept for reuse."""
+    """Fast engine: positions of a request, prompt and answer (0 for the transformers engine)."""
+    prefix_caching: bool = True
+    """Fast engine: share cached prompt blocks between requests."""
+    gpu_memory_utilization: float = 0.0
+    """Fast engine: the share of the GPU's memory it may use (0 for the transformers engine)."""
+    kv_cache_tokens: int | None = None
+    """Fast engine: KV positions to allocate (None: sized from `gpu_memory_utilization`)."""
     dense_prefill: bool | None = None
     """Fast engine with Marlin: keep a second weight copy for cuBLAS prefills (None: if room)."""
 
@@ -412,7 +416,7 @@ def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str)
             flush=True,
         )
     return FastMistral(
-        folder, target, max_batch=settings.max_batch_size or 8,
+        folder, target, max_batch=settings.max_batch_size or 64,
         max_len=settings.context_window or 4096, kernel=kernel,
         dense_prefill=settings.dense_prefill,
     )  # fmt: skip
@@ -423,7 +427,14 @@ def _load_fast(
 ) -> LocalEngine:
     import torch
 
-    from langchain_synthia._fast_engine import FastEngine
+    from langchain_synthia._fast_engine import (
+        BLOCK_SIZE,
+        DENSE_PREFILL_TOKENS,
+        PREFILL_TOKENS,
+        FastEngine,
+        graph_sizes,
+        kv_cache_blocks,
+    )
 
     logger.info("Loading %s on %s with the fast engine", folder, device)
     target = torch.device(device)
@@ -447,7 +458,14 @@ def _load_fast(
             raise
         logger.warning("gptqmodel's Marlin kernel is unavailable (%s): using Triton kernels", error)
         model = _fast_model(settings, folder, target, "triton")
+    blocks = kv_cache_blocks(
+        model, block_size=BLOCK_SIZE,
+        prefill_tokens=DENSE_PREFILL_TOKENS if model.dense_prefill else PREFILL_TOKENS,
+        graph_sizes=graph_sizes(model.max_batch),
+        gpu_memory_utilization=settings.gpu_memory_utilization or 0.9,
+        kv_cache_tokens=settings.kv_cache_tokens,
+    )  # fmt: skip
     return FastEngine(
         model, _tokenizer(folder), name=settings.model, graphs=target.type == "cuda",
-        prefix_tokens=settings.prefix_cache_tokens,
+        num_blocks=blocks, block_size=BLOCK_SIZE, prefix_caching=settings.prefix_caching,
     )  # fmt: skip

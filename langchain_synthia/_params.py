@@ -94,7 +94,9 @@ NOT_IN_CACHE_KEY = {
     "timeout": "ends a call with an error, never with another answer",
     "max_retries": "repeats a request that got no answer",
     "max_batch_size": "how many requests decode at once, not what each one answers",
-    "prefix_cache_tokens": "reuses a prompt prefix's KV cache instead of recomputing it",
+    "prefix_caching": "shares a prompt prefix's KV cache instead of recomputing it",
+    "gpu_memory_utilization": "how much GPU memory the engine takes, not what it computes",
+    "kv_cache_tokens": "how much KV memory the engine takes, not what it computes",
     "cache_dir": "where the files of `model` at `revision` are kept",
     "local_files_only": "whether the files of `model` at `revision` may be downloaded",
     "streaming": "whether `invoke` streams the same answer",
@@ -150,21 +152,30 @@ class SynthiaParams(BaseModel):
     """``"fast"``: langchain-synthia's CUDA engine (static KV cache, CUDA graphs, Triton GPTQ
     kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);
     ``"auto"``: fast on CUDA, transformers elsewhere."""
-    prefix_cache_tokens: Annotated[int, Number] = Field(default=0, ge=0)
-    """Fast engine: tokens of prompt prefixes (system message, tools, documents) whose KV
-    cache is kept (128 KiB each) so that a later prompt that starts the same way skips them;
-    least recently used first out. Off (0) by default because it costs GPU memory; on an
-    H100 a call sharing a 1,500-token system message got its first token in 11.4 ms against
-    50.1 ms for the first call (docs/benchmarks.md)."""
+    prefix_caching: bool = True
+    """Fast engine: share the KV blocks of a prompt's prefix (system message, tools,
+    documents) with later prompts that start with the same tokens, so that they skip
+    computing it (answers are the same with and without a hit). Unused cached blocks are
+    evicted, least recently used first, only when memory is needed. ``False`` computes every
+    prompt in full."""
+    gpu_memory_utilization: Annotated[float, Number] = Field(default=0.9, gt=0.0, le=1.0)
+    """Fast engine: the share of the GPU's memory the engine may use (weights, working
+    buffers and KV cache, which takes what is left); the rest stays free for other processes.
+    A smaller ``torch.cuda.set_per_process_memory_fraction`` also bounds it
+    (docs/loading.md)."""
+    kv_cache_tokens: Annotated[int | None, Number] = Field(default=None, ge=16)
+    """Fast engine: positions of KV cache to allocate, instead of sizing it from
+    ``gpu_memory_utilization`` (``None``)."""
     dense_prefill: bool | None = None
     """Fast engine with Marlin: also keep the quantised weights in a layout that a prefill of
     256 or more tokens dequantises for cuBLAS (Hopper's tensor cores; 1.25x Marlin's speed at
     512 tokens, 1.7x at 2,048 on an H100), at the cost of a second copy of the weights in GPU
     memory (3.6 GiB for 4-bit). ``None`` keeps it on a Hopper GPU (where it was measured) with
     four times the checkpoint's size free, so a small card keeps its memory for the KV cache."""
-    max_batch_size: Annotated[int, Number] = Field(default=8, ge=1, le=256)
-    """Fast engine: requests decoded together at most (each holds a KV-cache row of
-    ``context_window`` tokens: 512 MiB at 4096 tokens)."""
+    max_batch_size: Annotated[int, Number] = Field(default=64, ge=1, le=256)
+    """Fast engine: the most requests decoded at once. KV memory is held by the token, not
+    by the request, so how many run at once is bounded by the tokens they need and by this
+    cap; the others wait in the queue until memory frees up."""
 
     base_url: str | None = Field(default_factory=lambda: os.environ.get("SYNTHIA_BASE_URL") or None)
     """Remote mode: the ``/v1`` URL of an OpenAI-compatible server that serves Synthia (vLLM,
@@ -340,7 +351,9 @@ class SynthiaParams(BaseModel):
             engine=engine,
             max_batch_size=self.max_batch_size if fast else 0,
             context_window=self.context_window if fast else 0,
-            prefix_cache_tokens=self.prefix_cache_tokens if fast else 0,
+            prefix_caching=self.prefix_caching if fast else True,
+            gpu_memory_utilization=self.gpu_memory_utilization if fast else 0.0,
+            kv_cache_tokens=self.kv_cache_tokens if fast else None,
             dense_prefill=self.dense_prefill if fast else None,
         )
 

@@ -9,7 +9,28 @@ The bookkeeping is plain Python and imports no torch, so that it is unit-tested 
 - `scheduler`: waiting and running requests; each step, which requests prefill (a chunk of
   their prompt, within a token budget per pass) and which decode (within `max_batch_size`).
 
-The fast engine (`langchain_synthia._fast_engine`) does not run on these parts yet: its KV
-cache is still one row of ``context_window`` positions per request. They are tested on their
-own (tests/unit_tests/test_blocks.py, test_scheduler.py).
+The fast engine (`langchain_synthia._fast_engine.FastEngine`) runs on them; they are also
+tested on their own (tests/unit_tests/test_blocks.py, test_scheduler.py).
 """
+
+from langchain_synthia.engine.blocks import Block, BlockManager, block_hash
+from langchain_synthia.engine.scheduler import (
+    DecodeToken,
+    PrefillChunk,
+    ScheduledStep,
+    Scheduler,
+)
+from langchain_synthia.engine.sequence import RELEASED, Sequence, SequenceStatus
+
+__all__ = [
+    "RELEASED",
+    "Block",
+    "BlockManager",
+    "DecodeToken",
+    "PrefillChunk",
+    "ScheduledStep",
+    "Scheduler",
+    "Sequence",
+    "SequenceStatus",
+    "block_hash",
+]

@@ -119,21 +119,31 @@ class Scheduler:
         if sequence.status is not SequenceStatus.WAITING or sequence in self._waiting:
             msg = f"{sequence!r} was submitted before."
             raise ValueError(msg)
+        sequence.peak_blocks = self.check_fits(sequence.num_prompt_tokens, sequence.max_new_tokens)
+        self._waiting.append(sequence)
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The peak blocks of a request of `prompt_tokens` and `max_new_tokens`.
+
+        Raises:
+            ValueError: If that is more than the whole cache holds; the message names the
+                numbers and the fixes.
+        """
         blocks = self.blocks
-        need = blocks.peak_blocks(sequence.max_len, self.max_prefill_tokens)
+        need = blocks.peak_blocks(prompt_tokens + max_new_tokens, self.max_prefill_tokens)
         if need > blocks.num_blocks:
             window = "" if blocks.window is None else f", under a sliding window of {blocks.window}"
             msg = (
-                f"This request can never fit the KV cache: its {sequence.num_prompt_tokens} "
-                f"prompt tokens plus max_new_tokens={sequence.max_new_tokens}{window} need up "
-                f"to {need} blocks of {blocks.block_size} tokens ({need * blocks.block_size} "
-                f"tokens) at once, but the whole cache holds {blocks.num_blocks} blocks "
+                f"This request can never fit the KV cache: its {prompt_tokens} prompt tokens "
+                f"plus {max_new_tokens} new tokens (max_tokens){window} need up to {need} "
+                f"blocks of {blocks.block_size} tokens ({need * blocks.block_size} tokens) at "
+                f"once, but the whole cache holds {blocks.num_blocks} blocks "
                 f"({blocks.num_blocks * blocks.block_size} tokens). Shorten the prompt, lower "
-                "max_new_tokens, or give the KV cache more memory."
+                "max_tokens, or give the KV cache more memory (gpu_memory_utilization, "
+                "kv_cache_tokens); see docs/troubleshooting.md."
             )
             raise ValueError(msg)
-        sequence.peak_blocks = need
-        self._waiting.append(sequence)
+        return need
 
     def finish(self, sequence: Sequence) -> None:
         """Retire `sequence` (done, or cancelled): it leaves the queue or frees its blocks.

@@ -90,7 +90,9 @@ def allocated_gpu_bytes() -> int:
 
 
 def is_idle(engine: Any) -> bool:
-    return all(row is None for row in engine._slots) and not engine._waiting and not engine._pending
+    return (
+        all(row is None for row in engine._slots) and not engine.num_waiting and not engine._pending
+    )
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
@@ -255,7 +257,7 @@ def all_at_once(chat: ChatSynthia, jobs: list[Job]) -> Round:
 
     workers = [threading.Thread(target=thread_caller, args=(job,)) for job in callers]
     workers.append(threading.Thread(target=task_driver, name="asyncio-driver"))
-    with step_log(engine, lambda e: (len(busy_rows(e)), len(e._waiting))) as steps:
+    with step_log(engine, lambda e: (len(busy_rows(e)), e.num_waiting)) as steps:
         began = time.monotonic()
         for worker in workers:
             worker.start()
@@ -265,7 +267,7 @@ def all_at_once(chat: ChatSynthia, jobs: list[Job]) -> Round:
         stuck = [worker.name for worker in workers if worker.is_alive()]
         assert not stuck, f"deadlock: {len(stuck)} callers still waiting after {DEADLINE} s"
         assert not errors, errors
-        assert wait_until(lambda: is_idle(engine)), (engine._slots, engine._waiting)
+        assert wait_until(lambda: is_idle(engine)), (engine._slots, engine.num_waiting)
     assert len(steps.submitted) == 64
     steps.submitted.clear()  # the log's own hold on the rows (counted by the caller)
     return Round(results, steps, took)
@@ -306,7 +308,7 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
     # nothing left behind: the engine idle, no extra thread, no stream or row alive, the GPU
     # allocator holding what it held before
     assert engine._slots == [None] * ROWS
-    assert engine._waiting == []
+    assert engine.num_waiting == 0
     assert engine._pending is None
     assert engine._thread.is_alive()
     settled = wait_until(lambda: threading.active_count() <= threads_before)

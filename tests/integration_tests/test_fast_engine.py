@@ -8,7 +8,6 @@ scheduler (continuous batching, queueing, cancellation) behind ``ChatSynthia(eng
 
 import asyncio
 import contextlib
-import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +34,11 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def fast_model(tiny_model: str, max_batch: int = 4, max_len: int = 256) -> FastMistral:
     """A model of our own (the engines' models belong to their scheduler threads)."""
-    return FastMistral(Path(tiny_model), torch.device(DEVICE), max_batch=max_batch, max_len=max_len)
+    model = FastMistral(
+        Path(tiny_model), torch.device(DEVICE), max_batch=max_batch, max_len=max_len
+    )
+    model.allocate_kv_rows()
+    return model
 
 
 def prompt_ids(tiny_model: str, question: str) -> list[int]:
@@ -295,13 +298,13 @@ def test_answer_is_capped_by_the_cache_length(tiny_model: str) -> None:
 
 
 def prefix_chats(tiny_model: str, documents: int, max_tokens: int) -> tuple:
-    """A system message of `documents` lines, and two chats: with a prefix cache, without."""
+    """A system message of `documents` lines, and two chats: with prefix caching, without."""
     docs = " ".join(
         f"Document {i}: rockets carry payloads to orbit in stages." for i in range(documents)
     )
     settings = {"model": tiny_model, "device": DEVICE, "engine": "fast", "temperature": 0,
                 "max_tokens": max_tokens, "stop_at_user_turn": False, "timeout": 30}  # fmt: skip
-    return docs, ChatSynthia(**settings, prefix_cache_tokens=8192), ChatSynthia(**settings)
+    return docs, ChatSynthia(**settings), ChatSynthia(**settings, prefix_caching=False)
 
 
 @contextlib.contextmanager
@@ -324,15 +327,15 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(tiny_model: str) -> None:
     second = [SystemMessage(docs), HumanMessage("How many stages are there?")]
     assert cached.invoke(first).content == plain.invoke(first).content
     engine = cached._engine_for(cached.model, cached.revision)
-    before = engine.prefixes.reused_tokens
+    before = engine.prefix_hit_tokens
     with suffix_steps(engine) as rests:
         answer = cached.invoke(second)
-    assert engine.prefixes.reused_tokens - before >= 512  # most of the ~1,000-token prefix
+    assert engine.prefix_hit_tokens - before >= 512  # most of the ~1,000-token prefix
     assert len(rests) == 1  # the rest of the prompt: one decode-shaped step
     assert 0 < len(rests[0]) <= 128
     assert answer.content == plain.invoke(second).content
     assert answer.usage_metadata == plain.invoke(second).usage_metadata
-    assert plain._engine_for(plain.model, plain.revision).prefixes.hits == 0
+    assert plain._engine_for(plain.model, plain.revision).prefix_hit_tokens == 0
 
 
 def test_a_long_rest_after_a_shared_prefix_is_prefilled_in_passes(tiny_model: str) -> None:
@@ -346,10 +349,10 @@ def test_a_long_rest_after_a_shared_prefix_is_prefilled_in_passes(tiny_model: st
     engine = cached._engine_for(cached.model, cached.revision)
     long_question = "Explain every stage in turn, with its fuel and its engines. " * 20
     second = [SystemMessage(docs), HumanMessage(long_question)]
-    before = engine.prefixes.reused_tokens
+    before = engine.prefix_hit_tokens
     with suffix_steps(engine) as rests:
         answer = cached.invoke(second)
-    reused = engine.prefixes.reused_tokens - before
+    reused = engine.prefix_hit_tokens - before
     assert reused > 0  # the system message was reused
     prompt_tokens = answer.usage_metadata["input_tokens"]
     assert prompt_tokens - reused > max(SUFFIX_SIZES)  # a rest no captured step holds
@@ -380,17 +383,21 @@ def test_dense_prefill_is_a_marlin_option_and_reaches_the_model(tiny_model: str)
 
 def test_long_prompts_prefilled_in_pieces_give_the_same_logits(tiny_model: str) -> None:
     """A prompt cut across passes (attention over its own earlier pieces) equals one pass."""
-    from langchain_synthia._fast_engine import _passes
-
     model = fast_model(tiny_model, max_batch=2)
     ids = prompt_ids(tiny_model, "Explain in detail how rockets reach orbit, stage by stage.")
     whole = model.prefill(0, ids)
     last = None
-    for part in _passes([(1, ids, 0)], budget=7):
-        assert sum(len(piece) for _, piece, _ in part) <= 7
-        last = model.prefill_many(part)[-1]
+    for start in range(0, len(ids), 7):
+        last = model.prefill(1, ids[start : start + 7], start)
     assert rel(last, whole) < LOGITS_REL
     assert int(last.argmax()) == int(whole.argmax())
+
+
+def row_keys(model: FastMistral, row: int, count: int) -> torch.Tensor:
+    """The keys of positions ``0 ... count - 1`` of decode row `row`, every layer."""
+    positions = torch.arange(count, device=model.device)
+    blocks = model.tables[row].long()[positions // model.block_size]
+    return model.k_cache[:, blocks, positions % model.block_size]
 
 
 def test_a_prompts_rest_as_one_decode_step_equals_its_prefill(tiny_model: str) -> None:
@@ -409,33 +416,19 @@ def test_a_prompts_rest_as_one_decode_step_equals_its_prefill(tiny_model: str) -
     logits = model.decode(size, tokens, positions, rows)
     assert rel(logits[len(rest) - 1], whole) < LOGITS_REL
     assert int(logits[len(rest) - 1].argmax()) == int(whole.argmax())
-    # the cache row now holds what a prefill of the whole prompt writes; the other row is intact
-    assert rel(model.k_cache[:, 1, : len(ids)], model.k_cache[:, 2, : len(ids)]) < LOGITS_REL
-    assert not model.k_cache[:, 0].any()
+    # row 1's blocks now hold what a prefill of the whole prompt writes; row 0's are intact
+    assert rel(row_keys(model, 1, len(ids)), row_keys(model, 2, len(ids))) < LOGITS_REL
+    assert not row_keys(model, 0, model.max_len).any()
     # earlier tokens of the rest got their own positions' logits too
     assert rel(logits[0], model.prefill(2, ids[: start + 1])) < LOGITS_REL
 
 
-def test_passes_keep_every_token_in_order_and_within_budget() -> None:
-    from langchain_synthia._fast_engine import _passes
-
-    prompts = [(0, list(range(10)), 0), (1, [100, 101, 102], 5), (2, list(range(200, 209)), 0)]
-    passes = _passes(prompts, budget=4)
-    assert all(sum(len(ids) for _, ids, _ in part) <= 4 for part in passes)
-    for slot, ids, start in prompts:
-        pieces = [(s, p) for part in passes for row, p, s in part if row == slot]
-        assert [token for _, p in pieces for token in p] == ids  # nothing lost or reordered
-        assert pieces[0][0] == start
-        assert all(b == a + len(p) for (a, p), (b, _) in itertools.pairwise(pieces))
-
-
 def test_a_long_prompt_answers_as_in_one_pass(tiny_model: str, monkeypatch) -> None:
-    from langchain_synthia import _fast_engine
-
     question = "Explain in detail how rockets reach orbit, stage by stage, with numbers."
-    chat = fast_chat(tiny_model, max_tokens=12)
+    chat = fast_chat(tiny_model, max_tokens=12, prefix_caching=False)
     whole = chat.invoke(question)
-    monkeypatch.setattr(_fast_engine, "PREFILL_TOKENS", 5)  # read at each prefill: several passes
+    engine = chat._engine_for(chat.model, chat.revision)
+    monkeypatch.setattr(engine.scheduler, "max_prefill_tokens", 5)  # chunks of 5 tokens
     cut = chat.invoke(question)
     assert cut.content == whole.content
     assert cut.usage_metadata == whole.usage_metadata

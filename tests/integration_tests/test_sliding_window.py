@@ -179,6 +179,7 @@ def test_logits_match_transformers_past_the_window(window_model: str) -> None:
     7 tokens (each attending to cached keys), and 12 decode steps; every step's logits."""
     reference = engine_of(window_model, "transformers")
     model = FastMistral(Path(window_model), torch.device(DEVICE), max_batch=2, max_len=128)
+    model.allocate_kv_rows()
     ids = reference.encode(render_messages([SystemMessage(DOCUMENTS), HumanMessage(QUESTIONS[4])]))
     assert len(ids) > 6 * WINDOW
     cache_arg = reference._cache_arg
@@ -216,6 +217,7 @@ def test_a_prefill_past_the_window_attends_in_chunks_of_bounded_size(
     from langchain_synthia import _fast_model
 
     model = FastMistral(Path(window_model), torch.device(DEVICE), max_batch=1, max_len=128)
+    model.allocate_kv_rows()
     ids = engine_of(window_model, "transformers").encode(
         render_messages([SystemMessage(DOCUMENTS), HumanMessage(QUESTIONS[4])])
     )
@@ -270,29 +272,31 @@ def test_greedy_answers_equal_transformers_in_a_batch_of_rows_at_different_lengt
 def test_a_prompts_rest_after_a_reused_prefix_attends_within_the_window(
     window_model: str, transformers_answers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With prefix reuse, a second call's rest (tokens past the shared system message) runs as
-    one decode-shaped step, each of its tokens its own window; the answers stay the same."""
-    chat = chat_of(window_model, "fast", prefix_cache_tokens=8192)
+    """With prefix caching, a second call's rest (tokens past the shared system message) runs
+    as one decode-shaped step, each of its tokens its own window; the answers stay the same."""
+    chat = chat_of(window_model, "fast")
     engine = chat._engine_for(chat.model, chat.revision)
-    first, second = ([SystemMessage(DOCUMENTS), HumanMessage(q)] for q in reversed(WITH_DOCUMENTS))
+    first = [SystemMessage(DOCUMENTS), HumanMessage(WITH_DOCUMENTS[1])]
     assert chat.invoke(first).content == transformers_answers[f"docs: {WITH_DOCUMENTS[1]}"]
+    question = "Which of these documents talks about a bicycle, and what does it say about it?"
+    second = [SystemMessage(DOCUMENTS), HumanMessage(question)]
     rests: list = []
     run = engine._prefill_suffix
     monkeypatch.setattr(engine, "_prefill_suffix", lambda *a: rests.append(a[1]) or run(*a))
+    before = engine.prefix_hit_tokens
     answer = chat.invoke(second)
-    assert engine.prefixes.reused_tokens >= 3 * WINDOW  # the system message, reused
+    assert engine.prefix_hit_tokens - before >= 3 * WINDOW  # the system message, shared
     assert len(rests) == 1  # the rest: one decode-shaped step
     assert len(rests[0]) > WINDOW  # longer than the window: each token its own
-    assert answer.content == transformers_answers[f"docs: {WITH_DOCUMENTS[0]}"]
+    assert answer.content == chat_of(window_model, "transformers").invoke(second).content
 
 
 def test_a_prompt_prefilled_in_passes_answers_as_transformers(
     window_model: str, transformers_answers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Passes of 5 tokens: each attends to the cached keys of the pieces before, windowed."""
-    from langchain_synthia import _fast_engine
-
-    chat = chat_of(window_model, "fast")
-    monkeypatch.setattr(_fast_engine, "PREFILL_TOKENS", 5)  # read at each prefill
+    chat = chat_of(window_model, "fast", prefix_caching=False)
+    engine = chat._engine_for(chat.model, chat.revision)
+    monkeypatch.setattr(engine.scheduler, "max_prefill_tokens", 5)  # chunks of 5 tokens
     question = QUESTIONS[-1]
     assert chat.invoke(question).content == transformers_answers[question]

@@ -107,12 +107,12 @@ def test_the_queue_is_first_come_first_served() -> None:
 
 def test_a_request_that_can_never_fit_is_refused_with_the_numbers() -> None:
     sched = scheduler(4)
-    with pytest.raises(ValueError, match=r"12 prompt tokens plus max_new_tokens=8") as error:
+    with pytest.raises(ValueError, match=r"12 prompt tokens plus 8 new tokens \(max_tokens\)") as error:
         submitted(sched, [1] * 12, 8)
     message = str(error.value)
     assert "5 blocks of 4 tokens (20 tokens)" in message
     assert "holds 4 blocks (16 tokens)" in message
-    assert "lower max_new_tokens" in message
+    assert "lower max_tokens" in message
     assert not sched.has_work
     submitted(sched, [1] * 12, 4)  # 16 positions fit exactly
 
