@@ -614,7 +614,7 @@ if triton is not None:
         (Mistral's sliding window). The splits cut the keys from the first one any query of the
         tile reads, so keys below it cost nothing, and the last split takes whatever is left.
 
-        With `ROPE` (one query a cache row, so no `HAS_ROWS`), `q_ptr` is the step's q/k/v
+        With `ROPE` (one query a table row, so no `HAS_ROWS`), `q_ptr` is the step's q/k/v
         projection and each query is at position ``length - 1``: q is rotated here, and the
         split holding a query's position writes that token's rotated k and its v into the
         cache (then reads them with the rest), as `_rope_cache_kernel` would have before.
@@ -628,7 +628,7 @@ if triton is not None:
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        if not AHEAD:  # the queries and the cache rows come from the kernels just before
+        if not AHEAD:  # the queries and the cache's keys come from the kernels just before
             _after_previous(PDL)
         per_query: tl.constexpr = GROUP_PAD // PER_BLOCK
         offs_r = tl.arange(0, GROUP_PAD)
@@ -812,8 +812,9 @@ class AttentionWorkspace:
     need many parts to fill the GPU; many rows fill it anyway, and every part costs the combine
     a read: so 32 parts up to 8 query blocks, down to 4 parts from 64 (unless `splits` is given).
 
-    `window` is the model's sliding window (``None``: none): a query reads at most that many
-    keys, so the parts cut the last `window` keys instead of all `max_len`.
+    `max_len` is the most keys a query has (the positions a block-table row holds). `window` is
+    the model's sliding window (``None``: none): a query reads at most that many keys, so the
+    parts cut the last `window` keys instead of all `max_len`.
     """
 
     def __init__(
@@ -831,7 +832,7 @@ class AttentionWorkspace:
         self.group = heads // kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
         self.per_block = self.group_pad // self.group
-        """Queries of one prompt (one cache row) that a program's tile holds together."""
+        """Queries of one prompt (one table row) that a program's tile holds together."""
         blocks = triton.cdiv(batch, self.per_block) if shared_rows else batch
         self.splits = splits or max(4, min(32, triton.next_power_of_2(256 // blocks + 1) // 2))
         self.window = max_len if window is None else min(window, max_len)
@@ -881,7 +882,7 @@ def decode_attention(
     programs' tokens write (`rope_and_cache` first).
     """
     if rope is not None and rows is not None:
-        msg = "decode_attention: rope= needs one query a cache row; with rows=, run rope_and_cache"
+        msg = "decode_attention: rope= needs one query a table row; with rows=, run rope_and_cache"
         raise ValueError(msg)
     batch = q.shape[0]
     kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
