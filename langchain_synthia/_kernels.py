@@ -3,11 +3,18 @@
 * `gptq_linear`: GPTQ int4/int8 (act order, any group size) times activations, fp32 out,
   accumulated with atomics (split-K) into a zeroed buffer. One kernel for a single row
   (CUDA cores, wide loads) and one for several rows (dequantised tiles into tensor cores).
-* `decode_attention`: one query token per row against its rows of the static KV cache,
-  lengths read on the device (CUDA-graph safe), split over the sequence (flash-decoding).
+* `decode_attention`: one query token per row against its keys in the paged KV cache,
+  lengths and block tables read on the device (CUDA-graph safe), split over the sequence
+  (flash-decoding).
 * `add_rms_norm`: residual add + RMSNorm in one pass, with transformers' rounding.
 * `rope_and_cache`: rotary embedding of q and k, and the k/v write into the cache (prefill;
   a decode step does both inside `decode_attention`).
+
+A layer's KV cache is a pool of blocks, ``[N, S, KVH, D]`` (`N` blocks of `S` positions), and
+each sequence has a row of a block table (int32): its position ``p`` is in block
+``table[p // S]`` at offset ``p % S``. Without tables, row ``r`` is block ``r``
+(`identity_tables`), so a cache ``[R, max_len, KVH, D]`` of one row a request reads as one
+block a row.
 
 On Hopper (and newer) GPUs the decode-step kernels launch with programmatic dependent launch
 (`pdl`), so that each can start while the kernel before it drains.
@@ -585,37 +592,43 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, acc_ptr, stats_ptr, cos_ptr, sin_ptr,
-        queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, scale, window,
-        SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, lengths_ptr, rows_ptr, tables_ptr, acc_ptr, stats_ptr, cos_ptr,
+        sin_ptr, queries, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_t, scale,
+        window, SPLIT_LEN: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
         HAS_ROWS: tl.constexpr, PER_BLOCK: tl.constexpr, ROPE: tl.constexpr,
-        AHEAD: tl.constexpr, PDL: tl.constexpr,
+        PAGE: tl.constexpr, PAGED: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One split of the keys for `PER_BLOCK` queries and the `GROUP` heads of a KV head.
 
         The tile has `GROUP_PAD` rows: one query's heads (padded) in a decode step, or the
-        heads of `PER_BLOCK` consecutive queries of one prompt (one cache row, each query up to
-        its own length), so that they read each key block once.
+        heads of `PER_BLOCK` consecutive queries of one prompt (one block-table row, each query
+        up to its own length), so that they read each key block once.
+
+        The caches are blocks of `PAGE` positions. With `PAGED`, position ``p`` of the tile's
+        table row ``r`` is in block ``tables[r, p // PAGE]`` (`stride_t` apart a row), at offset
+        ``p % PAGE``; only the entries of the positions read are loaded. Without, row ``r`` is
+        block ``r`` (`identity_tables`, without a table in memory).
 
         A query of length n (at position ``n - 1``) reads the keys at ``n - window ... n - 1``
         (Mistral's sliding window). The splits cut the keys from the first one any query of the
         tile reads, so keys below it cost nothing, and the last split takes whatever is left.
 
-        With `ROPE` (one query a cache row, so no `HAS_ROWS`), `q_ptr` is the step's q/k/v
+        With `ROPE` (one query a table row, so no `HAS_ROWS`), `q_ptr` is the step's q/k/v
         projection and each query is at position ``length - 1``: q is rotated here, and the
         split holding a query's position writes that token's rotated k and its v into the
         cache (then reads them with the rest), as `_rope_cache_kernel` would have before.
 
-        With `AHEAD` (and `ROPE`): the other keys were written before the step began (by
-        earlier steps or the prefill), so the first block of keys and values is read before
-        the wait, like the GEMVs' weights, and each next one once the block before is summed;
-        the token's own k and v come from registers, not from the cache.
+        With `AHEAD` (and `ROPE`): the other keys and the block tables were written before the
+        step began (by earlier steps or the prefill, and the host), so the first block of keys
+        and values is read before the wait, like the GEMVs' weights, and each next one once the
+        block before is summed; the token's own k and v come from registers, not from the
+        cache.
         """
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        if not AHEAD:  # the queries and the cache rows come from the kernels just before
+        if not AHEAD:  # the queries and the cache's keys come from the kernels just before
             _after_previous(PDL)
         per_query: tl.constexpr = GROUP_PAD // PER_BLOCK
         offs_r = tl.arange(0, GROUP_PAD)
@@ -631,11 +644,16 @@ if triton is not None:
         last = tl.max(length, axis=0)
         end = tl.where(split == SPLITS - 1, last, tl.minimum(start + SPLIT_LEN, last))
         first = block * PER_BLOCK
-        cache_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first
-        base = cache_row * stride_cb + kv_head * stride_ch
+        table_row = tl.load(rows_ptr + first).to(tl.int64) if HAS_ROWS else first.to(tl.int64)
+        k_ptr += kv_head * stride_ch
+        v_ptr += kv_head * stride_ch
+        table = tables_ptr + table_row * stride_t  # PAGED; else the row is the block
         q_rows = q_ptr + query[:, None] * stride_qb + heads[:, None] * stride_qh
-        if AHEAD:  # the step's lengths and the earlier tokens' keys: written before the step
-            k_ahead, v_ahead = _kv_block(k_ptr, v_ptr, base, start, end, stride_cs, offs_d, BLOCK_S)
+        if AHEAD:  # the step's lengths, tables and earlier tokens' keys: written before the step
+            k_ahead, v_ahead = _kv_block(
+                k_ptr, v_ptr, table, table_row, start, end, stride_cb, stride_cs, offs_d,
+                BLOCK_S, PAGE, PAGED,
+            )  # fmt: skip
             _after_previous(PDL)
         if ROPE:
             q = _rotated(q_rows, length - 1, cos_ptr, sin_ptr, valid, HEAD_DIM)
@@ -647,7 +665,12 @@ if triton is not None:
                              position, cos_ptr, sin_ptr, here, HEAD_DIM)  # fmt: skip
             v_rows = k_rows + (kv_heads + kv_head) * stride_qh + offs_d[None, :]
             v_new = tl.load(v_rows, mask=here[:, None], other=0.0).to(tl.float16)
-            at = base + position[:, None] * stride_cs + offs_d[None, :]
+            if PAGED:
+                page = tl.load(table + position // PAGE, mask=here, other=0).to(tl.int64)
+            else:
+                page = table_row + tl.zeros([1], tl.int64)
+            at = page[:, None] * stride_cb + (position % PAGE)[:, None] * stride_cs
+            at = at + offs_d[None, :]
             tl.store(k_ptr + at, k_new, mask=here[:, None])
             tl.store(v_ptr + at, v_new, mask=here[:, None])
             if not AHEAD:  # read back below with the other keys
@@ -664,7 +687,10 @@ if triton is not None:
                 mine = (offs_s == position)[:, None]
                 k, v = tl.where(mine, k_new, k_ahead), tl.where(mine, v_new, v_ahead)
             else:
-                k, v = _kv_block(k_ptr, v_ptr, base, s0, end, stride_cs, offs_d, BLOCK_S)
+                k, v = _kv_block(
+                    k_ptr, v_ptr, table, table_row, s0, end, stride_cb, stride_cs, offs_d,
+                    BLOCK_S, PAGE, PAGED,
+                )  # fmt: skip
             scores = tl.dot(q, tl.trans(k)) * scale
             seen = mask_s[None, :] & (offs_s[None, :] < length[:, None])  # this split, causal
             seen = seen & (offs_s[None, :] >= length[:, None] - window)  # the sliding window
@@ -678,8 +704,9 @@ if triton is not None:
             m_i = m_new
             if AHEAD:  # the next block, once this one is done with (registers for one block)
                 k_ahead, v_ahead = _kv_block(
-                    k_ptr, v_ptr, base, s0 + BLOCK_S, end, stride_cs, offs_d, BLOCK_S
-                )
+                    k_ptr, v_ptr, table, table_row, s0 + BLOCK_S, end, stride_cb, stride_cs,
+                    offs_d, BLOCK_S, PAGE, PAGED,
+                )  # fmt: skip
         row = (query * tl.num_programs(1) + kv_head) * SPLITS + split
         slot = row * GROUP_PAD + g
         out = acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :]
@@ -688,14 +715,28 @@ if triton is not None:
         tl.store(stats_ptr + slot * 2 + 1, l_i, mask=valid)
 
     @triton.jit
-    def _kv_block(k_ptr, v_ptr, base, s0, end, stride_cs, offs_d, BLOCK_S: tl.constexpr):
-        """The keys and values of cache positions ``s0 ... s0 + BLOCK_S`` before `end` (0 after)."""
+    def _kv_block(
+        k_ptr, v_ptr, table, table_row, s0, end, stride_cb, stride_cs, offs_d,
+        BLOCK_S: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
+    ):  # fmt: skip
+        """The keys and values of a row's positions ``s0 ... s0 + BLOCK_S`` before `end`.
+
+        Those after `end` are 0, their table entries not read. Position ``p`` is in block
+        ``table[p // PAGE]`` (`PAGED`; else block `table_row`) at offset ``p % PAGE``, its
+        address in int64 (a cache may hold more than 2**31 elements).
+        """
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        where = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-        inside = (offs_s < end)[:, None]
+        inside = offs_s < end
+        if PAGED:
+            page = tl.load(table + offs_s // PAGE, mask=inside, other=0).to(tl.int64)
+            offset = offs_s % PAGE
+        else:  # positions before `end` are all in the row's block
+            page = table_row + tl.zeros([BLOCK_S], tl.int64)
+            offset = offs_s
+        where = page[:, None] * stride_cb + offset[:, None] * stride_cs + offs_d[None, :]
         return (
-            tl.load(k_ptr + where, mask=inside, other=0.0),
-            tl.load(v_ptr + where, mask=inside, other=0.0),
+            tl.load(k_ptr + where, mask=inside[:, None], other=0.0),
+            tl.load(v_ptr + where, mask=inside[:, None], other=0.0),
         )
 
     @triton.jit
@@ -771,8 +812,9 @@ class AttentionWorkspace:
     need many parts to fill the GPU; many rows fill it anyway, and every part costs the combine
     a read: so 32 parts up to 8 query blocks, down to 4 parts from 64 (unless `splits` is given).
 
-    `window` is the model's sliding window (``None``: none): a query reads at most that many
-    keys, so the parts cut the last `window` keys instead of all `max_len`.
+    `max_len` is the most keys a query has (the positions a block-table row holds). `window` is
+    the model's sliding window (``None``: none): a query reads at most that many keys, so the
+    parts cut the last `window` keys instead of all `max_len`.
     """
 
     def __init__(
@@ -790,7 +832,7 @@ class AttentionWorkspace:
         self.group = heads // kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
         self.per_block = self.group_pad // self.group
-        """Queries of one prompt (one cache row) that a program's tile holds together."""
+        """Queries of one prompt (one table row) that a program's tile holds together."""
         blocks = triton.cdiv(batch, self.per_block) if shared_rows else batch
         self.splits = splits or max(4, min(32, triton.next_power_of_2(256 // blocks + 1) // 2))
         self.window = max_len if window is None else min(window, max_len)
@@ -812,13 +854,21 @@ def decode_attention(
     scatter: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`decode_attention_reference`, on the GPU, into `out` ``[B, H, D]``.
+
+    The caches ``[N, S, KVH, D]`` are `N` blocks of `S` positions. `tables` (int32 ``[R, M]``,
+    each row contiguous) are the block tables: query ``b`` reads row ``rows[b]`` (row ``b``
+    without `rows`), where position ``p`` is in block ``tables[row, p // S]`` at offset
+    ``p % S``. Only the entries of the positions a query reads are loaded: the others may hold
+    anything (-1 for blocks released by the sliding window). Without `tables`, row ``r`` is
+    block ``r`` (`identity_tables`: a cache ``[R, max_len, KVH, D]`` of one row a request).
 
     Each query reads the last ``work.window`` of its keys (the model's sliding window, given to
     `AttentionWorkspace`).
 
-    `rows`: the cache row of each query, for the tokens of one prompt (a decode-shaped
+    `rows`: the table row of each query, for the tokens of one prompt (a decode-shaped
     prefill): consecutive queries are taken together, so queries sharing a block of
     ``work.per_block`` must share their row (the step's queries are all of one prompt).
 
@@ -827,23 +877,26 @@ def decode_attention(
 
     With `rope` (the cos and sin tables), `q` is the step's fused q/k/v projection
     ``[B, (H + 2 * KVH) * D]``, each token at position ``lengths - 1``: its q and k are
-    rotated and its k and v written into the caches first, as `rope_and_cache` does. Not with
-    `rows`: there, queries read keys that other programs' tokens write (`rope_and_cache` first).
+    rotated and its k and v written into the caches first (at that position's block of its
+    table row), as `rope_and_cache` does. Not with `rows`: there, queries read keys that other
+    programs' tokens write (`rope_and_cache` first).
     """
     if rope is not None and rows is not None:
-        msg = "decode_attention: rope= needs one query a cache row; with rows=, run rope_and_cache"
+        msg = "decode_attention: rope= needs one query a table row; with rows=, run rope_and_cache"
         raise ValueError(msg)
     batch = q.shape[0]
     kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
     per_block = work.per_block if rows is not None else 1
     cos, sin = rope if rope is not None else (lengths, lengths)
     _decode_attention_kernel[(triton.cdiv(batch, per_block), kv_heads, work.splits)](
-        q, k_cache, v_cache, lengths, rows if rows is not None else lengths, work.acc,
-        work.stats, cos, sin, batch, q.stride(0), dim if rope is not None else q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 1.0 / math.sqrt(dim), work.window,
-        SPLIT_LEN=work.split_len, GROUP=work.group, GROUP_PAD=work.group_pad, HEAD_DIM=dim,
-        SPLITS=work.splits, HAS_ROWS=rows is not None, PER_BLOCK=per_block,
-        ROPE=rope is not None, **_attention_launch(batch, rope is not None), **pdl(q.device),
+        q, k_cache, v_cache, lengths, rows if rows is not None else lengths,
+        tables if tables is not None else lengths, work.acc, work.stats, cos, sin, batch,
+        q.stride(0), dim if rope is not None else q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), tables.stride(0) if tables is not None else 0,
+        1.0 / math.sqrt(dim), work.window, SPLIT_LEN=work.split_len, GROUP=work.group,
+        GROUP_PAD=work.group_pad, HEAD_DIM=dim, SPLITS=work.splits, HAS_ROWS=rows is not None,
+        PER_BLOCK=per_block, ROPE=rope is not None, PAGE=k_cache.shape[1],
+        PAGED=tables is not None, **_attention_launch(batch, rope is not None), **pdl(q.device),
     )  # fmt: skip
     heads = out.shape[1] if scatter is None else out.shape[1] // dim
     _combine_kernel[(batch, heads)](
@@ -936,23 +989,34 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
-        stride_qkv, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
-        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+        qkv_ptr, cos_ptr, sin_ptr, positions_ptr, rows_ptr, tables_ptr, q_ptr, k_ptr, v_ptr,
+        stride_qkv, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_t,
+        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAGE: tl.constexpr, PAGED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One head of one token: round to fp16, rotate q/k, write q out and k/v to the cache."""
+        """One head of one token: round to fp16, rotate q/k, write q out and k/v to the cache.
+
+        The token's k and v go to block ``tables[row, position // PAGE]`` at offset
+        ``position % PAGE`` (`PAGED`; else to block ``row`` at offset ``position``).
+        """
         _after_previous(PDL)
         token = tl.program_id(0)
         head = tl.program_id(1)
         offs = tl.arange(0, HEAD_DIM)[None, :]  # a [1, HEAD_DIM] tile, as `_rotated` takes
         base = qkv_ptr + token * stride_qkv + head * HEAD_DIM + tl.zeros([1, 1], tl.int32)
         position = tl.load(positions_ptr + token + tl.zeros([1], tl.int32))
-        row = tl.load(rows_ptr + token)
+        row = tl.load(rows_ptr + token).to(tl.int64)
         if head < HEADS + KV_HEADS:
             x = _rotated(base, position, cos_ptr, sin_ptr, tl.full([1], 1, tl.int1), HEAD_DIM)
         else:
             x = tl.load(base + offs).to(tl.float16)
-        cache = row * stride_cb + position[:, None] * stride_cs + offs
+        if PAGED:
+            page = tl.load(tables_ptr + row * stride_t + position // PAGE).to(tl.int64)
+            offset = position % PAGE
+        else:
+            page = row + tl.zeros([1], tl.int64)
+            offset = position
+        cache = page[:, None] * stride_cb + offset[:, None] * stride_cs + offs
         if head < HEADS:
             tl.store(q_ptr + token * stride_qb + head * stride_qh + offs, x)
         elif head < HEADS + KV_HEADS:
@@ -964,14 +1028,23 @@ if triton is not None:
 def rope_and_cache(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
     rows: torch.Tensor, q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    tables: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """q/k rotary embedding and the k/v cache write for each token (``rows``: its cache row)."""
+    """q/k rotary embedding into `q_out`, and each token's k and v into the caches.
+
+    The caches ``[N, S, KVH, D]`` are `N` blocks of `S` positions; token ``t`` is written at
+    block ``tables[rows[t], positions[t] // S]``, offset ``positions[t] % S`` (`tables`: int32
+    ``[R, M]``, each row contiguous; only those entries are read). Without `tables`, row ``r``
+    is block ``r`` (`identity_tables`: a cache of one row a request).
+    """
     tokens = qkv.shape[0]
     heads, kv_heads, dim = q_out.shape[1], k_cache.shape[2], q_out.shape[2]
     _rope_cache_kernel[(tokens, heads + 2 * kv_heads)](
-        qkv, cos, sin, positions, rows, q_out, k_cache, v_cache,
-        qkv.stride(0), q_out.stride(0), q_out.stride(1),
+        qkv, cos, sin, positions, rows, tables if tables is not None else rows, q_out, k_cache,
+        v_cache, qkv.stride(0), q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, num_warps=1, **pdl(qkv.device),
+        tables.stride(0) if tables is not None else 0, HEADS=heads, KV_HEADS=kv_heads,
+        HEAD_DIM=dim, PAGE=k_cache.shape[1], PAGED=tables is not None, num_warps=1,
+        **pdl(qkv.device),
     )  # fmt: skip
     return q_out

@@ -7,6 +7,7 @@ tests.integration_tests._kernel_checks --seed SEED``). The GPTQ repacking is che
 directly, against the format's definition.
 """
 
+import itertools
 import json
 import os
 import re
@@ -45,6 +46,8 @@ SHARDS = 2
 
 WINDOW_SEED = 23
 """The sliding-window cases' seed (fixed: the same inputs on every run)."""
+PAGED_SEED = 16
+"""The paged-cache cases' seed (fixed: the same inputs on every run)."""
 
 
 def _run_cases(seed: int, *options: str) -> tuple[int, dict[str, dict]]:
@@ -77,15 +80,22 @@ def _run_cases(seed: int, *options: str) -> tuple[int, dict[str, dict]]:
 
 @pytest.fixture(scope="module")
 def kernel_runs() -> tuple[int, dict[str, dict]]:
-    """Every kernel case but the sliding window's, once, on a fresh seed."""
+    """Every kernel case but the sliding window's and the paged cache's, once, on a fresh seed."""
     seed = int.from_bytes(os.urandom(3), "little")
-    return _run_cases(seed, "--tiny", tiny_model_path(), "--skip", "window-")
+    options = ("--tiny", tiny_model_path(), "--skip", "window-", "--skip", "paged-")
+    return _run_cases(seed, *options)
 
 
 @pytest.fixture(scope="module")
 def window_runs() -> tuple[int, dict[str, dict]]:
     """The sliding-window cases of `decode_attention`, once, on `WINDOW_SEED`."""
     return _run_cases(WINDOW_SEED, "--only", "window-")
+
+
+@pytest.fixture(scope="module")
+def paged_runs() -> tuple[int, dict[str, dict]]:
+    """The paged-cache cases of `decode_attention` and `rope_and_cache`, once, on `PAGED_SEED`."""
+    return _run_cases(PAGED_SEED, "--only", "paged-")
 
 
 def metrics_of(kernel_runs: tuple[int, dict[str, dict]], case: str) -> tuple[str, dict]:
@@ -182,6 +192,59 @@ def test_decode_attention_with_a_sliding_window_matches_the_reference(
     assert len(m["equal"]) == 2, where
     assert all(m["equal"].values()), where  # rotary's cache writes
     assert m["window_changes_the_answer"] == (window < 160), where  # 160 keys at most
+
+
+def _decode_names(*runs: str) -> tuple[list[str], list[str]]:
+    return [f"{run}_vs_reference" for run in runs], [f"{run}_equals_dense" for run in runs]
+
+
+def _rope_names(prefix: str) -> tuple[list[str], list[str]]:
+    checks = ("out_equal", "pools_equal", "pool_written", "finite")
+    runs = [f"{prefix}rope_batch{batch}" for batch in (1, 5)]
+    equal = [f"{run}_{check}" for run in runs for check in checks] + ["reads_ahead_at_batch1"]
+    return [f"{run}_vs_reference" for run in runs], equal
+
+
+PAGED_NAMES = {
+    "decode": _decode_names("decode", "decode_splits4"),
+    "decode-mha": _decode_names("decode", "decode_splits4"),
+    "scatter": (["decode_vs_reference"], ["decode_equals_dense", "scattered"]),
+    "rows": _decode_names("rows", "rows_spread"),
+    "rope": _rope_names(""),
+    "window": (
+        _decode_names("window_splits8", "window_splits4", "window_rows")[0]
+        + _rope_names("window_")[0],
+        _decode_names("window_splits8", "window_splits4", "window_rows")[1]
+        + _rope_names("window_")[1]
+        + ["blocks_released"],
+    ),
+    "cache": (
+        [f"{kind}_{x}_vs_rotate" for kind in ("decode", "prefill") for x in ("q", "k")],
+        [f"{kind}_{x}" for kind in ("decode", "prefill")
+         for x in ("v_written", "rest_of_pool_untouched")],
+    ),
+}  # fmt: skip
+"""Each paged case's rel errors and equalities, by name (none may go missing)."""
+
+
+@pytest.mark.parametrize("case", cases("paged-"))
+def test_paged_kv_cache_is_read_and_written_through_block_tables(paged_runs, case: str) -> None:
+    """Caches of blocks of 16 positions, each row's blocks dealt from a shuffled shared pool
+    (rows interleaved), tables wider than needed (-1, or past the pool, in unused entries and in
+    blocks wholly before the sliding window), every slot no row holds NaN; lengths 1, 15, 16,
+    17 and 53. Decode steps (GQA and MHA, 8 and 4 key splits), into o_proj's scattered order,
+    one prompt's tokens in one table row (`rows`, per-block tiles), rotary inside the kernel
+    (batch 1 reading ahead, batch 5), a window of 24, and `rope_and_cache` (decode-like and
+    prefill-like): each against `decode_attention_reference` with the same tables, and the
+    attention bit for bit against the kernel on the same keys one row a request."""
+    where, m = metrics_of(paged_runs, case)
+    way = case.split("-h")[0].removeprefix("paged-")
+    rel_names, equal_names = PAGED_NAMES[way]
+    assert m["finite"], where
+    assert sorted(m["rel"]) == sorted(rel_names), where
+    assert all(error < FP16_REL for error in m["rel"].values()), where
+    assert sorted(m["equal"]) == sorted(equal_names), where
+    assert all(m["equal"].values()), where
 
 
 @pytest.mark.parametrize("case", cases("norm-"))
@@ -363,12 +426,14 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
             HAS_ROWS=False,
             PER_BLOCK=1,
             ROPE=True,
+            PAGE=16,
             AHEAD=True,
         ),
         {
             "q_ptr": "*fp32",
             "lengths_ptr": "*i32",
             "rows_ptr": "*i32",
+            "tables_ptr": "*i32",
             "acc_ptr": "*fp32",
             "stats_ptr": "*fp32",
         },
@@ -382,20 +447,28 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
         {"gather_ptr": "*i32"},
     ),
     "_rope_cache_kernel": (
-        {"HEADS": 32, "KV_HEADS": 8, "HEAD_DIM": 128},
-        {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "positions_ptr": "*i32", "rows_ptr": "*i32"},
+        {"HEADS": 32, "KV_HEADS": 8, "HEAD_DIM": 128, "PAGE": 16},
+        {
+            "cos_ptr": "*fp32",
+            "sin_ptr": "*fp32",
+            "positions_ptr": "*i32",
+            "rows_ptr": "*i32",
+            "tables_ptr": "*i32",
+        },
     ),
 }
+PAGED_KERNELS = ("_decode_attention_kernel", "_rope_cache_kernel")
+"""Kernels compiled both ways: through block tables (``PAGED``) and one cache row a block."""
 
 
 READ_EARLY = {
     "_gemv_kernel": ("w_ptr", "s_ptr", "z_ptr"),
     "_add_rms_norm_kernel": ("w_ptr", "gather_ptr"),
-    "_decode_attention_kernel": ("lengths_ptr", "k_ptr", "v_ptr"),
+    "_decode_attention_kernel": ("lengths_ptr", "tables_ptr", "k_ptr", "v_ptr"),
 }
 """Kernels that load some of their pointers' data before they wait: weights and orders, never
-written; with rotary, the attention's lengths and cached keys and values, which the step's
-kernels write only after their wait (the step's own k and v: `decode_attention`)."""
+written; with rotary, the attention's lengths, block tables and cached keys and values, which
+the step's kernels write only after their wait (the step's own k and v: `decode_attention`)."""
 
 
 def _addressed_from(body: str, kernel, params: tuple[str, ...]) -> set[str]:
@@ -404,8 +477,9 @@ def _addressed_from(body: str, kernel, params: tuple[str, ...]) -> set[str]:
     tainted: set[str] = set()
     sources = {f"_param_{names.index(p)}]" for p in params}
     for line in body.splitlines():
+        line = re.sub(r"^\s*@!?%p\d+\s+", "", line)  # a masked load's value derives as well
         registers = re.findall(r"%[a-z]+\d+", line)
-        if not registers or line.lstrip().startswith(("//", "@", "st.", "red.", "atom.")):
+        if not registers or line.lstrip().startswith(("//", "st.", "red.", "atom.")):
             continue
         if any(s in line for s in sources) or any(r in tainted for r in registers[1:]):
             tainted.add(registers[0])
@@ -418,7 +492,8 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
     kernel before (``griddepcontrol.wait``) before it reads anything that kernel may write,
     and lets the next one start before that wait; without it, neither instruction is there.
     Only `READ_EARLY`'s kernels read ahead of the wait, and only what the kernels before them
-    never write: every load there is addressed from the pointers listed there."""
+    never write: every load there is addressed from the pointers listed there. The attention
+    and rotary kernels are checked through block tables (``PAGED``) and without."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -432,8 +507,9 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
     constants, pointers = PDL_KERNELS[name]
     if name == "_gemv_kernel":
         constants = {**constants, "ASM": K._WORDS_DOT}
-    for pdl in (True, False):
-        values = {**constants, "PDL": pdl}
+    variants = [{"PAGED": True}, {"PAGED": False}] if name in PAGED_KERNELS else [{}]
+    for pdl, variant in itertools.product((True, False), variants):
+        values = {**constants, **variant, "PDL": pdl}
         signature = {
             arg: "constexpr" if arg in values
             else pointers.get(arg, "*fp16") if arg.endswith("_ptr")
@@ -462,3 +538,43 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
             assert not re.search(r"\b(red|atom|st)\.global", body[:wait])
         else:
             assert wait == launch == -1
+
+
+PAGED_ATTENTION_VARIANTS = {
+    "rope-ahead": ({"HAS_ROWS": False, "PER_BLOCK": 1, "ROPE": True, "AHEAD": True}, "*fp32"),
+    "rows": ({"HAS_ROWS": True, "PER_BLOCK": 4, "ROPE": False, "AHEAD": False}, "*fp16"),
+}
+"""A batch-1 decode step's attention (q from the fp32 q/k/v projection), and one prompt's
+tokens in one table row (fp16 q): constants and q's type."""
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_paged_decode_attention_compiles_for_each_gpu_generation(arch: int) -> None:
+    """The attention kernel through block tables compiles to a cubin for Ampere (sm_80/86),
+    Ada (sm_89) and Hopper (sm_90), no GPU needed; the table is read with 32-bit loads there
+    and not without tables."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from langchain_synthia import _kernels as K
+
+    kernel = K._decode_attention_kernel
+    constants, pointers = PDL_KERNELS["_decode_attention_kernel"]
+    tables = [p.name for p in kernel.params if not p.is_constexpr].index("tables_ptr")
+    ways = itertools.product(PAGED_ATTENTION_VARIANTS.values(), (True, False))
+    for (variant, q_type), paged in ways:
+        values = {**constants, **variant, "PAGED": paged, "PDL": False}
+        types = {**pointers, "q_ptr": q_type}
+        signature = {
+            arg: "constexpr" if arg in values
+            else types.get(arg, "*fp16") if arg.endswith("_ptr")
+            else "fp32" if arg == "scale" else "i32"
+            for arg in kernel.arg_names
+        }  # fmt: skip
+        source = ASTSource(fn=kernel, signature=signature, constexprs=values)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"], (arch, variant)
+        ptx = compiled.asm["ptx"]
+        assert (f"_param_{tables}]" in ptx) == paged, (arch, variant, paged)
