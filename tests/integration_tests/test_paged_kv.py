@@ -1,0 +1,119 @@
+"""The fast engine's paged KV cache, seen from `ChatSynthia`: memory by the token.
+
+Requests wait in the queue while the cache has no room for them and answer as they do alone;
+a request that could never fit is refused at once; prefix hits change no answer (greedy or
+seeded); a long request under a sliding window holds about a window of blocks.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from langchain_synthia import ChatSynthia
+from langchain_synthia.testing import make_tiny_checkpoint
+from tests.conftest import DEVICE
+
+WINDOW = 16
+
+
+def chat_of(model: str, **options) -> ChatSynthia:
+    settings = {"max_tokens": 24, "temperature": 0, "stop_at_user_turn": False, "timeout": 60,
+                **options}  # fmt: skip
+    return ChatSynthia(model=model, device=DEVICE, engine="fast", **settings)
+
+
+def engine_of(chat: ChatSynthia):
+    return chat._engine_for(chat.model, chat.revision)
+
+
+@pytest.fixture(scope="module")
+def window_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny checkpoint with a 16-token sliding window (reused from $SYNTHIA_TINY_DIR)."""
+    root = os.environ.get("SYNTHIA_TINY_DIR")
+    folder = Path(root) if root else tmp_path_factory.mktemp("tiny")
+    return str(make_tiny_checkpoint(folder / f"tiny-window{WINDOW}", sliding_window=WINDOW))
+
+
+QUESTIONS = [
+    "Why is the sky blue?",
+    "Tell me about rockets and how they reach orbit.",
+    "What is a glacier made of?",
+    "Name three comets.",
+]
+
+
+def test_requests_wait_for_blocks_and_answer_as_alone(tiny_model: str) -> None:
+    """A cache with room for about two requests: four sent at once all answer, some of them
+    after waiting in the queue, and each answer is the one it gets alone."""
+    small = chat_of(tiny_model, kv_cache_tokens=160, prefix_caching=False)
+    engine = engine_of(small)
+    assert engine.blocks.num_blocks * engine.blocks.block_size == 160
+    alone = [small.invoke(q).content for q in QUESTIONS]
+    waiting: list[int] = []
+    step = engine._step
+    engine._step = lambda: (waiting.append(engine.num_waiting), step())[1]
+    try:
+        together = [m.content for m in small.batch(QUESTIONS)]
+    finally:
+        del engine._step
+    assert together == alone
+    assert max(waiting) > 0  # some requests waited for memory while others decoded
+    assert engine.blocks.num_committed_blocks == 0  # every block given back
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_a_request_that_can_never_fit_is_refused_at_once_and_alone(tiny_model: str) -> None:
+    small = chat_of(tiny_model, kv_cache_tokens=64, prefix_caching=False)
+    with pytest.raises(ValueError, match="can never fit the KV cache") as caught:
+        small.invoke("Tell me a long story about rockets.", max_tokens=200)
+    message = str(caught.value)
+    assert "gpu_memory_utilization" in message
+    assert "kv_cache_tokens" in message
+    assert "lower max_tokens" in message
+    assert small.invoke("Hi", max_tokens=4).usage_metadata["output_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 0.9, "seed": 7}], ids=["greedy", "seeded"]
+)
+def test_a_prefix_hit_changes_no_answer(tiny_model: str, sampling: dict) -> None:
+    system = SystemMessage(" ".join(f"Rule {i}: answer briefly and kindly." for i in range(20)))
+    cached, plain = chat_of(tiny_model), chat_of(tiny_model, prefix_caching=False)
+    engine = engine_of(cached)
+    for question in QUESTIONS[:2]:
+        messages = [system, HumanMessage(question)]
+        before = engine.prefix_hit_tokens
+        first = cached.invoke(messages, **sampling)
+        again = cached.invoke(messages, **sampling)  # its whole prompt but the last block cached
+        assert engine.prefix_hit_tokens - before >= 100
+        expected = plain.invoke(messages, **sampling)
+        assert first.content == again.content == expected.content
+        assert first.usage_metadata == again.usage_metadata == expected.usage_metadata
+    assert engine_of(plain).prefix_hit_tokens == 0
+
+
+def test_a_long_request_holds_about_one_window_of_blocks(window_model: str) -> None:
+    """A 16-token window: while a request of ~250 positions decodes, it holds at most the
+    blocks its window reads plus the one being written (a row would hold all 16)."""
+    chat = chat_of(window_model, max_tokens=150, context_window=512, prefix_caching=False)
+    engine = engine_of(chat)
+    held: list[int] = []
+    step = engine._step
+
+    def spy() -> None:
+        held.extend(s.num_held_blocks for s in engine._sequences if s is not None)
+        step()
+
+    engine._step = spy
+    try:
+        docs = " ".join(f"Document {i} is about rockets." for i in range(12))
+        answer = chat.invoke([SystemMessage(docs), HumanMessage("Summarise the documents.")])
+    finally:
+        del engine._step
+    positions = answer.usage_metadata["total_tokens"]
+    assert positions > 10 * WINDOW  # many windows long
+    size = engine.blocks.block_size
+    assert max(held) <= WINDOW // size + 2, max(held)
+    assert engine.blocks.num_committed_blocks == 0
