@@ -46,10 +46,10 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         pip install .
         ```
 
-        On a CUDA GPU the default ``main`` branch (a 4.16 GB download into the Hugging Face
-        cache on first use) takes about 8.5 GiB of GPU memory with the default 8 concurrent
-        requests, about 5 GiB with ``max_batch_size=1``. Without a GPU, ``device="auto"`` falls
-        back to the CPU, which is slow for a 7B model.
+        On a CUDA GPU the default ``main`` branch (downloaded into the Hugging Face cache on
+        first use) loads its weights and gives the KV cache what is left of
+        ``gpu_memory_utilization`` of the card (docs/loading.md, "KV memory"). Without a GPU,
+        ``device="auto"`` falls back to the CPU, which is slow for a 7B model.
 
     Key init args — generation params:
         temperature: float
@@ -86,7 +86,11 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         context_window: int
             Tokens of prompt plus answer (4096); a longer prompt is refused, never truncated.
         max_batch_size: int
-            Fast engine: requests decoded at once (8), each with a 512 MiB KV-cache row.
+            Fast engine: requests decoded at once at most (64); KV memory is held by the token.
+        prefix_caching: bool
+            Fast engine: share the KV blocks of prompt prefixes between requests (on).
+        gpu_memory_utilization: float
+            Fast engine: the share of the GPU the engine may use; the KV cache takes the rest.
         engine: str
             ``"auto"`` (the fast engine on CUDA, transformers elsewhere), ``"fast"`` or
             ``"transformers"``.

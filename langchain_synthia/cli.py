@@ -147,7 +147,7 @@ _MODEL_OPTIONS = (
         type=int,
         default=1,
         show_default=True,
-        help="Calls decoded at once; each reserves a KV-cache row (0.5 GiB at 4096 tokens).",
+        help="Calls decoded at once at most (KV memory is held by the token).",
     ),
     click.option(
         "--offline",

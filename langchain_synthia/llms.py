@@ -53,7 +53,9 @@ class SynthiaLLM(SynthiaParams, BaseLLM):
         model, revision, device:
             as in `ChatSynthia`; they default to ``$SYNTHIA_MODEL``, ``$SYNTHIA_REVISION`` and
             ``$SYNTHIA_DEVICE`` when those are set.
-        engine, kernel, context_window, max_batch_size, prefix_cache_tokens, dense_prefill:
+        engine, kernel, context_window, max_batch_size, dense_prefill:
+            as in `ChatSynthia`.
+        prefix_caching, gpu_memory_utilization, kv_cache_tokens:
             as in `ChatSynthia`.
         cache_dir, local_files_only:
             as in `ChatSynthia`.

@@ -40,7 +40,7 @@ NOTES = {
 
 # questions over the shipped examples/documents, each answered by one file only
 SHIPPED = {
-    "How much GPU memory does one KV-cache row take at 4096 tokens?": "gpu-memory.md",
+    "How much GPU memory does the KV cache take per token?": "gpu-memory.md",
     "Which branch is the most accurate 8-bit quantisation?": "gptq-branches.md",
     "Which environment variable selects the device the examples run on?": "demo-mode.txt",
     "Who made Synthia and which base model was it fine-tuned from?": "synthia-model-card.md",
