@@ -81,15 +81,17 @@ def _close_engines() -> None:
 
 def kv_cache_blocks(
     model: FastMistral, *, block_size: int, prefill_tokens: int, graph_sizes: list[int],
-    gpu_memory_utilization: float, kv_cache_tokens: int | None,
+    gpu_memory_utilization: float, kv_cache_tokens: int | None, baseline: int = 0,
 ) -> int:  # fmt: skip
     """How many KV blocks of `block_size` positions the engine of `model` gets.
 
     `kv_cache_tokens` fixes it. Otherwise, on the CPU, `CPU_KV_ROWS` context windows; on a GPU,
-    what is left of ``gpu_memory_utilization`` of the card (or of the process's share, if
-    ``torch.cuda.set_per_process_memory_fraction`` set a smaller one) once the weights, the
+    what is left of ``gpu_memory_utilization`` of the card once this engine's weights, the
     decode buffers of every graph size and the peak of a prefill of `prefill_tokens` tokens
-    are counted, less `GRAPH_RESERVE`; and never more than the GPU has free.
+    are counted (`baseline`: the bytes the process had allocated before the model loaded),
+    less `GRAPH_RESERVE`; never more than the GPU has free, than the process's share (if
+    ``torch.cuda.set_per_process_memory_fraction`` set one) leaves, or than ``max_batch``
+    requests of a whole context window each could use.
 
     Raises:
         EngineOutOfMemoryError: If that leaves no room for a single context window.
@@ -115,16 +117,19 @@ def kv_cache_blocks(
         torch.cuda.reset_peak_memory_stats(device)
         model.prefill_many(prompts)
         torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - trial_bytes
+    peak = torch.cuda.max_memory_allocated(device) - trial_bytes - baseline  # this engine's
     model.allocate_kv(1, block_size)
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    share = min(gpu_memory_utilization, torch.cuda.get_per_process_memory_fraction(device))
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    room = min(total * share - peak, free + cached) - GRAPH_RESERVE
+    room = min(
+        total * gpu_memory_utilization - peak, total * fraction - baseline - peak, free + cached
+    ) - GRAPH_RESERVE  # fmt: skip
     per_block = model.kv_bytes_per_token * block_size
-    blocks = int(room // per_block)
+    most = math.ceil(model.max_batch * (model.max_len + 1) / block_size)
+    blocks = min(int(room // per_block), most)
     if blocks * block_size < model.max_len:
         msg = (
             f"Out of GPU memory for the KV cache: after the weights and working buffers "

@@ -451,6 +451,7 @@ def _load_fast(
             )
             raise ValueError(msg)
         kernel = "triton"
+    baseline = torch.cuda.memory_allocated(target) if target.type == "cuda" else 0
     try:
         model = _fast_model(settings, folder, target, kernel)
     except Exception as error:
@@ -463,7 +464,7 @@ def _load_fast(
         prefill_tokens=DENSE_PREFILL_TOKENS if model.dense_prefill else PREFILL_TOKENS,
         graph_sizes=graph_sizes(model.max_batch),
         gpu_memory_utilization=settings.gpu_memory_utilization or 0.9,
-        kv_cache_tokens=settings.kv_cache_tokens,
+        kv_cache_tokens=settings.kv_cache_tokens, baseline=baseline,
     )  # fmt: skip
     return FastEngine(
         model, _tokenizer(folder), name=settings.model, graphs=target.type == "cuda",
