@@ -517,10 +517,11 @@ class FastEngine(LocalEngine):
                     row.stream.put(None)
                 self._free_row(slot)
 
-    def _free_row(self, slot: int) -> None:
+    def _free_row(self, slot: int, *, cache: bool = True) -> None:
+        """Give decode row `slot` and its request's blocks back (`cache`: see `finish`)."""
         sequence = self._sequences[slot]
         if sequence is not None:
-            self.scheduler.finish(sequence)
+            self.scheduler.finish(sequence, cache=cache)
         self._slots[slot] = None
         self._sequences[slot] = None
         self._decoding[slot] = False
@@ -541,7 +542,7 @@ class FastEngine(LocalEngine):
         for slot, row in enumerate(self._slots):
             if row is not None:
                 rows.append(row)
-                self._free_row(slot)
+                self._free_row(slot, cache=False)  # its last step failed: nothing to share
         for row in rows:
             fail_row(row, error)
 

@@ -145,15 +145,20 @@ class Scheduler:
             raise ValueError(msg)
         return need
 
-    def finish(self, sequence: Sequence) -> None:
+    def finish(self, sequence: Sequence, *, cache: bool = True) -> None:
         """Retire `sequence` (done, or cancelled): it leaves the queue or frees its blocks.
 
-        Finishing a finished sequence does nothing.
+        With `cache`, its full computed blocks are offered to the prefix cache first (a request
+        that ends in the step that computed its prompt leaves its prompt cached too); pass
+        ``cache=False`` when the steps that were to compute them failed. Finishing a finished
+        sequence does nothing.
         """
         if sequence.status is SequenceStatus.WAITING:
             if sequence in self._waiting:
                 self._waiting.remove(sequence)
         elif sequence.is_running:
+            if cache:
+                self.blocks.seal(sequence)
             self.blocks.free(sequence)
             del self._running[sequence]
         sequence.status = SequenceStatus.FINISHED

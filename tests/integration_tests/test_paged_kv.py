@@ -94,6 +94,17 @@ def test_a_prefix_hit_changes_no_answer(tiny_model: str, sampling: dict) -> None
     assert engine_of(plain).prefix_hit_tokens == 0
 
 
+def test_a_one_token_call_leaves_its_prompt_for_the_next(tiny_model: str) -> None:
+    """A call that ends with its first token still leaves its prompt's blocks cached."""
+    chat = chat_of(tiny_model)
+    engine = engine_of(chat)
+    system = SystemMessage(" ".join(f"Policy {i}: be brief and exact." for i in range(20)))
+    chat.invoke([system, HumanMessage("First question?")], max_tokens=1)
+    before = engine.prefix_hit_tokens
+    chat.invoke([system, HumanMessage("Second question?")], max_tokens=4)
+    assert engine.prefix_hit_tokens - before >= 100
+
+
 def test_a_long_request_holds_about_one_window_of_blocks(window_model: str) -> None:
     """A 16-token window: while a request of ~250 positions decodes, it holds at most the
     blocks its window reads plus the one being written (a row would hold all 16)."""

@@ -127,8 +127,9 @@ def test_identifying_params_keep_the_instances_stop_apart_from_the_calls(cls) ->
 # -- numbers: bools and NaN are refused, infinite timeouts mean no limit, huge values work ------
 
 NUMERIC_FIELDS = [
-    "context_window", "gpu_memory_utilization", "kv_cache_tokens", "max_batch_size", "max_retries", "temperature",
-    "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "timeout",
+    "context_window", "gpu_memory_utilization", "kv_cache_tokens", "max_batch_size",
+    "max_retries", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed",
+    "timeout",
 ]  # fmt: skip
 NUMERIC_OPTIONS = [name for name in NUMERIC_FIELDS if name in _CALL_OPTIONS]
 

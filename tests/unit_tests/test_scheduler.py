@@ -107,7 +107,8 @@ def test_the_queue_is_first_come_first_served() -> None:
 
 def test_a_request_that_can_never_fit_is_refused_with_the_numbers() -> None:
     sched = scheduler(4)
-    with pytest.raises(ValueError, match=r"12 prompt tokens plus 8 new tokens \(max_tokens\)") as error:
+    refused = r"12 prompt tokens plus 8 new tokens \(max_tokens\)"
+    with pytest.raises(ValueError, match=refused) as error:
         submitted(sched, [1] * 12, 8)
     message = str(error.value)
     assert "5 blocks of 4 tokens (20 tokens)" in message
@@ -194,6 +195,24 @@ def test_a_shared_prompt_is_computed_once_and_only_its_rest_is_prefilled() -> No
     assert (chunk.start, chunk.end) == (12, 13)
     assert chunk.block_table[:3] == first.block_table[:3]
     assert second.num_cached_tokens == 12
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_request_that_ends_with_its_prompt_leaves_it_cached_unless_it_failed(
+    failed: bool,
+) -> None:
+    """A one-token answer ends in the step that computed its prompt, before the next step
+    would have sealed its blocks: finishing seals them (not when the step failed)."""
+    sched = scheduler(16)
+    system = list(range(100, 112))
+    first = submitted(sched, [*system, 1, 2], 1)
+    sample(sched.schedule())
+    sched.finish(first, cache=not failed)
+    assert sched.blocks.num_cached_free_blocks == (0 if failed else 3)
+    second = submitted(sched, [*system, 3], 2)
+    (chunk,) = sched.schedule().prefills
+    assert chunk.start == (0 if failed else 12)
+    assert second.num_cached_tokens == (0 if failed else 12)
 
 
 def test_with_caching_off_every_prompt_is_computed_in_full() -> None:
