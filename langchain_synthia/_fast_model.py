@@ -25,8 +25,9 @@ from langchain_synthia._gptq import (
 )
 
 KERNELS = ("triton", "gptq_marlin")
-"""GPTQ kernels of the fast engine: langchain-synthia's Triton kernels (default) or gptqmodel's
-Marlin (CUDA, built with nvcc on first use, about three minutes, then cached by gptqmodel)."""
+"""GPTQ kernels of the fast engine: langchain-synthia's Triton kernels or gptqmodel's Marlin
+(CUDA, built with nvcc on first use, then cached by gptqmodel). `_loading.default_fast_kernel`
+picks one when none is named."""
 
 DENSE_ROWS = 256
 """Rows from which a Marlin layer with a dense-prefill copy multiplies through cuBLAS instead

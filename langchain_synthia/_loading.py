@@ -337,13 +337,21 @@ def resolve_engine(engine: str, device: str) -> str:
 
 
 def default_fast_kernel(device: str) -> str:
-    """The fast engine's GPTQ kernel when none is named: Marlin where gptqmodel can build it.
+    """The fast engine's GPTQ kernel when none is named: Marlin once it is built, else Triton.
 
-    Marlin was measured faster on Hopper (docs/benchmarks.md); our Triton kernels are the
-    fallback, also when Marlin's build fails at load.
+    gptqmodel builds Marlin with nvcc on its first use on a machine, which takes minutes: a
+    first call never waits for that. Our Triton kernels need no build, so they serve until
+    Marlin has been built (by a load with ``kernel="gptq_marlin"``); from then on the default
+    is Marlin, faster for batches (docs/benchmarks.md).
     """
-    marlin = device.startswith("cuda") and importlib.util.find_spec("gptqmodel") is not None
-    return "gptq_marlin" if marlin else "triton"
+    if not device.startswith("cuda") or importlib.util.find_spec("gptqmodel") is None:
+        return "triton"
+    return "gptq_marlin" if marlin_is_built() else "triton"
+
+
+def marlin_is_built() -> bool:
+    """Whether gptqmodel's build cache holds a compiled Marlin kernel."""
+    return any(kernel_build_cache().glob("marlin*/*/*marlin*.so"))
 
 
 def kernel_build_cache() -> Path:
@@ -411,7 +419,7 @@ def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str)
     if kernel == "gptq_marlin":
         print(
             "langchain-synthia: loading with gptqmodel's Marlin kernel (the first use on a "
-            "machine builds it with nvcc, about 3 minutes; later loads use the cached build)",
+            "machine builds it with nvcc, which takes minutes; later loads use the cached build)",
             file=sys.stderr,
             flush=True,
         )

@@ -139,8 +139,9 @@ class SynthiaParams(BaseModel):
     ``SYNTHIA_DEVICE`` in the environment changes the default."""
     kernel: str | None = None
     """GPTQ kernel. Fast engine: ``"gptq_marlin"`` or ``"triton"`` (ours); ``None`` takes Marlin
-    when gptqmodel can build it, else Triton. Transformers engine: a gptqmodel backend; ``None``
-    picks one per device (``KERNELS_BY_DEVICE``)."""
+    once gptqmodel has built it on this machine, else Triton (no build on a first call).
+    Transformers engine: a gptqmodel backend; ``None`` picks one per device
+    (``KERNELS_BY_DEVICE``)."""
     cache_dir: str | None = None
     """Hugging Face cache folder; ``None`` uses ``HF_HOME``/``HF_HUB_CACHE`` or the default."""
     local_files_only: bool = False

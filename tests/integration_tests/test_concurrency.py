@@ -318,7 +318,8 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
     gpu_after = allocated_gpu_bytes()
     assert streams_after <= streams_before
     assert rows_after <= rows_before
-    assert gpu_after == gpu_before
+    # the GPU allocator: the first round may make a buffer once (a prefill pass or a step
+    # shape first met), so the check is that the second round leaves exactly what it found
 
     # a decode step's buffers are made once per step size (1, 2, 4, 8 rows), when the size
     # first occurs (a bounded cache; on CUDA made at load, for the graphs): make them all now,
@@ -341,6 +342,7 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
     finally:
         tracemalloc.stop()
     tensors_after = live(torch.Tensor)
+    assert allocated_gpu_bytes() == gpu_after, (gpu_before, gpu_after)
     print(f"TokenStreams alive {streams_before} -> {streams_after}, rows {rows_before} -> "
           f"{rows_after}, threads {threads_before} -> {threading.active_count()}, GPU "
           f"{gpu_before} -> {gpu_after} bytes, Python heap kept by a second round "
