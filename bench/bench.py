@@ -676,14 +676,14 @@ class EngineWatch:
             self._sample()
             return prefill(chunks)
 
-        def watched_finish(sequence) -> None:
+        def watched_finish(sequence, **options) -> None:
             prompt = sequence.num_prompt_tokens
             self.finished.append({
                 "prompt_ids": list(sequence.token_ids[:prompt]),
                 "generated": list(sequence.token_ids[prompt:]),
                 "held_blocks": sequence.num_held_blocks,
             })  # fmt: skip
-            finish(sequence)
+            finish(sequence, **options)
 
         engine._step, engine._prefill = watched_step, watched_prefill
         engine.scheduler.finish = watched_finish

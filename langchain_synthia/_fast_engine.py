@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Decode batch sizes that are captured as graphs (up to the engine's ``max_batch``)."""
 
-SUFFIX_SIZES = (16, 32, 64, 128)
+SUFFIX_SIZES = (16, 32, 64)
 """A prompt's rest after cached blocks, up to this many tokens, runs as one step of a graph
 captured for these token counts (its tokens as the rows of a decode step, all of one block
 table). Eager, its few hundred kernel launches would take most of the call's time."""
@@ -51,7 +51,7 @@ CPU_KV_ROWS = 8
 """On the CPU, the KV cache holds this many full context windows (or ``max_batch`` if fewer)
 unless ``kv_cache_tokens`` says otherwise."""
 
-GRAPH_RESERVE = 512 << 20
+GRAPH_RESERVE = 256 << 20
 """GPU memory kept out of the KV cache for the decode graphs' own allocations and the
 sampler's work."""
 
@@ -88,7 +88,7 @@ def kv_cache_blocks(
     `kv_cache_tokens` fixes it. Otherwise, on the CPU, `CPU_KV_ROWS` context windows; on a GPU,
     what is left of ``gpu_memory_utilization`` of the card once this engine's weights, the
     decode buffers of every graph size and the peak of a prefill of `prefill_tokens` tokens
-    are counted (`baseline`: the bytes the process had allocated before the model loaded),
+    are counted (`baseline`: the bytes the process's allocator held before the model loaded),
     less `GRAPH_RESERVE`; never more than the GPU has free, than the process's share (if
     ``torch.cuda.set_per_process_memory_fraction`` set one) leaves, or than ``max_batch``
     requests of a whole context window each could use.
@@ -117,15 +117,14 @@ def kv_cache_blocks(
         torch.cuda.reset_peak_memory_stats(device)
         model.prefill_many(prompts)
         torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - trial_bytes - baseline  # this engine's
+    peak = torch.cuda.max_memory_reserved(device) - trial_bytes - baseline  # this engine's
     model.allocate_kv(1, block_size)
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     room = min(
-        total * gpu_memory_utilization - peak, total * fraction - baseline - peak, free + cached
+        total * gpu_memory_utilization - peak, total * fraction - baseline - peak, free
     ) - GRAPH_RESERVE  # fmt: skip
     per_block = model.kv_bytes_per_token * block_size
     most = math.ceil(model.max_batch * (model.max_len + 1) / block_size)
@@ -569,6 +568,7 @@ class FastEngine(LocalEngine):
             return graph, logits
 
         with torch.cuda.stream(stream), torch.inference_mode():
+            self.model.prepare_decode_buffers(self.sizes, tuple(self._suffix_sizes))
             for size in reversed(self.sizes):  # largest first: smaller ones reuse its memory
                 self._graphs[size] = capture(size, self._tokens, self._positions)
             for size in reversed(self._suffix_sizes):

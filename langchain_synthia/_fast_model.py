@@ -226,6 +226,7 @@ class FastMistral:
                 for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
                     linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
         self._buffers: dict[tuple[int, bool], dict[str, Any]] = {}
+        self._pool: dict[str, Any] | None = None
 
     # -- the paged KV cache -------------------------------------------------------------------
 
@@ -540,58 +541,43 @@ class FastMistral:
     def prepare_decode_buffers(self, sizes: list[int], suffix_sizes: tuple[int, ...]) -> None:
         """Allocate the decode buffers now, before the KV cache takes what memory is left.
 
-        Those of decode steps of `sizes` rows and of prompt rests of `suffix_sizes` tokens.
+        Those of decode steps of `sizes` rows and of prompt rests of `suffix_sizes` tokens, all
+        cut from one pool of the largest.
         """
+        suffixes = [size for size in suffix_sizes if size <= self.max_len]
+        self._buffer_pool(max([*sizes, *suffixes]))
         for size in sizes:
             self._decode_buffers(size)
-        for size in suffix_sizes:
-            if size <= self.max_len:
-                self._decode_buffers(size, shared=True)
+        for size in suffixes:
+            self._decode_buffers(size, shared=True)
 
     def _decode_buffers(self, batch: int, shared: bool = False) -> dict[str, Any]:
+        """The buffers of a decode step of `batch` rows (`shared`: of one prompt's tokens).
+
+        Steps of every size take their rows from one pool of the largest size asked for so
+        far (`_buffer_pool`): steps run one after the other on one stream, and each step's
+        results are used before the next one starts, so they never need two at once. Only the
+        attention workspace, whose shape depends on the batch, is a step size's own.
+        """
         key = (batch, shared)
         buf = self._buffers.get(key)
         if buf is not None:
             return buf
-        layer = self.layers[0]
-        widths = [
-            self._qkv_width(),
-            self.hidden,
-            sum(g.out_features for g in layer.gate_up),
-            self.hidden,
-        ]
-        work, outs = None, [[None] * len(widths)] * len(self.layers)
+        pool = self._buffer_pool(batch)
+        work = outs = None
         gemv = batch == 1 and not shared and any(self.gemv_race_won().values())
         if self.kernel != "gptq_marlin" or gemv:  # fp32 accumulators, zeroed at each step
-            work = torch.zeros(
-                (len(self.layers), batch, sum(widths)), dtype=torch.float32, device=self.device
-            )
+            work = pool["work"][:, :batch]
             outs = []
             for index in range(len(self.layers)):
                 column, parts = 0, []
-                for width in widths:
+                for width in pool["widths"]:
                     parts.append(work[index, :, column : column + width])
                     column += width
                 outs.append(parts)
-        buf = {
-            "work": work,
-            "outs": outs,
-            "residual": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
-            "normed": torch.empty((batch, self.hidden), dtype=torch.float16, device=self.device),
-            "o_in": torch.empty(
-                (batch, self.heads * self.head_dim), dtype=torch.float16, device=self.device
-            ),
-            "q": torch.empty(
-                (batch, self.heads, self.head_dim), dtype=torch.float16, device=self.device
-            ),
-            "attn": torch.empty(
-                (batch, self.heads, self.head_dim), dtype=torch.float16, device=self.device
-            ),
-            "lengths": torch.empty((batch,), dtype=torch.int32, device=self.device),
-            "logits": torch.empty(
-                (batch, self.vocab_size), dtype=torch.float16, device=self.device
-            ),
-        }
+        buf = {name: pool[name][:batch] for name in _STEP_BUFFERS}
+        buf["work"] = work
+        buf["outs"] = outs or [[None] * len(pool["widths"])] * len(self.layers)
         if self.use_kernels:
             buf["attn_work"] = K.AttentionWorkspace(
                 batch, self.heads, self.kv_heads, self.head_dim, self.max_len + 1, self.device,
@@ -599,6 +585,38 @@ class FastMistral:
             )  # fmt: skip
         self._buffers[key] = buf
         return buf
+
+    def _buffer_pool(self, batch: int) -> dict[str, Any]:
+        """Buffers for steps of up to `batch` rows: the current pool, or a larger new one.
+
+        Step sizes whose buffers were cut from an earlier, smaller pool keep it.
+        """
+        pool = self._pool
+        if pool is not None and pool["rows"] >= batch:
+            return pool
+        layer = self.layers[0]
+        widths = [
+            self._qkv_width(),
+            self.hidden,
+            sum(g.out_features for g in layer.gate_up),
+            self.hidden,
+        ]
+        device, half = self.device, torch.float16
+        work_shape = (len(self.layers), batch, sum(widths))
+        pool = {
+            "rows": batch,
+            "widths": widths,
+            "work": torch.zeros(work_shape, dtype=torch.float32, device=device),
+            "residual": torch.empty((batch, self.hidden), dtype=half, device=device),
+            "normed": torch.empty((batch, self.hidden), dtype=half, device=device),
+            "o_in": torch.empty((batch, self.heads * self.head_dim), dtype=half, device=device),
+            "q": torch.empty((batch, self.heads, self.head_dim), dtype=half, device=device),
+            "attn": torch.empty((batch, self.heads, self.head_dim), dtype=half, device=device),
+            "lengths": torch.empty((batch,), dtype=torch.int32, device=device),
+            "logits": torch.empty((batch, self.vocab_size), dtype=half, device=device),
+        }
+        self._pool = pool
+        return pool
 
     # -- the batch-1 GEMV's race ----------------------------------------------------------------
 
@@ -713,6 +731,9 @@ class FastMistral:
             total += (layer.input_norm.numel() + layer.post_norm.numel()) * 2
         return total
 
+
+_STEP_BUFFERS = ("residual", "normed", "o_in", "q", "attn", "lengths", "logits")
+"""A decode step's buffers with one entry per row (cut from `FastMistral._buffer_pool`)."""
 
 _RACES: dict[tuple, tuple[float, float]] = {}
 """`FastMistral._race`'s results in this process: (our GEMV, the kernel's own) µs a shape."""

@@ -459,7 +459,7 @@ def _load_fast(
             )
             raise ValueError(msg)
         kernel = "triton"
-    baseline = torch.cuda.memory_allocated(target) if target.type == "cuda" else 0
+    baseline = torch.cuda.memory_reserved(target) if target.type == "cuda" else 0
     try:
         model = _fast_model(settings, folder, target, kernel)
     except Exception as error:
