@@ -421,25 +421,21 @@ class FastMistral:
     ) -> torch.Tensor:
         """Causal attention of `q` (the last ``len(q)`` of ``end`` positions of block `table`).
 
-        Within the sliding window (``end <= sliding_window``) every query sees every key before
-        it: plain causal attention, no mask built. Past it, the queries go in chunks
-        (`_window_attention`), so that memory stays bounded by the window, not the prompt.
+        A whole prompt within the sliding window is plain causal attention, no mask built.
+        After cached positions or past the window, the queries go in chunks under a mask
+        (`_window_attention`), so that memory stays bounded by a chunk, not the prompt.
         """
-        from torch.nn.attention.bias import causal_lower_right
-
         count = q.shape[0]
-        if self.sliding_window is not None and end > self.sliding_window:
-            return self._window_attention(index, table, q, end, self.sliding_window)
+        if end != count or (self.sliding_window is not None and end > self.sliding_window):
+            # after cached positions, or past the window: a mask, so in bounded chunks (SDPA
+            # with a mask and grouped heads would build the whole score matrix)
+            return self._window_attention(index, table, q, end, self.sliding_window or end)
         keys, values = self._gather_kv(index, table, 0, end)
         k = keys.transpose(0, 1)[None]  # [1, KVH, end, D]
         v = values.transpose(0, 1)[None]
         query = q.transpose(0, 1)[None]
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        if end == count:  # no cached prefix: plain causal attention
-            out = sdpa(query, k, v, is_causal=True, enable_gqa=True)
-        else:  # after a cached prefix: lower-right alignment, no mask built
-            mask = causal_lower_right(count, end)
-            out = sdpa(query, k, v, attn_mask=mask, enable_gqa=True)
+        out = sdpa(query, k, v, is_causal=True, enable_gqa=True)  # no cached prefix
         return out[0].transpose(0, 1)  # [count, H, D]
 
     def _window_attention(
