@@ -21,6 +21,7 @@ import torch
 
 from langchain_synthia._decoding_row import DecodingRow, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._fast_model import FastMistral
+from langchain_synthia._kernels import release_scratch_buffer
 from langchain_synthia._local_engine import LocalEngine
 from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import GREEDY, BatchSampler
@@ -118,6 +119,9 @@ def kv_cache_blocks(
         model.prefill_many(prompts)
         torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_reserved(device) - trial_bytes - baseline  # this engine's
+    # the trial's dequantisation scratch belongs to this (loading) thread; the scheduler
+    # thread makes its own, of the same size, which `peak` counts: free this one
+    release_scratch_buffer(device)
     model.allocate_kv(1, block_size)
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory

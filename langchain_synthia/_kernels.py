@@ -529,6 +529,11 @@ def scratch_buffer(device: torch.device, size: int) -> torch.Tensor:
     return buffer[:size]
 
 
+def release_scratch_buffer(device: torch.device) -> None:
+    """Free this thread's scratch buffer on `device` (the next prefill here makes it again)."""
+    getattr(_scratch, "buffers", {}).pop(device, None)
+
+
 def _dequantized(layer: PackedLinear) -> torch.Tensor:
     """The layer's fp16 weight (group-ordered rows) in this thread's scratch buffer."""
     size = layer.in_features * layer.out_features
