@@ -1,8 +1,9 @@
 """Synthia's network (Mistral-7B-v0.1) written for fast decoding: no transformers at run time.
 
-The weights come straight from the GPTQ safetensors (repacked by `_gptq`), the KV cache is one
-preallocated tensor per layer, and a decode step for a given batch size does no host work at
-all, so that on CUDA it is captured once as a CUDA graph and replayed for every token. The
+The weights come straight from the GPTQ safetensors (repacked by `_gptq`), the KV cache is a
+pool of fixed-size blocks per layer read through block tables (`allocate_kv`), and a decode step
+for a given batch size does no host work at all, so that on CUDA it is captured once as a CUDA
+graph and replayed for every token. The
 arithmetic (and its fp16 rounding points) follows transformers' Mistral, so that logits agree
 within fp16 noise; `tests/integration_tests/test_fast_engine.py` checks that on the CPU, where
 the same code runs with the plain-torch references instead of the Triton kernels.
@@ -163,7 +164,7 @@ class _MarlinLinear:
 
 
 class FastMistral:
-    """The network, its weights and its static KV cache on one device."""
+    """The network, its weights and its paged KV cache (once allocated) on one device."""
 
     def __init__(
         self, folder: Path, device: torch.device, *, max_batch: int, max_len: int,

@@ -150,7 +150,7 @@ class SynthiaParams(BaseModel):
     """Tokens of prompt plus answer (16 to 32,768, where Synthia's positions end); a longer
     prompt is an error, never truncated."""
     engine: Literal["auto", "fast", "transformers"] = "auto"
-    """``"fast"``: langchain-synthia's CUDA engine (static KV cache, CUDA graphs, Triton GPTQ
+    """``"fast"``: langchain-synthia's CUDA engine (paged KV cache, CUDA graphs, Triton GPTQ
     kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);
     ``"auto"``: fast on CUDA, transformers elsewhere."""
     prefix_caching: bool = True

@@ -33,10 +33,11 @@ class SynthiaVariant:
     def gpu_memory_gib(self, context_window: int = 4096, max_batch_size: int = 1) -> float:
         """GPU memory the fast engine needs for this branch, in GiB (2^30 bytes), estimated.
 
-        The weights (about the download size), the static KV cache (128 KiB per token of
-        `context_window`, for each of `max_batch_size` rows) and working memory. The estimate
-        for ``main`` at 4,096 tokens and one row, 4.7 GiB, matches the 4.75 GiB peak measured
-        on an H200 (docs/benchmarks.md). The CUDA context (a few hundred MiB) comes on top.
+        The weights (about the download size), a KV cache for `max_batch_size` requests of a
+        whole `context_window` each (128 KiB per token) and working memory: what serving that
+        many full-length requests at once takes. The CUDA context (a few hundred MiB) comes on
+        top. The engine itself sizes its KV cache from ``gpu_memory_utilization``
+        (docs/loading.md).
         """
         kv_cache = context_window * max_batch_size * _KV_BYTES_PER_TOKEN
         return (self.size_gb * 1e9 + kv_cache) / 2**30 + _WORKING_GIB
