@@ -345,9 +345,13 @@ def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
     for size, (graph, _) in sorted(engine._graphs.items()):
         result[f"graph_step_ms_b{size}"] = do_bench(graph.replay, warmup=25, rep=200,
                                                     return_mode="median")  # fmt: skip
-    layer = fast.layers[0]
-    for name, linear in () if kernel != "triton" else (("qkv", layer.qkv[0]), ("o", layer.o), ("gate_up", layer.gate_up[0]),
-                         ("down", layer.down)):  # fmt: skip
+    from langchain_synthia._linear import gemv_weights
+
+    shapes = fast.layers[0].linears().items() if kernel == "triton" else ()
+    for name, backend in shapes:
+        linear = gemv_weights(getattr(backend, "inner", backend))  # the packed weights
+        if linear is None:
+            continue
         nbytes = linear.qweight.numel() * 4 + linear.scales.numel() * 4
         for rows in (1, 32):
             x = torch.randn(rows, linear.in_features, device="cuda").half()

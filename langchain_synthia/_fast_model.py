@@ -17,22 +17,20 @@ import torch
 
 from langchain_synthia import _kernels as K
 from langchain_synthia._checkpoint import read_model_config
-from langchain_synthia._gptq import (
-    PackedLinear,
-    group_order,
-    pack_gptq,
-    permute_columns,
-    sort_rows,
+from langchain_synthia._gptq import pack_gptq, permute_columns, sort_rows
+from langchain_synthia._linear import (
+    FusedLinear,
+    Linear,
+    MarlinLinear,
+    ReferenceLinear,
+    TritonLinear,
+    race_gemv,
 )
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels or gptqmodel's Marlin
 (CUDA, built with nvcc on first use, then cached by gptqmodel). `_loading.default_fast_kernel`
 picks one when none is named."""
-
-DENSE_ROWS = 256
-"""Rows from which a Marlin layer with a dense-prefill copy multiplies through cuBLAS instead
-(the H100 crossover of `bench/kernel_probe.py --impls marlin_sorted cublas`)."""
 
 WINDOW_CHUNK = 1024
 """Most queries of one masked attention call in a prefill past the sliding window: with the
@@ -79,8 +77,14 @@ class _Layer:
 
     def __init__(
         self, tensors: "_Tensors", prefix: str, bits: int, group: int, kernel: str,
-        dense: bool = False,
+        dense: bool = False, kernels: bool = True,
     ) -> None:  # fmt: skip
+        """Read layer `prefix` and choose its linear back-ends.
+
+        Marlin for ``kernel="gptq_marlin"``, else our Triton kernels, or with `kernels` False
+        the plain-torch references.
+        """
+
         def gptq(name: str) -> dict[str, torch.Tensor]:
             return {
                 part: tensors[f"{prefix}.{name}.{part}"]
@@ -98,10 +102,11 @@ class _Layer:
         self.input_norm = tensors[f"{prefix}.input_layernorm.weight"]
         self.post_norm = tensors[f"{prefix}.post_attention_layernorm.weight"]
 
-        def pack(parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> Any:
+        def pack(parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> Linear:
             if kernel == "gptq_marlin":
-                return _MarlinLinear(parts, bits, group, dense=dense)
-            return pack_gptq(parts, bits, group)
+                return MarlinLinear(parts, bits, group, dense=dense)
+            packed = pack_gptq(parts, bits, group)
+            return TritonLinear(packed) if kernels else ReferenceLinear(packed)
 
         (down,), down_order = sort([gptq("mlp.down_proj")])
         gate_up = [gptq(f"mlp.{n}") for n in _MLP]
@@ -115,52 +120,16 @@ class _Layer:
         self.gate_up = _fused(gate_up, bits, group, pack)
         self.down = pack([down], bits, group)
 
+    def linears(self) -> dict[str, Linear]:
+        """The layer's four linear back-ends by shape name."""
+        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
 
-def _fused(parts: list[dict[str, torch.Tensor]], bits: int, group: int, pack: Any) -> list:
-    """One fused layer when the parts share their act-order permutation, else one per part."""
+
+def _fused(parts: list[dict[str, torch.Tensor]], bits: int, group: int, pack: Any) -> Linear:
+    """One packed layer when the parts share their act-order permutation, else side by side."""
     if all(torch.equal(part["g_idx"], parts[0]["g_idx"]) for part in parts):
-        return [pack(parts, bits, group)]
-    return [pack([part], bits, group) for part in parts]
-
-
-class _MarlinLinear:
-    """gptqmodel's Marlin kernel (JIT-built with nvcc on first use) behind our linear interface.
-
-    With `dense`, the layer also keeps its weights in our packed layout (`pack_gptq`): a
-    prefill of `DENSE_ROWS` rows or more dequantises them for cuBLAS, which runs Hopper's
-    tensor cores where Marlin cannot (one more copy of the quantised weights in GPU memory),
-    and a batch-1 decode step runs our GEMV on them (`K.gemv`) where `FastMistral` measured
-    it faster than Marlin (`gemv`).
-    """
-
-    def __init__(
-        self, parts: list[dict[str, torch.Tensor]], bits: int, group: int, dense: bool = False
-    ) -> None:
-        self.dense = pack_gptq(parts, bits, group) if dense else None
-        self.gemv = False
-        """Whether one row goes through `K.gemv` on `dense` (set by `FastMistral`'s race)."""
-        from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
-        from gptqmodel.utils.backend import BACKEND
-
-        device = parts[0]["qweight"].device
-        self.in_features = parts[0]["qweight"].shape[0] * (32 // bits)
-        self.out_features = sum(int(p["scales"].shape[1]) for p in parts)
-        act_order = group_order(parts, bits, group) is not None  # rows not yet sorted by group
-        module = MarlinLinear(
-            bits=bits, group_size=group, desc_act=act_order, sym=True,
-            in_features=self.in_features, out_features=self.out_features, bias=False,
-            backend=BACKEND.GPTQ_MARLIN,
-        ).to(device)  # fmt: skip
-        module.qweight.data = torch.cat([p["qweight"] for p in parts], dim=1).contiguous()
-        module.qzeros.data = torch.cat([p["qzeros"] for p in parts], dim=1).contiguous()
-        module.scales.data = torch.cat([p["scales"] for p in parts], dim=1).half().contiguous()
-        if act_order:
-            module.g_idx.data = parts[0]["g_idx"].to(torch.int32).contiguous()
-        module.post_init()
-        self.module = module
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return pack(parts, bits, group)
+    return FusedLinear([pack([part], bits, group) for part in parts])
 
 
 class FastMistral:
@@ -169,12 +138,15 @@ class FastMistral:
     def __init__(
         self, folder: Path, device: torch.device, *, max_batch: int, max_len: int,
         kernel: str | None = None, dense_prefill: bool | None = None,
+        use_kernels: bool | None = None,
     ) -> None:  # fmt: skip
         """Load the GPTQ checkpoint in `folder` onto `device` (`kernel`: see `KERNELS`).
 
         `dense_prefill` (Marlin only): keep the dense-prefill copy of the weights (see
         `_MarlinLinear`); ``None`` keeps it on a Hopper (or newer) GPU with four times the
         checkpoint's size free, so that small cards keep their memory for the KV cache.
+        `use_kernels` (``None``: on CUDA where Triton is installed) runs our Triton kernels;
+        ``True`` on the CPU runs them under Triton's interpreter (the kernel checks do).
         """
         config = read_model_config(folder)  # checked: a CheckpointError names a bad field
         self.device = device
@@ -189,7 +161,10 @@ class FastMistral:
         self.sliding_window = config.sliding_window
         """Keys a query attends to, itself included (``None``: all before it): the query at
         position p sees the keys at ``p - sliding_window < j <= p``, in prefill and decode."""
-        self.use_kernels = device.type == "cuda" and K.triton_available()
+        self.use_kernels = (
+            device.type == "cuda" and K.triton_available() if use_kernels is None else use_kernels
+        )
+        """Whether the Triton kernels run (else the plain-torch references)."""
         tensors = _Tensors(folder, device)
         bits, group = config.bits, config.group_size
         self.kernel = kernel or "triton"
@@ -202,8 +177,9 @@ class FastMistral:
         self.dense_prefill = self.kernel == "gptq_marlin" and (
             _dense_prefill_pays(folder, device) if dense_prefill is None else dense_prefill
         )
+        layer_args = (bits, group, self.kernel, self.dense_prefill)
         self.layers = [
-            _Layer(tensors, f"model.layers.{i}", bits, group, self.kernel, self.dense_prefill)
+            _Layer(tensors, f"model.layers.{i}", *layer_args, kernels=self.use_kernels)
             for i in range(config.num_hidden_layers)
         ]
         self.embed = tensors["model.embed_tokens.weight"].to(torch.float16)
@@ -213,8 +189,9 @@ class FastMistral:
         tensors.close()
         self.gemv_race: dict[str, tuple[float, float]] = {}
         """Per layer shape: (our GEMV, the kernel's own) µs for one row, timed at load (`_race`)."""
-        if self.use_kernels and (self.dense_prefill or self.kernel == "triton"):
-            self._race()
+        cuda_kernels = self.use_kernels and device.type == "cuda"  # the race times on a GPU
+        if cuda_kernels and (self.dense_prefill or self.kernel == "triton"):
+            self._race_gemv()
         self.cos, self.sin = _rotary_tables(config.rope_theta, self.head_dim, max_len + 1, device)
         self.block_size = 0
         """Positions a KV block holds (0 until `allocate_kv`)."""
@@ -222,10 +199,6 @@ class FastMistral:
         """A block outside the managed ones: where a decode row that holds no request writes."""
         self.k_cache = self.v_cache = torch.empty(0, dtype=torch.float16, device=device)
         self.tables = torch.empty((0, 0), dtype=torch.int32, device=device)
-        if not self.use_kernels and self.kernel == "triton":  # CPU: dequantise once, references
-            for layer in self.layers:
-                for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
-                    linear.reference_weight = linear.dequantize().float()  # type: ignore[attr-defined]
         self._buffers: dict[tuple[int, bool], dict[str, Any]] = {}
         self._pool: dict[str, Any] | None = None
 
@@ -284,43 +257,6 @@ class FastMistral:
         return self.k_cache[index, blocks, offsets], self.v_cache[index, blocks, offsets]
 
     # -- linear layers ------------------------------------------------------------------------
-
-    def _linear(
-        self, x: torch.Tensor, linears: list, out: torch.Tensor | None = None,
-        gated: bool = False,
-    ) -> torch.Tensor:  # fmt: skip
-        """``x @ W`` for one or more packed layers (`gated`: of ``silu(gate) * up`` of `x`).
-
-        One row of a layer that won the GEMV race (`_race`) goes through our GEMV, with either
-        kernel. Marlin returns its fp16 product as it is (what transformers + gptqmodel
-        compute). Triton and the CPU references accumulate in fp32 into `out` (zeroed; made
-        when not given).
-        """
-        if len(linears) == 1 and linears[0].gemv and out is not None and x.shape[0] == 1:
-            source = K.gated_product(x) if gated else x.half()
-            return K.gemv(source, _gemv_weights(linears[0]), out)
-        if self.kernel == "gptq_marlin" and len(linears) == 1:
-            linear = linears[0]
-            source = K.gated_product(x) if gated else x.half()
-            if linear.dense is not None and x.shape[0] >= DENSE_ROWS:
-                return K.dense_matmul(source, linear.dense)
-            return linear(source)
-        if out is None:
-            width = sum(linear.out_features for linear in linears)
-            out = torch.zeros((x.shape[0], width), dtype=torch.float32, device=self.device)
-        column = 0
-        for linear in linears:
-            target = out[:, column : column + linear.out_features]
-            if self.use_kernels and not isinstance(linear, _MarlinLinear):
-                K.gptq_linear(x, linear, target, gated=gated)
-            else:
-                source = K.gated_product(x) if gated else x.half()
-                if isinstance(linear, _MarlinLinear):
-                    target += linear(source)
-                else:  # CPU: the reference
-                    target += source.float() @ linear.reference_weight  # type: ignore[attr-defined]
-            column += linear.out_features
-        return out
 
     def _norm(
         self,
@@ -398,7 +334,7 @@ class FastMistral:
                     self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
                 else:
                     self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
-                qkv = self._linear(normed, layer.qkv)
+                qkv = layer.qkv(normed)
                 q = self._rope_and_cache(index, qkv, positions, rows, tables)
                 attn = torch.empty_like(q)
                 offset = 0
@@ -408,10 +344,10 @@ class FastMistral:
                         index, tables[i], q[offset:end], start + len(prompt)
                     )
                     offset = end
-                o = self._linear(self._attention_out(attn, layer.o_order), [layer.o])
+                o = layer.o(self._attention_out(attn, layer.o_order))
                 self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
-                gate_up = self._linear(normed, layer.gate_up)
-                delta = self._linear(gate_up, [layer.down], gated=True)
+                gate_up = layer.gate_up(normed)
+                delta = layer.down(gate_up, gated=True)
         ends = torch.tensor([len(p) for _, p, _ in prompts], device=device).cumsum(0) - 1
         last = torch.empty((len(prompts), self.hidden), dtype=torch.float16, device=device)
         self._norm(delta[ends], residual[ends], self.norm, last)
@@ -508,7 +444,7 @@ class FastMistral:
                 self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
             else:
                 self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
-            qkv = self._linear(normed, layer.qkv, qkv)
+            qkv = layer.qkv(normed, qkv)
             caches = (self.k_cache[index], self.v_cache[index], lengths)
             tables = self.tables
             if self.use_kernels:
@@ -528,10 +464,10 @@ class FastMistral:
                     q, *caches, cache_rows, self.sliding_window, tables=tables
                 )
                 o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
-            o = self._linear(o_in, [layer.o], o)
+            o = layer.o(o_in, o)
             self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
-            gate_up = self._linear(normed, layer.gate_up, gate_up)
-            delta = self._linear(gate_up, [layer.down], down, gated=True)
+            gate_up = layer.gate_up(normed, gate_up)
+            delta = layer.down(gate_up, down, gated=True)
         self._norm(delta, residual, self.norm, normed)
         return torch.matmul(normed, self.lm_head.T, out=buf["logits"]).float()
 
@@ -595,7 +531,7 @@ class FastMistral:
         widths = [
             self._qkv_width(),
             self.hidden,
-            sum(g.out_features for g in layer.gate_up),
+            layer.gate_up.out_features,
             self.hidden,
         ]
         device, half = self.device, torch.float16
@@ -617,62 +553,19 @@ class FastMistral:
 
     # -- the batch-1 GEMV's race ----------------------------------------------------------------
 
-    def _shapes(self) -> dict[str, list[list]]:
-        """Each layer shape's linears, layer by layer (fused ones as one)."""
-        return {
-            "qkv": [layer.qkv for layer in self.layers],
-            "o": [[layer.o] for layer in self.layers],
-            "gate_up": [layer.gate_up for layer in self.layers],
-            "down": [[layer.down] for layer in self.layers],
-        }
+    def _race_gemv(self) -> None:
+        """Race our batch-1 GEMV against each layer shape's own kernel, at load.
 
-    def _race(self) -> None:
-        """Race our GEMV against the kernel's own, one row, on each layer shape; keep the faster.
-
-        The kernel's own is Marlin, or with ``kernel="triton"`` our tensor-core GPTQ kernel
-        (`K.gptq_linear`). Timed on this GPU as a decode step meets them: one call per layer in
-        a CUDA graph (no launch overhead), so each call reads its weights from memory, not from
-        the L2 cache that repeating one layer's call would warm (a warm race picked our GEMV for
-        all four shapes and made the step slower). Batch-1 decode steps then use our GEMV for
-        the shapes where it was faster (docs/benchmarks.md).
-
-        A shape is raced once per process, device and kernel (`_RACES`): every model loaded
-        later makes the same choice, so two engines on one checkpoint give the same tokens (a
-        race run again could flip a near tie, and the kernels round differently).
+        See `_linear.race_gemv`: the layers of a shape where the GEMV wins are wrapped in it.
         """
-        for name, per_layer in self._shapes().items():
-            firsts = [linears[0] for linears in per_layer if len(linears) == 1]
-            weights = [_gemv_weights(f) for f in firsts]
-            if len(firsts) < len(per_layer) or not all(w and K.gemv_fits(w) for w in weights):
-                continue
-            shape = (weights[0].in_features, weights[0].out_features, weights[0].group_size)
-            key = (self.device, self.kernel, *shape, len(firsts))
-            # the first result stored wins, also when two threads load models at once
-            race = _RACES.get(key) or _RACES.setdefault(key, self._race_one(firsts))
+        per_shape = {
+            name: [layer.linears()[name] for layer in self.layers]
+            for name in ("qkv", "o", "gate_up", "down")
+        }
+        for name, (race, chosen) in race_gemv(per_shape, self.device, self.kernel).items():
             self.gemv_race[name] = race
-            for linear in firsts:
-                linear.gemv = race[0] < race[1]
-
-    def _race_one(self, firsts: list) -> tuple[float, float]:
-        """(our GEMV, the kernel's own) µs a layer for one row, a call a layer in a CUDA graph."""
-        x = torch.randn(1, firsts[0].in_features, dtype=torch.float16, device=self.device)
-        out = torch.zeros(1, firsts[0].out_features, dtype=torch.float32, device=self.device)
-
-        def ours(x: torch.Tensor = x, out: torch.Tensor = out, firsts: list = firsts) -> None:
-            for linear in firsts:
-                K.gemv(x, _gemv_weights(linear), out)
-
-        def own(x: torch.Tensor = x, out: torch.Tensor = out, firsts: list = firsts) -> None:
-            for linear in firsts:
-                if isinstance(linear, _MarlinLinear):
-                    linear(x)
-                else:
-                    K.gptq_linear(x, linear, out)
-
-        layers = len(firsts)
-        ours_us = _graph_us(ours, calls=1) / layers
-        own_us = _graph_us(own, calls=1) / layers
-        return round(ours_us, 2), round(own_us, 2)
+            for layer, linear in zip(self.layers, chosen, strict=True):
+                setattr(layer, name, linear)
 
     def gemv_race_won(self) -> dict[str, bool]:
         """Per layer shape raced at load: whether batch-1 steps use our GEMV for it."""
@@ -720,51 +613,13 @@ class FastMistral:
         """Bytes a batch-1 decode step reads from weights (the bandwidth limit's numerator)."""
         total = self.lm_head.numel() * 2 + self.norm.numel() * 2
         for layer in self.layers:
-            for linear in (*layer.qkv, layer.o, *layer.gate_up, layer.down):
-                weights = linear.module if isinstance(linear, _MarlinLinear) else linear
-                total += weights.qweight.numel() * 4 + weights.scales.numel() * 2
-                total += 0 if isinstance(linear, _MarlinLinear) else linear.zeros.numel() * 2
-                total += 0 if getattr(linear, "perm", None) is None else linear.perm.numel() * 4
+            total += sum(linear.weight_bytes() for linear in layer.linears().values())
             total += (layer.input_norm.numel() + layer.post_norm.numel()) * 2
         return total
 
 
 _STEP_BUFFERS = ("residual", "normed", "o_in", "q", "attn", "lengths", "logits")
 """A decode step's buffers with one entry per row (cut from `FastMistral._buffer_pool`)."""
-
-_RACES: dict[tuple, tuple[float, float]] = {}
-"""`FastMistral._race`'s results in this process: (our GEMV, the kernel's own) µs a shape."""
-
-
-def _gemv_weights(linear: Any) -> PackedLinear | None:
-    """The packed weights our batch-1 GEMV reads for `linear` (Marlin's: its dense copy)."""
-    return linear.dense if isinstance(linear, _MarlinLinear) else linear
-
-
-def _graph_us(fn: Any, calls: int = 20, replays: int = 20) -> float:
-    """Microseconds a call of `fn` takes on the GPU.
-
-    `calls` calls in one CUDA graph, replayed `replays` times: the median replay per call (the
-    first, uncaptured calls compile and autotune).
-    """
-    for _ in range(3):
-        fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def _dense_prefill_pays(folder: Path, device: torch.device) -> bool:

@@ -830,10 +830,12 @@ def check_model(tiny: str, gen: torch.Generator) -> dict:
     from langchain_synthia._fast_model import FastMistral
 
     cpu, lengths = torch.device("cpu"), (70, 3, 9)
-    models = [FastMistral(Path(tiny), cpu, max_batch=3, max_len=96) for _ in range(2)]
+    models = [
+        FastMistral(Path(tiny), cpu, max_batch=3, max_len=96, use_kernels=kernels)
+        for kernels in (False, True)  # the references; the Triton kernels, by the interpreter
+    ]
     for model in models:
         model.allocate_kv_rows()
-    models[1].use_kernels = True  # the Triton kernels, run by the interpreter
     prompts = [torch.randint(3, 32000, (n,), generator=gen).tolist() for n in lengths]
     prefill, decode, agree = [], [], True
     with torch.inference_mode():
