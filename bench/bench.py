@@ -342,7 +342,7 @@ def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
     # an idle engine's model; its prompts write only the null block (the timing is the same)
     table = [fast.null_block] * (len(prompt_ids) // fast.block_size + 1)
     result: dict = {}
-    for size, (graph, _) in sorted(engine._graphs.items()):
+    for size, (graph, _) in sorted(engine.runner.graphs.items()):
         result[f"graph_step_ms_b{size}"] = do_bench(graph.replay, warmup=25, rep=200,
                                                     return_mode="median")  # fmt: skip
     from langchain_synthia._linear import gemv_weights
@@ -364,13 +364,13 @@ def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
         result["prefill_512_ms"] = do_bench(lambda: fast.prefill(table, prompt_ids), warmup=3,
                                             rep=50, return_mode="median")  # fmt: skip
         result["decode_b1_kernels"] = kernel_breakdown(
-            lambda: fast.decode(1, engine._tokens, engine._positions)
+            lambda: fast.decode(1, engine.runner.tokens, engine.runner.positions)
         )
         result["prefill_512_kernels"] = kernel_breakdown(lambda: fast.prefill(table, prompt_ids))
-        widest = max(engine._graphs, default=1)
+        widest = max(engine.runner.graphs, default=1)
         if widest > 1:  # the batched step: what its extra time over batch 1 is spent on
             result[f"decode_b{widest}_kernels"] = kernel_breakdown(
-                lambda: fast.decode(widest, engine._tokens, engine._positions)
+                lambda: fast.decode(widest, engine.runner.tokens, engine.runner.positions)
             )
     return result
 

@@ -23,6 +23,7 @@ from langchain_synthia._decoding_row import DecodingRow, advance_or_fail, fail_r
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._kernels import release_scratch_buffer
 from langchain_synthia._local_engine import LocalEngine
+from langchain_synthia._model_runner import ModelRunner
 from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import GREEDY, BatchSampler
 from langchain_synthia.engine import BlockManager, PrefillChunk, Scheduler, Sequence
@@ -172,21 +173,16 @@ class FastEngine(LocalEngine):
         self.scheduler = Scheduler(
             self.blocks, max_batch_size=model.max_batch, max_prefill_tokens=budget
         )
-        self.sizes = graph_sizes(model.max_batch)
         self._slots: list[DecodingRow | None] = [None] * model.max_batch
         """The request that holds each decode row, from its admission to its end."""
         self._sequences: list[Sequence | None] = [None] * model.max_batch
         self._decoding = [False] * model.max_batch
-        """Rows whose prompt is computed: they decode in every step (their ``_busy`` is 1)."""
+        """Rows whose prompt is computed: they decode in every step (busy in the runner)."""
         self._queued: dict[Sequence, DecodingRow] = {}
         """Requests the scheduler holds that have no decode row yet."""
         self._waiting: list[DecodingRow] = []
         """Requests handed over by callers, not yet seen by the scheduler thread."""
         self._wake = threading.Condition()
-        self._tokens = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
-        self._positions = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
-        self._busy = torch.zeros(model.max_batch, dtype=torch.long, device=model.device)
-        """1 for rows that decode: only their positions advance (the others stay at 0)."""
         self._sampler = BatchSampler(
             [GREEDY] * model.max_batch, [[]] * model.max_batch, model.vocab_size, model.device
         )
@@ -207,14 +203,10 @@ class FastEngine(LocalEngine):
         """Prompt tokens found in the prefix cache (not computed again) since the load."""
         self._table_writes: list[tuple[int, int, int]] = []
         """(row, entry, block) writes to the device block tables, flushed before a step."""
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._suffix_sizes = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_caching]
-        longest = max(self._suffix_sizes, default=0)
-        self._suffix = torch.zeros((3, longest), dtype=torch.long, device=model.device)
-        """The inputs of a suffix step: tokens, their positions, their block-table row."""
-        self._suffix_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if graphs:
-            self._capture()
+        rests = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_caching]
+        self.runner = ModelRunner(
+            model, sizes=graph_sizes(model.max_batch), rest_sizes=rests, graphs=graphs
+        )
         self._closing = False
         self._thread = threading.Thread(target=self._serve, name="synthia-scheduler", daemon=True)
         self._thread.start()
@@ -356,7 +348,7 @@ class FastEngine(LocalEngine):
             if (
                 chunk.start
                 and chunk.completes_prompt
-                and len(rest) <= max(self._suffix_sizes, default=0)
+                and len(rest) <= max(self.runner.rest_sizes, default=0)
             ):
                 last[slot] = self._prefill_suffix(chunk.block_table, rest, chunk.start)
             else:
@@ -389,9 +381,7 @@ class FastEngine(LocalEngine):
             sequence = self._sequences[slot]
             if row.done or sequence is None:
                 continue
-            self._tokens[slot] = sequence.token_ids[-1]
-            self._positions[slot] = sequence.num_prompt_tokens
-            self._busy[slot] = 1
+            self.runner.start_row(slot, sequence.token_ids[-1], sequence.num_prompt_tokens)
             self._decoding[slot] = True
             self._table_writes.extend(
                 (slot, index, block) for index, block in enumerate(sequence.block_table)
@@ -430,33 +420,8 @@ class FastEngine(LocalEngine):
         self.model.tables[writes[0], writes[1]] = writes[2].to(torch.int32)
 
     def _prefill_suffix(self, table: list[int], ids: list[int], start: int) -> torch.Tensor:
-        """Prefill `ids` (positions ``start...``) through block `table`; the last logits.
-
-        It runs as one decode-shaped step (a captured graph on CUDA) on the suffix row of the
-        block tables, padded to a captured size with copies of the last token: they compute
-        and write the same key and value at the same position, so they change nothing.
-        """
-        row = self.model.max_batch
-        tables = self.model.tables
-        tables[row].fill_(self.model.null_block)
-        tables[row, : len(table)].copy_(torch.tensor(table, dtype=torch.int32))
-        count = len(ids)
-        size = next(s for s in self._suffix_sizes if s >= count)
-        pad = size - count
-        inputs = torch.tensor(
-            [ids + ids[-1:] * pad,
-             list(range(start, start + count)) + [start + count - 1] * pad,
-             [row] * size],
-            dtype=torch.long,
-        )  # fmt: skip
-        self._suffix[:, :size].copy_(inputs)
-        graph = self._suffix_graphs.get(size)
-        if graph is None:
-            logits = self.model.decode(size, *self._suffix)
-        else:
-            graph[0].replay()
-            logits = graph[1]
-        return logits[count - 1].clone()  # the graph's output buffer is reused
+        """Prefill a prompt's rest `ids` (positions ``start...``) as one decode-shaped step."""
+        return self.runner.decode_rest(table, ids, start)
 
     def _step(self) -> None:
         """Launch one decode step, then hand out the previous step's tokens while it runs.
@@ -468,21 +433,15 @@ class FastEngine(LocalEngine):
         previous step is handed out first, and the masks are computed while the step runs.
         """
         busy = max(i for i, decoding in enumerate(self._decoding) if decoding) + 1
-        size = next(s for s in self.sizes if s >= busy)
+        size = self.runner.size_for(busy)
         rows = [row if self._decoding[i] else None for i, row in enumerate(self._slots[:size])]
-        graph = self._graphs.get(size)
-        if graph is None:
-            logits = self.model.decode(size, self._tokens, self._positions)
-        else:
-            graph[0].replay()
-            logits = graph[1]
+        logits = self.runner.decode(size)
         allowed = None
         if any(row is not None and row.constraint is not None for row in rows):
             self._deliver()
             allowed = grammar_mask(rows, self.model.vocab_size, self.device)
         chosen = self._sampler.sample(logits, allowed=allowed)
-        self._tokens[:size] = chosen
-        self._positions[:size] += self._busy[:size]
+        self.runner.advance(size, chosen)
         buffer, ready = self._host[self._flip]
         self._flip ^= 1
         host = buffer[:size]
@@ -528,8 +487,7 @@ class FastEngine(LocalEngine):
         self._slots[slot] = None
         self._sequences[slot] = None
         self._decoding[slot] = False
-        self._positions[slot] = 0
-        self._busy[slot] = 0
+        self.runner.stop_row(slot)
         self.model.tables[slot].fill_(self.model.null_block)
         self._sampler.assign(slot, GREEDY, ())
 
@@ -548,36 +506,6 @@ class FastEngine(LocalEngine):
                 self._free_row(slot, cache=False)  # its last step failed: nothing to share
         for row in rows:
             fail_row(row, error)
-
-    # -- CUDA graphs ------------------------------------------------------------------------
-
-    def _capture(self) -> None:
-        """Capture one decode graph per batch size (the kernels compile on the warm-up run).
-
-        Every row's block table points at the null block while they are captured, so the
-        warm-up steps write nowhere that matters.
-        """
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        pool = None
-
-        def capture(size: int, *inputs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-            nonlocal pool
-            for _ in range(2):
-                self.model.decode(size, *inputs)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = self.model.decode(size, *inputs)
-            pool = graph.pool()
-            return graph, logits
-
-        with torch.cuda.stream(stream), torch.inference_mode():
-            self.model.prepare_decode_buffers(self.sizes, tuple(self._suffix_sizes))
-            for size in reversed(self.sizes):  # largest first: smaller ones reuse its memory
-                self._graphs[size] = capture(size, self._tokens, self._positions)
-            for size in reversed(self._suffix_sizes):
-                self._suffix_graphs[size] = capture(size, *self._suffix)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
 
 
 def graph_sizes(max_batch: int) -> list[int]:

@@ -324,7 +324,7 @@ def test_64_concurrent_calls_from_threads_and_tasks_equal_each_call_alone(
     # a decode step's buffers are made once per step size (1, 2, 4, 8 rows), when the size
     # first occurs (a bounded cache; on CUDA made at load, for the graphs): make them all now,
     # so that a size first met in the traced round does not count as left behind
-    for size in engine.sizes:
+    for size in engine.runner.sizes:
         engine.model._decode_buffers(size)
     # the Python heap back to its level: a second round, traced, keeps (nearly) nothing. The
     # first round warmed the interpreter's and torch's caches; leaking each call's answer,

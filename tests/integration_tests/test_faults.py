@@ -60,7 +60,7 @@ def out_of_memory_once(engine, monkeypatch, phase: str, rows: int = 1) -> list[B
         return original(*args)
 
     monkeypatch.setattr(engine.model, method, fail_once)
-    monkeypatch.setattr(engine, "_graphs", {})  # on CUDA: decode steps eagerly, through the patch
+    monkeypatch.setattr(engine.runner, "graphs", {})  # on CUDA: decode steps eagerly, patched
     return raised
 
 
@@ -92,7 +92,7 @@ def answer(chat: ChatSynthia, question: str, call: str) -> str:
 def assert_rows_free(engine) -> None:
     assert engine._slots == [None] * len(engine._slots)
     assert engine.num_waiting == 0
-    assert not engine._busy.any()
+    assert not engine.runner.busy.any()
     assert engine.blocks.num_committed_blocks == 0  # every request's blocks given back
 
 
