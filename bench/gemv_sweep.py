@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_probe import SHAPES
 
 from bench import _gptq_tensors
-from langchain_synthia import _kernels as K
 from langchain_synthia._fast_model import _graph_us, _MarlinLinear
 from langchain_synthia._gptq import pack_gptq, sort_rows
+from langchain_synthia._kernels import decode_gemv
 
 COPIES = 32
 CONFIGS = [
@@ -52,9 +52,9 @@ def main() -> None:
                 continue
 
             def call(p, block_n=block_n, split=split, warps=warps):
-                K._gemv_kernel.fn[(n // block_n, split)](
+                decode_gemv._gemv_kernel.fn[(n // block_n, split)](
                     x, p.qweight, p.scales, p.zeros, out, k, n, GROUP=128, WORDS=16,
-                    HALF2=True, ASM=K._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, PDL=False,
+                    HALF2=True, ASM=decode_gemv._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, PDL=False,
                     num_warps=warps,
                 )  # fmt: skip
 

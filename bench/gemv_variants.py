@@ -57,7 +57,9 @@ from bench import _gptq_tensors
 from langchain_synthia import _kernels as K
 from langchain_synthia._fast_model import _graph_us
 from langchain_synthia._gptq import pack_gptq, pack_rows, sort_rows, unpack_words
-from langchain_synthia._kernels import _after_previous, _gemv_step, _step_dots
+from langchain_synthia._kernels import decode_gemv
+from langchain_synthia._kernels._triton import after_previous as _after_previous
+from langchain_synthia._kernels.decode_gemv import _gemv_step, _step_dots
 
 COPIES = 32
 CONFIGS = [(512, 32, 4), (512, 32, 8), (1024, 32, 4), (256, 32, 2), (512, 56, 4),
@@ -103,7 +105,7 @@ def _paired_asm(words: int) -> str:
 
 _PAIRED_DOT = _paired_asm(1)
 _PAIRED_DOT2 = _paired_asm(2)
-_PAIRED_DOT3 = K._WORDS_DOT
+_PAIRED_DOT3 = decode_gemv._WORDS_DOT
 """Two words; nibbles 1 and 5, 3 and 7 taken unshifted (1024 + 16 code) and scaled by 1/16 in
 the zero point's FMA: one shift a word instead of three (what the engine adopted)."""
 
@@ -460,9 +462,9 @@ def sweep(name: str, packed: list, x, out, ref, results: dict) -> None:
         caps = {} if regs is None else {"maxnreg": regs}
 
         def run(q, block_n=block_n, split=split, warps=warps, caps=caps):
-            K._gemv_kernel.fn[(n // block_n, split)](
+            decode_gemv._gemv_kernel.fn[(n // block_n, split)](
                 x, q.qweight, q.scales, q.zeros, out, k, n, GROUP=128, WORDS=16, HALF2=True,
-                ASM=K._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, PDL=True, launch_pdl=True,
+                ASM=decode_gemv._WORDS_DOT, BLOCK_N=block_n, SPLIT=split, PDL=True, launch_pdl=True,
                 num_warps=warps, **caps,
             )  # fmt: skip
 
@@ -535,7 +537,7 @@ def main() -> None:
                     def run(q, grid=grid, meta=meta, warps=warps):
                         _streamk_kernel[grid](
                             x, q.qweight, q.scales, q.zeros, out, k, n, GROUP=128, WORDS=16,
-                            HALF2=True, ASM=K._WORDS_DOT, **meta, PDL=True, launch_pdl=True,
+                            HALF2=True, ASM=decode_gemv._WORDS_DOT, **meta, PDL=True, launch_pdl=True,
                             num_warps=warps,
                         )  # fmt: skip
 
@@ -556,7 +558,7 @@ def main() -> None:
                 K.gemv(x, packed[0], out)
                 err = float((out - ref).norm() / ref.norm())
                 us = _graph_us(lambda p=packed: [K.gemv(x, q, out) for q in p], calls=1) / COPIES
-                config = K._gemv_kernel.best_config
+                config = decode_gemv._gemv_kernel.best_config
                 results[f"{name}/{variant}"] = {"us": round(us, 2), "rel_err": err,
                                                 "config": str(config)}  # fmt: skip
                 print(f"{name:8s} {variant:8s} {us:.2f} µs, {config} (rel err {err:.1e})")

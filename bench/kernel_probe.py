@@ -160,10 +160,10 @@ def main() -> None:
                         flush=True,
                     )
                 elif impl == "cublas":  # prefill alternatives: tensor cores through cuBLAS
-                    from langchain_synthia import _kernels as K
+                    from langchain_synthia._kernels import gptq
 
-                    dense = K._dequantized(packed).clone()  # rows in the sorted order the input has
-                    impls["dequant+cublas"] = lambda x, p=packed: x @ K._dequantized(p)
+                    dense = gptq._dequantized(packed).clone()  # rows in the input's sorted order
+                    impls["dequant+cublas"] = lambda x, p=packed: x @ gptq._dequantized(p)
                     impls["cublas_fp16"] = lambda x, w=dense: x @ w  # the fp16 model's bound
                 elif impl == "gemv4":  # ours, one row: every configuration in GEMV4
                     import dataclasses

@@ -185,6 +185,7 @@ def check_linear(bits: int, group: int, m: int, act_order: bool, gen: torch.Gene
 def check_gemv(group: int, gen: torch.Generator) -> dict:
     from langchain_synthia import _kernels as K
     from langchain_synthia._gptq import pack_gptq
+    from langchain_synthia._kernels import decode_gemv
 
     n = 512  # a multiple of the GEMV's column tile
     layer = random_gptq(K_IN, n, 4, group, generator=gen, act_order=False)
@@ -198,9 +199,9 @@ def check_gemv(group: int, gen: torch.Generator) -> dict:
     # (no step ahead), is what the autotuner picks for the GPU's small layers
     step = min(packed.group_size, 128)
     single = torch.zeros(1, n)
-    K._gemv_kernel.fn[(n // 256, K_IN // step)](
+    decode_gemv._gemv_kernel.fn[(n // 256, K_IN // step)](
         x, packed.qweight, packed.scales, packed.zeros, single, K_IN, n, GROUP=packed.group_size,
-        WORDS=step // 8, HALF2=False, ASM=K._WORDS_DOT, BLOCK_N=256, SPLIT=K_IN // step,
+        WORDS=step // 8, HALF2=False, ASM=decode_gemv._WORDS_DOT, BLOCK_N=256, SPLIT=K_IN // step,
         PDL=False,
     )  # fmt: skip
     reference = K.gptq_linear_reference(x, packed)
@@ -599,6 +600,7 @@ def _paged_rope(heads, kv_heads, dim, lengths, gen, errors, equal, window) -> No
     `decode_attention` (same bits, pools and outputs) and the reference."""
     from langchain_synthia import _kernels as K
     from langchain_synthia._fast_model import _rotary_tables
+    from langchain_synthia._kernels import attention
 
     cpu, prefix = torch.device("cpu"), "" if window is None else "window_"
     longest = lengths.tolist()
@@ -634,7 +636,7 @@ def _paged_rope(heads, kv_heads, dim, lengths, gen, errors, equal, window) -> No
         equal[f"{name}_pools_equal"] = fused.bits_equal(apart)
         equal[f"{name}_pool_written"] = not fused.bits_equal(pool)
         equal[f"{name}_finite"] = bool(torch.isfinite(one).all())
-    equal["reads_ahead_at_batch1"] = K._attention_launch(1, True)["AHEAD"]
+    equal["reads_ahead_at_batch1"] = attention._attention_launch(1, True)["AHEAD"]
 
 
 def _paged_rope_and_cache(heads, kv_heads, dim, gen, errors, equal) -> None:
@@ -770,6 +772,7 @@ def _fused_rope(qkv, cos, sin, positions, rows, k_cache, v_cache, kind: str, hea
     `rope_and_cache` then `decode_attention`: the same caches and the same attention. Refused
     with `rows` (one prompt's tokens in one cache row, reading each other's keys)."""
     from langchain_synthia import _kernels as K
+    from langchain_synthia._kernels import attention
 
     tokens, (_, max_len, kv_heads, dim) = qkv.shape[0], k_cache.shape
     lengths = (positions + 1).to(torch.int32)
@@ -804,7 +807,7 @@ def _fused_rope(qkv, cos, sin, positions, rows, k_cache, v_cache, kind: str, hea
         "fused_out_equal": bool(torch.equal(one, two)),
         "fused_caches_equal": all(map(torch.equal, one_caches, two_caches)),
         "fused_caches_written": not torch.equal(one_caches[0], k_cache),
-        "batch1_reads_ahead": K._attention_launch(1, True)["AHEAD"],
+        "batch1_reads_ahead": attention._attention_launch(1, True)["AHEAD"],
         "fused_batch1_out_equal": bool(torch.equal(lone, two_lone)),
         "fused_batch1_cache_equal": all(map(torch.equal, *row0)),
     }

@@ -7,6 +7,7 @@ tests.integration_tests._kernel_checks --seed SEED``). The GPTQ repacking is che
 directly, against the format's definition.
 """
 
+import importlib
 import itertools
 import json
 import os
@@ -457,6 +458,15 @@ PDL_KERNELS = {  # kernel (the function under an autotuner), its constants, poin
         },
     ),
 }
+KERNEL_FAMILIES = {
+    "_silu_mul_kernel": "activation",
+    "_gemv_kernel": "decode_gemv",
+    "_decode_attention_kernel": "attention",
+    "_combine_kernel": "attention",
+    "_add_rms_norm_kernel": "norms",
+    "_rope_cache_kernel": "rotary",
+}
+"""The module of ``langchain_synthia._kernels`` that defines each of `PDL_KERNELS`."""
 PAGED_KERNELS = ("_decode_attention_kernel", "_rope_cache_kernel")
 """Kernels compiled both ways: through block tables (``PAGED``) and one cache row a block."""
 
@@ -499,14 +509,15 @@ def test_decode_step_kernels_wait_for_the_kernel_before_under_pdl(name: str) -> 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from langchain_synthia import _kernels as K
+    from langchain_synthia._kernels import decode_gemv
 
-    kernel = getattr(K, name)
+    family = importlib.import_module(f"langchain_synthia._kernels.{KERNEL_FAMILIES[name]}")
+    kernel = getattr(family, name)
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel = kernel.fn
     constants, pointers = PDL_KERNELS[name]
     if name == "_gemv_kernel":
-        constants = {**constants, "ASM": K._WORDS_DOT}
+        constants = {**constants, "ASM": decode_gemv._WORDS_DOT}
     variants = [{"PAGED": True}, {"PAGED": False}] if name in PAGED_KERNELS else [{}]
     for pdl, variant in itertools.product((True, False), variants):
         values = {**constants, **variant, "PDL": pdl}
@@ -558,9 +569,9 @@ def test_paged_decode_attention_compiles_for_each_gpu_generation(arch: int) -> N
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from langchain_synthia import _kernels as K
+    from langchain_synthia._kernels import attention
 
-    kernel = K._decode_attention_kernel
+    kernel = attention._decode_attention_kernel
     constants, pointers = PDL_KERNELS["_decode_attention_kernel"]
     tables = [p.name for p in kernel.params if not p.is_constexpr].index("tables_ptr")
     ways = itertools.product(PAGED_ATTENTION_VARIANTS.values(), (True, False))

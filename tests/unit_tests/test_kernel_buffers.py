@@ -27,11 +27,12 @@ def test_dequantisation_scratch_is_per_thread_and_grows_once() -> None:
 def test_programmatic_dependent_launch_only_on_hopper_or_newer(monkeypatch) -> None:
     """Our kernels get ``launch_pdl`` (and their ``PDL`` branch) on compute capability 9+."""
     from langchain_synthia import _kernels as K
+    from langchain_synthia._kernels import _triton
 
     assert K.pdl(torch.device("cpu")) == {"PDL": False}
     capability = {0: (9, 0), 1: (8, 0)}  # an H100 or H200, then an A100
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
-    K._hopper_or_newer.cache_clear()
+    _triton._hopper_or_newer.cache_clear()
     try:
         monkeypatch.delenv("SYNTHIA_PDL", raising=False)
         assert K.pdl(torch.device("cuda:0")) == {"PDL": True, "launch_pdl": True}
@@ -39,4 +40,4 @@ def test_programmatic_dependent_launch_only_on_hopper_or_newer(monkeypatch) -> N
         monkeypatch.setenv("SYNTHIA_PDL", "0")  # the way out, should a driver misbehave
         assert K.pdl(torch.device("cuda:0")) == {"PDL": False}
     finally:
-        K._hopper_or_newer.cache_clear()
+        _triton._hopper_or_newer.cache_clear()
