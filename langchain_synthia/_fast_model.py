@@ -149,6 +149,8 @@ class FastMistral:
         ``True`` on the CPU runs them under Triton's interpreter (the kernel checks do).
         """
         config = read_model_config(folder)  # checked: a CheckpointError names a bad field
+        self.config = config
+        """The checkpoint's settings (`_checkpoint.ModelConfig`); the fields below copy them."""
         self.device = device
         self.max_batch = max_batch
         self.max_len = max_len
