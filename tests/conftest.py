@@ -42,6 +42,14 @@ def tiny_model() -> str:
     return tiny_model_path()
 
 
+@functools.cache
+def real_model_path() -> str:
+    """SmolLM2-135M-Instruct as GPTQ, built once (reused from $SYNTHIA_TINY_DIR)."""
+    from langchain_synthia.testing import make_real_checkpoint
+
+    return str(make_real_checkpoint(_checkpoints_root() / "real-smollm2-4bit"))
+
+
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The sizes of the batches the transformers engine starts during the test, in order."""
