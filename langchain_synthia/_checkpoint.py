@@ -100,6 +100,9 @@ class ModelConfig:
     """The GPTQ settings as written (``quant_method`` is ``"gptq"``)."""
     quant_file: str
     """Where the GPTQ settings are written, for messages."""
+    max_position_embeddings: int | None = None
+    """The positions the model was trained for (``None``: config.json does not say): the
+    engines refuse a prompt plus answer longer than that."""
     sliding_window: int | None = None
     """Keys a query at position p attends to: those at positions ``p - sliding_window < j <= p``
     (``None``: every ``j <= p``), as transformers masks them: for Mistral,
@@ -235,7 +238,7 @@ def read_model_config(folder: Path) -> ModelConfig:
     heads = count("num_attention_heads", "32 for Synthia-7B")
     kv_heads = count("num_key_value_heads", "8 for Synthia-7B")
     vocab = count("vocab_size", "32000 for Synthia-7B")
-    count("max_position_embeddings", "32768 for Synthia-7B", required=False)
+    positions = count("max_position_embeddings", "32768 for Synthia-7B", required=False)
     if config.get("head_dim") is None:
         if hidden % heads:
             msg = (
@@ -288,6 +291,7 @@ def read_model_config(folder: Path) -> ModelConfig:
         intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, vocab_size=vocab, rms_norm_eps=eps, rope_theta=theta,
         tie_word_embeddings=tied, quant=quant, quant_file=where, sliding_window=window,
+        max_position_embeddings=positions,
     )  # fmt: skip
 
 

@@ -147,8 +147,9 @@ class SynthiaParams(BaseModel):
     local_files_only: bool = False
     """Never download (as ``HF_HUB_OFFLINE=1`` does)."""
     context_window: Annotated[int, Number] = Field(default=4096, ge=16, le=CONTEXT_WINDOW_MAX)
-    """Tokens of prompt plus answer (16 to 32,768, where Synthia's positions end); a longer
-    prompt is an error, never truncated."""
+    """Tokens of prompt plus answer (16 to 32,768, where Synthia's positions end; a checkpoint
+    trained for fewer positions is held to its ``max_position_embeddings``); a longer prompt is
+    an error, never truncated."""
     engine: Literal["auto", "fast", "transformers"] = "auto"
     """``"fast"``: langchain-synthia's CUDA engine (paged KV cache, CUDA graphs, Triton GPTQ
     kernels, continuous batching); ``"transformers"``: transformers + gptqmodel (any device);

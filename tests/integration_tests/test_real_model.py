@@ -194,3 +194,15 @@ def test_a_llama_config_loads_without_a_window(tiny_copy: Path, engine: str) -> 
     assert read_model_config(tiny_copy).sliding_window is None
     answer = chat(str(tiny_copy), engine, max_tokens=4).invoke("hi")
     assert answer.usage_metadata["output_tokens"] >= 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_prompt_past_the_model_s_positions_is_refused(tiny_copy: Path, engine: str) -> None:
+    """A model trained for 48 positions, under the default context window of 4,096: a prompt
+    of more than 48 tokens is refused (never run past the positions the model knows)."""
+    edit_config(tiny_copy, max_position_embeddings=48)
+    model = chat(str(tiny_copy), engine, max_tokens=4, system_message=None)
+    long = " ".join(["rockets"] * 60)
+    with pytest.raises(ValueError, match="context window is 48 tokens"):
+        model.invoke(long)
+    assert model.invoke("hi").usage_metadata["total_tokens"] <= 48
