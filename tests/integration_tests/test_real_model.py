@@ -97,6 +97,22 @@ def test_the_capital_of_france_is_paris(real_model: str, engine: str) -> None:
     assert "Paris" in answer.content
 
 
+@needs_real_model
+@pytest.mark.real_model
+@pytest.mark.parametrize("engine", ENGINES)
+def test_paris_through_stream_and_the_quick_start_chain(real_model: str, engine: str) -> None:
+    """The same question streamed, and through the chain of the quick start (prompt, model,
+    output parser), under a short system message."""
+    from langchain_synthia import SynthiaOutputParser, synthia_chat_prompt
+
+    system = "You are a helpful assistant."
+    model = chat(real_model, engine, system_message=system)
+    streamed = "".join(chunk.content for chunk in model.stream(CAPITAL))
+    assert "Paris" in streamed
+    quick_start = synthia_chat_prompt(system) | model | SynthiaOutputParser()
+    assert "Paris" in quick_start.invoke({"question": CAPITAL})
+
+
 def greedy_transformers(folder: str, ids: list[int], steps: int) -> tuple[list[int], list]:
     """The transformers engine's network, decoding greedily: its tokens and logits."""
     reference = get_engine(ModelSettings(model=folder, device=DEVICE, engine="transformers"))
