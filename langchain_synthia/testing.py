@@ -139,12 +139,12 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _REAL_CALIBRATION = [
     *_CALIBRATION,
-    "SYSTEM: You are a helpful assistant.\nUSER: What is the capital of France?\n"
-    "ASSISTANT: The capital of France is Paris.",
+    "SYSTEM: You are a helpful assistant.\nUSER: Name a large city in Italy.\n"
+    "ASSISTANT: Milan is a large city in the north of Italy.",
     "SYSTEM: You are a helpful assistant.\nUSER: Write a haiku about the sea.\n"
     "ASSISTANT: Waves fold into foam, the tide keeps its patient time, salt wind on the shore.",
     "Water boils at 100 degrees Celsius at sea level. The Moon orbits the Earth in about 27 days.",
-    '{"name": "magic_function", "arguments": {"input": 3}}',
+    '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}',
     "Once upon a time, a small robot learned to paint the sunrise over the hills.",
     "To make tea, boil water, pour it over the leaves, wait three minutes and serve.",
     "The mitochondria is the powerhouse of the cell; DNA carries the genetic code.",

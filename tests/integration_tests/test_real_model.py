@@ -33,6 +33,7 @@ needs_real_model = pytest.mark.skipif(
 )
 ENGINES = ("transformers", "fast")
 CAPITAL = "What is the capital of France?"
+HELPFUL = "You are a helpful assistant."
 REAL_LOGITS_REL = 0.1
 """‖fast - transformers‖ / ‖transformers‖ of a step's logits on the real model. Measured on the
 CPU: at most 0.048 over 40 steps; the residual stream reaches 2e4, where fp16 steps by 16, so
@@ -93,7 +94,9 @@ def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 @pytest.mark.real_model
 @pytest.mark.parametrize("engine", ENGINES)
 def test_the_capital_of_france_is_paris(real_model: str, engine: str) -> None:
-    answer = chat(real_model, engine).invoke(CAPITAL)
+    """Prompted as the issue measured the model: ``SYSTEM: You are a helpful assistant.``
+    (Synthia's long default system message is beyond this 135M model in 4 bits)."""
+    answer = chat(real_model, engine, system_message=HELPFUL).invoke(CAPITAL)
     assert "Paris" in answer.content
 
 
@@ -105,7 +108,7 @@ def test_paris_through_stream_and_the_quick_start_chain(real_model: str, engine:
     output parser), under a short system message."""
     from langchain_synthia import SynthiaOutputParser, synthia_chat_prompt
 
-    system = "You are a helpful assistant."
+    system = HELPFUL
     model = chat(real_model, engine, system_message=system)
     streamed = "".join(chunk.content for chunk in model.stream(CAPITAL))
     assert "Paris" in streamed
