@@ -157,7 +157,10 @@ class FastMistral:
         """The checkpoint's settings (`_checkpoint.ModelConfig`); the fields below copy them."""
         self.device = device
         self.max_batch = max_batch
-        self.max_len = max_len
+        positions = config.max_position_embeddings
+        self.max_len = max_len if positions is None else min(max_len, positions)
+        """Positions of a request, prompt and answer: `max_len`, held to the positions the model
+        was trained for (``max_position_embeddings``)."""
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -198,7 +201,8 @@ class FastMistral:
         cuda_kernels = self.use_kernels and device.type == "cuda"  # the race times on a GPU
         if cuda_kernels and (self.dense_prefill or self.kernel == "triton"):
             self._race_gemv()
-        self.cos, self.sin = _rotary_tables(config.rope_theta, self.head_dim, max_len + 1, device)
+        rotary = _rotary_tables(config.rope_theta, self.head_dim, self.max_len + 1, device)
+        self.cos, self.sin = rotary
         self.block_size = 0
         """Positions a KV block holds (0 until `allocate_kv`)."""
         self.null_block = 0

@@ -336,12 +336,6 @@ def resolve_engine(engine: str, device: str) -> str:
     return "transformers"
 
 
-def context_limit(folder: Path, context_window: int) -> int:
-    """`context_window`, but no more than the positions the checkpoint was trained for."""
-    positions = read_model_config(folder).max_position_embeddings
-    return context_window if positions is None else min(context_window, positions)
-
-
 def default_fast_kernel(device: str) -> str:
     """The fast engine's GPTQ kernel when none is named: Marlin once it is built, else Triton.
 
@@ -395,7 +389,8 @@ def _load(settings: ModelSettings) -> LocalEngine:
         )
         model.eval()
         tokenizer = _tokenizer(folder)
-    positions = read_model_config(folder).max_position_embeddings
+    # no prompt plus answer past the positions the model was trained for
+    positions = getattr(model.config, "max_position_embeddings", None)
     return TransformersEngine(model, tokenizer, name=settings.model, max_len=positions or 1 << 30)
 
 
@@ -432,7 +427,7 @@ def _fast_model(settings: ModelSettings, folder: Path, target: Any, kernel: str)
         )
     return FastMistral(
         folder, target, max_batch=settings.max_batch_size or 64,
-        max_len=context_limit(folder, settings.context_window or 4096), kernel=kernel,
+        max_len=settings.context_window or 4096, kernel=kernel,
         dense_prefill=settings.dense_prefill,
     )  # fmt: skip
 
