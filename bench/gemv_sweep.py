@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_probe import SHAPES
 
 from bench import _gptq_tensors
-from langchain_synthia._fast_model import _graph_us, _MarlinLinear
 from langchain_synthia._gptq import pack_gptq, sort_rows
 from langchain_synthia._kernels import decode_gemv
+from langchain_synthia._linear import MarlinLinear, graph_us
 
 COPIES = 32
 CONFIGS = [
@@ -39,12 +39,12 @@ def main() -> None:
         perm = torch.randperm(k, device="cuda", generator=gen)
         part = {key: v.cuda() for key, v in _gptq_tensors(k, n, 4, 128, perm, gen).items()}
         (part,), _ = sort_rows([part], 4, 128)
-        layers = [_MarlinLinear([part], 4, 128, dense=True) for _ in range(COPIES)]
+        layers = [MarlinLinear([part], 4, 128, dense=True) for _ in range(COPIES)]
         packed = [layer.dense for layer in layers]
         x = torch.randn(1, k, dtype=torch.float16, device="cuda")
         out = torch.zeros(1, n, device="cuda")
         ref = x.float() @ pack_gptq([part], 4, 128).dequantize().float()
-        marlin = _graph_us(lambda layers=layers: [lay(x) for lay in layers], calls=1) / COPIES
+        marlin = graph_us(lambda layers=layers: [lay(x) for lay in layers], calls=1) / COPIES
         results[f"{name}/marlin"] = round(marlin, 2)
         timed = []
         for block_n, split, warps in CONFIGS:
@@ -62,7 +62,7 @@ def main() -> None:
                 out.zero_()
                 call(packed[0])
                 err = float((out - ref).norm() / ref.norm())
-                us = _graph_us(lambda c=call, ps=packed: [c(p) for p in ps], calls=1) / COPIES
+                us = graph_us(lambda c=call, ps=packed: [c(p) for p in ps], calls=1) / COPIES
             except Exception as error:  # a configuration that does not compile or launch
                 results[f"{name}/n{block_n}/s{split}/w{warps}"] = {"error": repr(error)[-200:]}
                 continue

@@ -55,11 +55,11 @@ from kernel_probe import SHAPES
 
 from bench import _gptq_tensors
 from langchain_synthia import _kernels as K
-from langchain_synthia._fast_model import _graph_us
 from langchain_synthia._gptq import pack_gptq, pack_rows, sort_rows, unpack_words
 from langchain_synthia._kernels import decode_gemv
 from langchain_synthia._kernels._triton import after_previous as _after_previous
 from langchain_synthia._kernels.decode_gemv import _gemv_step, _step_dots
+from langchain_synthia._linear import graph_us
 
 COPIES = 32
 CONFIGS = [(512, 32, 4), (512, 32, 8), (1024, 32, 4), (256, 32, 2), (512, 56, 4),
@@ -383,7 +383,7 @@ def norm_ab(results: dict) -> None:
     new()
     same = bool(torch.equal(out, expected))
     for name, fn in (("old", old), ("new", new)):
-        us = _graph_us(lambda fn=fn: [fn() for _ in range(64)], calls=1) / 64
+        us = graph_us(lambda fn=fn: [fn() for _ in range(64)], calls=1) / 64
         results[f"norm/{name}"] = round(us, 2)
     results["norm/same_output"] = same
     print(f"norm: old {results['norm/old']} µs, new {results['norm/new']} µs, same {same}")
@@ -443,7 +443,7 @@ def attention_ab(results: dict) -> None:
             )
             diff = float((out.float() - expected.float()).abs().max())
             err = float((out.float() - in_order.float()).norm() / in_order.float().norm())
-            us = _graph_us(lambda fn=fn: [fn() for _ in range(32)], calls=1) / 32
+            us = graph_us(lambda fn=fn: [fn() for _ in range(32)], calls=1) / 32
             results[f"attention/{length}/{name}"] = {
                 "us": round(us, 2), "max_abs_diff_vs_old": diff, "rel_vs_reference": err,
                 "cache_equal": same_cache,
@@ -473,7 +473,7 @@ def sweep(name: str, packed: list, x, out, ref, results: dict) -> None:
             out.zero_()
             run(packed[0])
             err = float((out - ref).norm() / ref.norm())
-            us = _graph_us(lambda r=run, p=packed: [r(q) for q in p], calls=1) / COPIES
+            us = graph_us(lambda r=run, p=packed: [r(q) for q in p], calls=1) / COPIES
         except Exception as error:
             results[f"{name}/sweep/{label}"] = {"error": repr(error)[-300:]}
             print(name, "sweep", label, repr(error)[-300:], flush=True)
@@ -544,7 +544,7 @@ def main() -> None:
                     out.zero_()
                     run(packed[0])
                     err = float((out - ref).norm() / ref.norm())
-                    us = _graph_us(lambda r=run, p=packed: [r(q) for q in p], calls=1) / COPIES
+                    us = graph_us(lambda r=run, p=packed: [r(q) for q in p], calls=1) / COPIES
                     label = f"n{block_n}/s{split}/v{waves}/w{warps}"
                     results[f"{name}/{variant}/{label}"] = {"us": round(us, 2), "rel_err": err}
                     timed.append((us, label, err))
@@ -557,7 +557,7 @@ def main() -> None:
                 out.zero_()
                 K.gemv(x, packed[0], out)
                 err = float((out - ref).norm() / ref.norm())
-                us = _graph_us(lambda p=packed: [K.gemv(x, q, out) for q in p], calls=1) / COPIES
+                us = graph_us(lambda p=packed: [K.gemv(x, q, out) for q in p], calls=1) / COPIES
                 config = decode_gemv._gemv_kernel.best_config
                 results[f"{name}/{variant}"] = {"us": round(us, 2), "rel_err": err,
                                                 "config": str(config)}  # fmt: skip
@@ -581,7 +581,7 @@ def main() -> None:
                     out.zero_()
                     call(0)
                     err = float((out - ref).norm() / ref.norm())
-                    us = _graph_us(lambda c=call: [c(i) for i in range(COPIES)], calls=1)
+                    us = graph_us(lambda c=call: [c(i) for i in range(COPIES)], calls=1)
                     us /= COPIES
                 except Exception as error:
                     results[f"{name}/{variant}/{label}"] = {"error": repr(error)[-300:]}

@@ -33,15 +33,15 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 
 def graph_time(fn, x, calls=20, replays=20) -> float:
     """µs a call of ``fn(x)`` takes, inside a CUDA graph (the engine's own timer)."""
-    from langchain_synthia._fast_model import _graph_us
+    from langchain_synthia._linear import graph_us
 
-    return _graph_us(lambda: fn(x), calls=calls, replays=replays)
+    return graph_us(lambda: fn(x), calls=calls, replays=replays)
 
 
 def marlin(part, bits, group):
-    from langchain_synthia._fast_model import _MarlinLinear
+    from langchain_synthia._linear import MarlinLinear
 
-    return _MarlinLinear([part], bits, group)
+    return MarlinLinear([part], bits, group)
 
 
 def marlin_plain(qweight, qzeros, scales, bits, group, k, n):

@@ -26,7 +26,8 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import build_checkpoint
 from langchain_synthia import _kernels as K
-from langchain_synthia._fast_model import FastMistral, _graph_us
+from langchain_synthia._fast_model import FastMistral
+from langchain_synthia._linear import graph_us
 
 KEYS = 768
 
@@ -46,7 +47,7 @@ def step_us(fast: FastMistral, batch: int = 1) -> float:
     tokens = torch.zeros(batch, dtype=torch.long, device="cuda")
     positions = torch.full((batch,), KEYS - 1, dtype=torch.long, device="cuda")
     with torch.inference_mode():
-        return _graph_us(lambda: fast.decode(batch, tokens, positions), calls=1, replays=50)
+        return graph_us(lambda: fast.decode(batch, tokens, positions), calls=1, replays=50)
 
 
 def main() -> None:
