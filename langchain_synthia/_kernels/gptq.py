@@ -56,18 +56,21 @@ if triton is not None:
         rep=20,
         cache_results=True,
     )
-    @triton.jit
+    @triton.jit(do_not_specialize=["SPLIT"])
     def _gptq_kernel(
         x_ptr, perm_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-        M, K, N, stride_xm, stride_om,
+        M, K, N, stride_xm, stride_om, SPLIT,
         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, X_GATED: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """``out += x @ W`` for up to 64 rows: tensor cores on codes, scales per group after.
 
         Codes become fp16 without a conversion instruction (``0x6400 | code`` is the fp16
         ``1024 + code``), the zero point is subtracted in fp16 (exact), and each group's partial
         dot product is scaled once per column. Split-K programs add into `out` atomically.
+        `SPLIT` (how many programs share a column block's K) is an ordinary argument, not a
+        compile-time one: the autotuner's split-K candidates share one compiled kernel per
+        tile width, which keeps a fresh machine's first load short.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
