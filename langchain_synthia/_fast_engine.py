@@ -38,6 +38,9 @@ SUFFIX_SIZES = (16, 32, 64)
 captured for these token counts (its tokens as the rows of a decode step, all of one block
 table). Eager, its few hundred kernel launches would take most of the call's time."""
 
+MIN_PREFILL_PART = 16
+"""Fewest prompt tokens a prefill that ran out of memory is cut down to (`_prefill_passes`)."""
+
 PREFILL_TOKENS = 2048
 """Most prompt tokens prefilled in one step. A longer prompt, or a burst of requests, is
 prefilled over several steps: this bounds the activations' memory."""
@@ -201,6 +204,8 @@ class FastEngine(LocalEngine):
         """The step in flight: its ready event, its host tokens, the rows it decoded."""
         self.prefix_hit_tokens = 0
         """Prompt tokens found in the prefix cache (not computed again) since the load."""
+        self.prefill_splits = 0
+        """Prefill passes cut in two because GPU memory ran out (`_prefill_passes`)."""
         self._table_writes: list[tuple[int, int, int]] = []
         """(row, entry, block) writes to the device block tables, flushed before a step."""
         rests = [s for s in SUFFIX_SIZES if s <= model.max_len and prefix_caching]
@@ -354,13 +359,45 @@ class FastEngine(LocalEngine):
             else:
                 passes.append((slot, (list(chunk.block_table), rest, chunk.start)))
         if passes:
-            logits = self.model.prefill_many([prompt for _, prompt in passes])
+            logits = self._prefill_passes([prompt for _, prompt in passes])
             last.update((slot, logits[i]) for i, (slot, _) in enumerate(passes))
         return [
             (slot, last[slot])
             for slot, chunk in zip(slots, chunks, strict=True)
             if chunk.completes_prompt
         ]
+
+    def _prefill_passes(self, prompts: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
+        """`FastMistral.prefill_many` of `prompts`, in smaller passes if memory runs out.
+
+        A pass that runs out of GPU memory (the memory beside the KV cache can be cut into
+        pieces none of which holds a whole pass's activations) is run again as two: the
+        prompts in two groups, or one prompt's tokens in two parts (the second after the
+        first's cached positions). The results are those of one pass; a part of
+        `MIN_PREFILL_PART` tokens or fewer that still does not fit raises the error.
+        """
+        try:
+            return self.model.prefill_many(prompts)
+        except torch.OutOfMemoryError:
+            if len(prompts) == 1 and len(prompts[0][1]) <= MIN_PREFILL_PART:
+                raise
+        if self._cuda:
+            torch.cuda.empty_cache()
+        if not self.prefill_splits:
+            logger.warning(
+                "A prefill ran out of GPU memory and runs in smaller passes; a lower "
+                "gpu_memory_utilization leaves more room beside the KV cache."
+            )
+        self.prefill_splits += 1
+        if len(prompts) > 1:
+            half = len(prompts) // 2
+            return torch.cat(
+                [self._prefill_passes(prompts[:half]), self._prefill_passes(prompts[half:])]
+            )
+        table, ids, start = prompts[0]
+        half = len(ids) // 2
+        self._prefill_passes([(table, ids[:half], start)])
+        return self._prefill_passes([(table, ids[half:], start + half)])
 
     def _start_decoding(self, computed: list[tuple[int, torch.Tensor]]) -> None:
         """Sample and send the first token of each `computed` prompt.

@@ -140,3 +140,33 @@ def test_a_long_request_holds_about_one_window_of_blocks(window_model: str) -> N
     size = engine.blocks.block_size
     assert max(held) <= WINDOW // size + 2, max(held)
     assert blocks_given_back(engine)
+
+
+def test_a_prefill_that_runs_out_of_memory_goes_on_in_smaller_passes(tiny_model: str) -> None:
+    """Memory beside the KV cache can be fragmented: a prefill pass that runs out of it runs
+    again in smaller passes (fewer prompts, then parts of one prompt), and every request gets
+    the answer it gets when memory suffices, instead of all of them failing."""
+    import torch
+
+    chat = chat_of(tiny_model, prefix_caching=False)
+    engine = engine_of(chat)
+    alone = [chat.invoke(q).content for q in QUESTIONS]
+    prefill_many = engine.model.prefill_many
+    passes: list[list[int]] = []
+
+    def short_of_memory(prompts):  # any pass of more than 20 tokens fails
+        passes.append([len(ids) for _, ids, _ in prompts])
+        if sum(len(ids) for _, ids, _ in prompts) > 20:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return prefill_many(prompts)
+
+    engine.model.prefill_many = short_of_memory
+    try:
+        together = [m.content for m in chat.batch(QUESTIONS)]
+    finally:
+        del engine.model.prefill_many
+    assert together == alone
+    assert engine.prefill_splits > 0
+    assert max(sum(p) for p in passes) > 20  # the first passes were too large ...
+    assert any(len(p) == 1 and p[0] <= 20 for p in passes)  # ... and parts of prompts ran
+    assert blocks_given_back(engine)
