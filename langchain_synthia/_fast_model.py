@@ -21,15 +21,8 @@ import torch
 
 from langchain_synthia import _kernels as K
 from langchain_synthia._checkpoint import read_model_config
-from langchain_synthia._gptq import pack_gptq, permute_columns, sort_rows
-from langchain_synthia._linear import (
-    FusedLinear,
-    Linear,
-    MarlinLinear,
-    ReferenceLinear,
-    TritonLinear,
-    race_gemv,
-)
+from langchain_synthia._decoder_layer import DecoderLayer, InputOrder
+from langchain_synthia._linear import race_gemv
 
 KERNELS = ("triton", "gptq_marlin")
 """GPTQ kernels of the fast engine: langchain-synthia's Triton kernels or gptqmodel's Marlin
@@ -40,8 +33,6 @@ WINDOW_CHUNK = 1024
 """Most queries of one masked attention call in a prefill past the sliding window: with the
 window's keys (4096 for Synthia-7B), a chunk's mask and repeated keys stay near 100 MiB."""
 
-_ATTN = ("q_proj", "k_proj", "v_proj")
-_MLP = ("gate_proj", "up_proj")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 """Prefill attention backends on CUDA; cuDNN's is left out. (With it allowed and a boolean mask
 built, a call reusing a cached prefix took 0.8 s on an H200; without either, about 30 ms.)"""
@@ -55,87 +46,6 @@ def _attention_backends(device: torch.device) -> Any:
     return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_BACKENDS])
 
 
-class _Order:
-    """An act-order layer's input order, folded into whatever writes that input."""
-
-    def __init__(self, perm: torch.Tensor, norm: torch.Tensor | None = None) -> None:
-        self.gather = perm.long()
-        """Input column of each sorted row (what the layer reads: ``x[:, gather]``)."""
-        self.gather32 = self.gather.to(torch.int32)
-        self.scatter = torch.argsort(self.gather).to(torch.int32)
-        """Sorted position of each input column (where attention writes o_proj's input)."""
-        self.norm = None if norm is None else norm[self.gather].contiguous()
-        """The weight of the norm that writes this input, in this order."""
-
-
-class _Layer:
-    """One decoder layer's weights, with every act-order permutation folded away.
-
-    GPTQ act order scatters each group's rows, so gptqmodel's kernels gather the input with the
-    layer's ``g_idx`` order on every call (a kernel launch per layer, 20% of a batch-1 step
-    with Marlin). Here the rows are sorted once at load (`sort_rows`) and the inputs arrive
-    sorted: the norms before q/k/v and gate/up write their output in that order, gate/up
-    write their output columns in down's order (`permute_columns`), and o_proj's input is
-    gathered once (attention's output has no cheaper place to do it).
-    """
-
-    def __init__(
-        self, tensors: "_Tensors", prefix: str, bits: int, group: int, kernel: str,
-        dense: bool = False, kernels: bool = True,
-    ) -> None:  # fmt: skip
-        """Read layer `prefix` and choose its linear back-ends.
-
-        Marlin for ``kernel="gptq_marlin"``, else our Triton kernels, or with `kernels` False
-        the plain-torch references.
-        """
-
-        def gptq(name: str) -> dict[str, torch.Tensor]:
-            return {
-                part: tensors[f"{prefix}.{name}.{part}"]
-                for part in ("qweight", "qzeros", "scales", "g_idx")
-            }
-
-        def sort(
-            parts: list[dict[str, torch.Tensor]], norm: torch.Tensor | None = None
-        ) -> tuple[list, _Order | None]:
-            if any(not torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
-                return parts, None  # layers of their own, each gathering its input
-            parts, perm = sort_rows(parts, bits, group)
-            return parts, None if perm is None else _Order(perm, norm)
-
-        self.input_norm = tensors[f"{prefix}.input_layernorm.weight"]
-        self.post_norm = tensors[f"{prefix}.post_attention_layernorm.weight"]
-
-        def pack(parts: list[dict[str, torch.Tensor]], bits: int, group: int) -> Linear:
-            if kernel == "gptq_marlin":
-                return MarlinLinear(parts, bits, group, dense=dense)
-            packed = pack_gptq(parts, bits, group)
-            return TritonLinear(packed) if kernels else ReferenceLinear(packed)
-
-        (down,), down_order = sort([gptq("mlp.down_proj")])
-        gate_up = [gptq(f"mlp.{n}") for n in _MLP]
-        if down_order is not None:
-            gate_up = [permute_columns(p, down_order.gather, bits) for p in gate_up]
-        qkv, self.qkv_order = sort([gptq(f"self_attn.{n}") for n in _ATTN], self.input_norm)
-        (o,), self.o_order = sort([gptq("self_attn.o_proj")])
-        gate_up, self.gate_up_order = sort(gate_up, self.post_norm)
-        self.qkv = _fused(qkv, bits, group, pack)
-        self.o = pack([o], bits, group)
-        self.gate_up = _fused(gate_up, bits, group, pack)
-        self.down = pack([down], bits, group)
-
-    def linears(self) -> dict[str, Linear]:
-        """The layer's four linear back-ends by shape name."""
-        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
-
-
-def _fused(parts: list[dict[str, torch.Tensor]], bits: int, group: int, pack: Any) -> Linear:
-    """One packed layer when the parts share their act-order permutation, else side by side."""
-    if all(torch.equal(part["g_idx"], parts[0]["g_idx"]) for part in parts):
-        return pack(parts, bits, group)
-    return FusedLinear([pack([part], bits, group) for part in parts])
-
-
 class FastMistral:
     """The network, its weights and its paged KV cache (once allocated) on one device."""
 
@@ -147,7 +57,7 @@ class FastMistral:
         """Load the GPTQ checkpoint in `folder` onto `device` (`kernel`: see `KERNELS`).
 
         `dense_prefill` (Marlin only): keep the dense-prefill copy of the weights (see
-        `_MarlinLinear`); ``None`` keeps it on a Hopper (or newer) GPU with four times the
+        `_linear.MarlinLinear`); ``None`` keeps it on a Hopper (or newer) GPU with four times the
         checkpoint's size free, so that small cards keep their memory for the KV cache.
         `use_kernels` (``None``: on CUDA where Triton is installed) runs our Triton kernels;
         ``True`` on the CPU runs them under Triton's interpreter (the kernel checks do).
@@ -188,7 +98,7 @@ class FastMistral:
         )
         layer_args = (bits, group, self.kernel, self.dense_prefill)
         self.layers = [
-            _Layer(tensors, f"model.layers.{i}", *layer_args, kernels=self.use_kernels)
+            DecoderLayer(tensors, f"model.layers.{i}", *layer_args, kernels=self.use_kernels)
             for i in range(config.num_hidden_layers)
         ]
         self.embed = tensors["model.embed_tokens.weight"].to(torch.float16)
@@ -274,7 +184,7 @@ class FastMistral:
         residual: torch.Tensor | None,
         weight: torch.Tensor,
         out: torch.Tensor,
-        order: _Order | None = None,
+        order: InputOrder | None = None,
     ) -> torch.Tensor:
         """Residual add and RMSNorm; the result in the next layer's input `order` if given."""
         if self.use_kernels:
@@ -291,7 +201,7 @@ class FastMistral:
 
     @staticmethod
     def _attention_out(
-        attn: torch.Tensor, order: _Order | None, out: torch.Tensor | None = None
+        attn: torch.Tensor, order: InputOrder | None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention's output ``[rows, H * D]`` in o_proj's input order."""
         flat = attn.reshape(attn.shape[0], -1)
@@ -337,31 +247,46 @@ class FastMistral:
         )  # fmt: skip
         residual = self.embed[tokens].clone()
         normed = torch.empty_like(residual)
+        spans = [(start, len(prompt)) for _, prompt, start in prompts]
         delta = None
         with _attention_backends(device):
             for index, layer in enumerate(self.layers):
-                if delta is None:
-                    self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
-                else:
-                    self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
-                qkv = layer.qkv(normed)
-                q = self._rope_and_cache(index, qkv, positions, rows, tables)
-                attn = torch.empty_like(q)
-                offset = 0
-                for i, (_, prompt, start) in enumerate(prompts):
-                    end = offset + len(prompt)
-                    attn[offset:end] = self._prefill_attention(
-                        index, tables[i], q[offset:end], start + len(prompt)
-                    )
-                    offset = end
-                o = layer.o(self._attention_out(attn, layer.o_order))
-                self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
-                gate_up = layer.gate_up(normed)
-                delta = layer.down(gate_up, gated=True)
+                delta = self._prefill_layer(
+                    index, layer, residual, normed, delta, positions, rows, tables, spans
+                )
         ends = torch.tensor([len(p) for _, p, _ in prompts], device=device).cumsum(0) - 1
         last = torch.empty((len(prompts), self.hidden), dtype=torch.float16, device=device)
         self._norm(delta[ends], residual[ends], self.norm, last)
         return (last @ self.lm_head.T).float()
+
+    def _prefill_layer(
+        self, index: int, layer: DecoderLayer, residual: torch.Tensor, normed: torch.Tensor,
+        delta: torch.Tensor | None, positions: torch.Tensor, rows: torch.Tensor,
+        tables: torch.Tensor, spans: list[tuple[int, int]],
+    ) -> torch.Tensor:  # fmt: skip
+        """Decoder layer `index` of a prefill; return its MLP output.
+
+        The last layer's `delta` goes into `residual` first; each prompt ``(start, length)`` of
+        `spans` attends over its own blocks.
+        """
+        if delta is None:
+            self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
+        else:
+            self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
+        qkv = layer.qkv(normed)
+        q = self._rope_and_cache(index, qkv, positions, rows, tables)
+        attn = torch.empty_like(q)
+        offset = 0
+        for i, (start, length) in enumerate(spans):
+            end = offset + length
+            attn[offset:end] = self._prefill_attention(
+                index, tables[i], q[offset:end], start + length
+            )
+            offset = end
+        o = layer.o(self._attention_out(attn, layer.o_order))
+        self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
+        gate_up = layer.gate_up(normed)
+        return layer.down(gate_up, gated=True)
 
     def _prefill_attention(
         self, index: int, table: torch.Tensor, q: torch.Tensor, end: int
@@ -449,37 +374,51 @@ class FastMistral:
             rows = torch.arange(batch, device=self.device) if cache_rows is None else cache_rows
         delta = None
         for index, layer in enumerate(self.layers):
-            qkv, o, gate_up, down = buf["outs"][index]
-            if delta is None:
-                self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
-            else:
-                self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
-            qkv = layer.qkv(normed, qkv)
-            caches = (self.k_cache[index], self.v_cache[index], lengths)
-            tables = self.tables
-            if self.use_kernels:
-                scatter = None if layer.o_order is None else layer.o_order.scatter
-                attn = buf["attn"] if scatter is None else buf["o_in"]  # o_proj's order
-                if cache_rows is None:  # rotary and cache write inside the attention kernel
-                    K.decode_attention(qkv, *caches, buf["attn_work"], attn, scatter,
-                                       rope=(self.cos, self.sin), tables=tables)  # fmt: skip
-                else:  # a prompt's tokens read each other's keys: all written first
-                    q = self._rope_and_cache(index, qkv, positions, cache_rows, tables, buf["q"])
-                    K.decode_attention(q, *caches, buf["attn_work"], attn, scatter,
-                                       rows=cache_rows, tables=tables)  # fmt: skip
-                o_in = attn.reshape(batch, -1)
-            else:
-                q = self._rope_and_cache(index, qkv, positions, rows, tables)
-                attn = K.decode_attention_reference(
-                    q, *caches, cache_rows, self.sliding_window, tables=tables
-                )
-                o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
-            o = layer.o(o_in, o)
-            self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
-            gate_up = layer.gate_up(normed, gate_up)
-            delta = layer.down(gate_up, down, gated=True)
+            delta = self._decode_layer(index, layer, buf, delta, positions, cache_rows, rows)
         self._norm(delta, residual, self.norm, normed)
         return torch.matmul(normed, self.lm_head.T, out=buf["logits"]).float()
+
+    def _decode_layer(
+        self, index: int, layer: DecoderLayer, buf: dict[str, Any], delta: torch.Tensor | None,
+        positions: torch.Tensor, cache_rows: torch.Tensor | None, rows: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Decoder layer `index` of a decode step; return its MLP output.
+
+        The last layer's `delta` goes into the residual stream (``buf["residual"]``) first.
+        `cache_rows`: a prompt's tokens of one block-table row (see `decode`); `rows`: the
+        cache row of each token on the references' path.
+        """
+        qkv, o, gate_up, down = buf["outs"][index]
+        residual, normed = buf["residual"], buf["normed"]
+        if delta is None:
+            self._norm(residual, None, layer.input_norm, normed, layer.qkv_order)
+        else:
+            self._norm(delta, residual, layer.input_norm, normed, layer.qkv_order)
+        qkv = layer.qkv(normed, qkv)
+        caches = (self.k_cache[index], self.v_cache[index], buf["lengths"])
+        tables = self.tables
+        if self.use_kernels:
+            scatter = None if layer.o_order is None else layer.o_order.scatter
+            attn = buf["attn"] if scatter is None else buf["o_in"]  # o_proj's order
+            if cache_rows is None:  # rotary and cache write inside the attention kernel
+                K.decode_attention(qkv, *caches, buf["attn_work"], attn, scatter,
+                                   rope=(self.cos, self.sin), tables=tables)  # fmt: skip
+            else:  # a prompt's tokens read each other's keys: all written first
+                q = self._rope_and_cache(index, qkv, positions, cache_rows, tables, buf["q"])
+                K.decode_attention(q, *caches, buf["attn_work"], attn, scatter,
+                                   rows=cache_rows, tables=tables)  # fmt: skip
+            o_in = attn.reshape(attn.shape[0], -1)
+        else:
+            assert rows is not None
+            q = self._rope_and_cache(index, qkv, positions, rows, tables)
+            attn = K.decode_attention_reference(
+                q, *caches, cache_rows, self.sliding_window, tables=tables
+            )
+            o_in = self._attention_out(attn, layer.o_order, buf["o_in"])
+        o = layer.o(o_in, o)
+        self._norm(o, residual, layer.post_norm, normed, layer.gate_up_order)
+        gate_up = layer.gate_up(normed, gate_up)
+        return layer.down(gate_up, down, gated=True)
 
     def prepare_decode_buffers(self, sizes: list[int], suffix_sizes: tuple[int, ...]) -> None:
         """Allocate the decode buffers now, before the KV cache takes what memory is left.
