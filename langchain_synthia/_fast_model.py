@@ -44,7 +44,7 @@ _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj")
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 """Prefill attention backends on CUDA; cuDNN's is left out. (With it allowed and a boolean mask
-built, a call reusing a cached prefix took 0.8 s on an H200; without either, about 30 ms.)"""
+built, a call reusing a cached prefix was many times slower: docs/benchmarks.md.)"""
 
 
 def _attention_backends(device: torch.device) -> Any:
@@ -72,8 +72,8 @@ class _Layer:
     """One decoder layer's weights, with every act-order permutation folded away.
 
     GPTQ act order scatters each group's rows, so gptqmodel's kernels gather the input with the
-    layer's ``g_idx`` order on every call (a kernel launch per layer, 20% of a batch-1 step
-    with Marlin). Here the rows are sorted once at load (`sort_rows`) and the inputs arrive
+    layer's ``g_idx`` order on every call (a kernel launch per layer and step, costly at batch
+    1). Here the rows are sorted once at load (`sort_rows`) and the inputs arrive
     sorted: the norms before q/k/v and gate/up write their output in that order, gate/up
     write their output columns in down's order (`permute_columns`), and o_proj's input is
     gathered once (attention's output has no cheaper place to do it).
