@@ -221,8 +221,8 @@ def _chat_model(fields: dict[str, Any], *, demo: bool) -> Any:
 
         fields = {"max_tokens": DEMO_MAX_TOKENS, **fields}
         click.echo(
-            "Demo mode: a tiny random-weight checkpoint on the CPU; answers are gibberish, "
-            f"{fields['max_tokens']} tokens at most (--max-tokens changes it).",
+            "Demo mode: a tiny random-weight checkpoint on the CPU; gibberish answers of "
+            f"{fields['max_tokens']} tokens at most.",
             err=True,
         )
         fields |= {"model": str(demo_checkpoint()), "device": "cpu"}
