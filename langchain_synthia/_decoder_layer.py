@@ -39,8 +39,8 @@ class DecoderLayer:
     """One decoder layer's weights, with every act-order permutation folded away.
 
     GPTQ act order scatters each group's rows, so gptqmodel's kernels gather the input with the
-    layer's ``g_idx`` order on every call (a kernel launch per layer, 20% of a batch-1 step
-    with Marlin). Here the rows are sorted once at load (`sort_rows`) and the inputs arrive
+    layer's ``g_idx`` order on every call (a kernel launch per layer and step, costly at batch
+    1). Here the rows are sorted once at load (`sort_rows`) and the inputs arrive
     sorted: the norms before q/k/v and gate/up write their output in that order, gate/up
     write their output columns in down's order (`permute_columns`), and o_proj's input is
     gathered once (attention's output has no cheaper place to do it).

@@ -35,7 +35,7 @@ window's keys (4096 for Synthia-7B), a chunk's mask and repeated keys stay near 
 
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 """Prefill attention backends on CUDA; cuDNN's is left out. (With it allowed and a boolean mask
-built, a call reusing a cached prefix took 0.8 s on an H200; without either, about 30 ms.)"""
+built, a call reusing a cached prefix was many times slower: docs/benchmarks.md.)"""
 
 
 def _attention_backends(device: torch.device) -> Any:

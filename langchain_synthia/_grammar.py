@@ -176,7 +176,7 @@ _lock = threading.Lock()
 
 
 def _ll_tokenizer(tokenizer: Any) -> Any:
-    """The llguidance view of a transformers tokenizer (built once per tokenizer: ~0.4 s)."""
+    """The llguidance view of a transformers tokenizer (built once per tokenizer: it is slow)."""
     with _lock:
         found = _tokenizers.get(id(tokenizer))
         if found is None or found[0] is not tokenizer:

@@ -233,8 +233,9 @@ def download(
             why = f"the Hub could not be reached ({error.__cause__ or error})"
         msg = (
             f"{repo_id} (revision {revision!r}) is not in the local Hugging Face cache and "
-            f"{why}. Download it once with network access (synthia chat does), or point "
-            "model= at a local checkpoint folder."
+            f"{why}. Download it once with network access (the first load does, or "
+            "`synthia download`), or point model= (`--model` on the command line) at a local "
+            "checkpoint folder. To try the package without the model: `synthia chat --demo`."
         )
         raise FileNotFoundError(msg) from error
     return Path(path)

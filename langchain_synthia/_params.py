@@ -170,10 +170,11 @@ class SynthiaParams(BaseModel):
     ``gpu_memory_utilization`` (``None``)."""
     dense_prefill: bool | None = None
     """Fast engine with Marlin: also keep the quantised weights in a layout that a prefill of
-    256 or more tokens dequantises for cuBLAS (Hopper's tensor cores; 1.25x Marlin's speed at
-    512 tokens, 1.7x at 2,048 on an H100), at the cost of a second copy of the weights in GPU
-    memory (3.6 GiB for 4-bit). ``None`` keeps it on a Hopper GPU (where it was measured) with
-    four times the checkpoint's size free, so a small card keeps its memory for the KV cache."""
+    256 or more tokens dequantises for cuBLAS (Hopper's tensor cores, faster than Marlin for
+    such prefills), at the cost of a second copy of the weights in GPU memory (about the
+    weights' size; docs/benchmarks.md). ``None`` keeps it on a Hopper GPU (where it was
+    measured) with four times the checkpoint's size free, so a small card keeps its memory for
+    the KV cache."""
     max_batch_size: Annotated[int, Number] = Field(default=64, ge=1, le=256)
     """Fast engine: the most requests decoded at once. KV memory is held by the token, not
     by the request, so how many run at once is bounded by the tokens they need and by this

@@ -34,6 +34,9 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
+DEMO_MAX_TOKENS = 32
+"""``--max-tokens`` under ``--demo`` when none is given: a few lines of the tiny model's words."""
+
 
 class _Failure(click.ClickException):
     """An error with its exit code, printed as ``Error: ...`` without a traceback.
@@ -173,7 +176,11 @@ _SAMPLING_OPTIONS = (
     click.option(
         "--repetition-penalty", type=float, help="1 is off; above 0 up to 10. [default: 1.1]"
     ),
-    click.option("--max-tokens", type=int, help="Most new tokens per answer. [default: 512]"),
+    click.option(
+        "--max-tokens",
+        type=int,
+        help=f"Most new tokens per answer. [default: 512; with --demo: {DEMO_MAX_TOKENS}]",
+    ),
     click.option("--seed", type=int, help="Seed for reproducible sampling."),
     click.option("--stop", multiple=True, help="A stop sequence (repeat for more)."),
     click.option("--timeout", type=float, help="Seconds an answer may take."),
@@ -183,7 +190,8 @@ _DEMO_OPTION = click.option(
     "--demo",
     is_flag=True,
     help="Run on a tiny random-weight checkpoint built offline on the CPU (no GPU, no "
-    "download): it shows the plumbing works and answers gibberish.",
+    f"download): it shows the plumbing works and answers gibberish ({DEMO_MAX_TOKENS} tokens "
+    "unless --max-tokens; chat keeps a log only with --log).",
 )
 
 
@@ -211,8 +219,10 @@ def _chat_model(fields: dict[str, Any], *, demo: bool) -> Any:
                 raise click.UsageError(f"--demo runs its own checkpoint on the CPU: drop --{name}.")
         from langchain_synthia.testing import demo_checkpoint
 
+        fields = {"max_tokens": DEMO_MAX_TOKENS, **fields}
         click.echo(
-            "Demo mode: a tiny random-weight checkpoint on the CPU; answers are gibberish.",
+            "Demo mode: a tiny random-weight checkpoint on the CPU; gibberish answers of "
+            f"{fields['max_tokens']} tokens at most.",
             err=True,
         )
         fields |= {"model": str(demo_checkpoint()), "device": "cpu"}
@@ -317,14 +327,19 @@ def chat(
     encoding = _tolerant_stdin()
     system_message = _system_message(system, tree_of_thought)
     chat_model = _chat_model(fields, demo=demo)
-    from_command_line = click.get_current_context().get_parameter_source("log_path")
-    if no_log and from_command_line == click.core.ParameterSource.COMMANDLINE:
+    log_source = click.get_current_context().get_parameter_source("log_path")
+    from_command_line = log_source == click.core.ParameterSource.COMMANDLINE
+    if no_log and from_command_line:
         raise click.UsageError("--log and --no-log contradict each other: pick one.")
-    log = None if no_log else (log_path or _default_log())
+    # the demo's gibberish stays out of the real conversation log unless --log asks for a file
+    keep_log = not no_log and (from_command_line or not demo)
+    log = (log_path or _default_log()) if keep_log else None
     _load(chat_model)
     click.echo("Type a message; /help lists the commands; /exit or Ctrl-D leaves.", err=True)
     if log is not None:
         click.echo(f"Conversation log: {log} (--no-log keeps none)", err=True)
+    elif demo and not no_log:
+        click.echo("Demo mode keeps no conversation log (--log FILE keeps one).", err=True)
     session = ChatSession(chat_model, system_message=system_message, log_path=log, write=click.echo)
     if sys.stdin.isatty():
         import readline  # noqa: F401  line editing and history for input()
@@ -417,7 +432,7 @@ def generate(
     type=click.IntRange(1, 256),
     default=1,
     show_default=True,
-    help="Calls decoded at once (ChatSynthia's default is 8).",
+    help="Calls decoded at once, each holding a whole context window.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def variants(context_window: int, max_batch_size: int, as_json: bool) -> None:
@@ -470,7 +485,7 @@ def variants(context_window: int, max_batch_size: int, as_json: bool) -> None:
         gpu = found[0]
         click.echo(f"GPU: {gpu['name']}, {gpu['free_gib']} GiB free of {gpu['memory_gib']} GiB.")
     else:
-        click.echo("No CUDA GPU found: 'fits' is left empty (the CPU runs the model, slowly).")
+        click.echo("No CUDA GPU found: 'fits' shows - (the CPU runs the model, slowly).")
 
 
 @main.command()

@@ -35,9 +35,8 @@ def pdl(device: torch.device) -> dict[str, bool]:
     the one before it drains; it lets the next one start (``gdc_launch_dependents``), then
     waits for the one before's results (``gdc_wait``) before it reads or writes anything they
     may touch (`after_previous`). In a captured decode step this overlaps each kernel's
-    launch, and the GEMVs' weight loads, with the end of the kernels before (H200: batch 1
-    404.5-404.9 tok/s against 392.4 without, docs/benchmarks.md). ``SYNTHIA_PDL=0`` turns it
-    off.
+    launch, and the GEMVs' weight loads, with the end of the kernels before, which shortens a
+    batch-1 step (docs/benchmarks.md). ``SYNTHIA_PDL=0`` turns it off.
     """
     if device.type != "cuda" or os.environ.get("SYNTHIA_PDL") == "0":
         return {"PDL": False}

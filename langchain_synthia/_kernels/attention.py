@@ -249,10 +249,9 @@ def _attention_launch(batch: int, rope: bool) -> dict[str, Any]:
     """How `decode_attention` launches `_decode_attention_kernel` for `batch` queries.
 
     One query with rotary (a batch-1 decode step) reads its first keys ahead of the wait, with
-    8 warps a program: H200, a captured step of the 7B at 768 keys, 1.68-1.71 ms against
-    1.79-1.81 with 4 warps or neither (and 1.84-1.85 with 8 warps without the read ahead).
-    Many queries keep 4 warps and read after the wait: a 32-row step took 10.1 ms with 8 warps
-    against 9.3-9.5 with 4 (`bench/step_costs.py`, docs/benchmarks.md).
+    8 warps a program: the fastest batch-1 step of those timed (4 or 8 warps, reading ahead or
+    after the wait). Many queries keep 4 warps and read after the wait, which is faster for
+    them (docs/benchmarks.md).
     """
     ahead = rope and batch == 1
     return {"BLOCK_S": 64, "num_warps": 8 if ahead else 4, "AHEAD": ahead}

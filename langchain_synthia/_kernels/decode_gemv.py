@@ -126,7 +126,7 @@ if triton is not None:
         ] or configs[-1:]  # fmt: skip
 
     _GEMV_CONFIGS = [  # per split-K class, the two fastest timed cold on an H200
-        # (`bench/gemv_variants.py sweep`, docs/benchmarks.md): 32 splits for 4,096 inputs (one
+        # (a sweep of tiles, splits, warps and register caps): 32 splits for 4,096 inputs (one
         # 128-row step a program), 56 for 14,336 (two); last, one that fits every layer
         triton.Config({"BLOCK_N": block_n, "SPLIT": split}, num_warps=warps, maxnreg=regs)
         for block_n, split, warps, regs in (
@@ -217,8 +217,7 @@ def gemv(x: torch.Tensor, layer: PackedLinear, out: torch.Tensor) -> torch.Tenso
 
     The batch-1 decode GEMV (`_gemv_kernel`, for layers that `gemv_fits`). `FastMistral`
     races it against Marlin per layer shape at load; on an H200 it wins on all four of
-    Mistral-7B's (µs a layer, weights read from memory, not from L2: q/k/v 4.8 against 10.0,
-    o 3.8 against 9.9, gate/up 20.5 against 26.1, down 10.6 against 16.3; docs/benchmarks.md).
+    Mistral-7B's, with weights read from memory as a step reads them (docs/benchmarks.md).
     It sums two words' sixteen products in fp16, so it is a little less exact than Marlin
     (4.7e-4 against 2e-4 relative to the dequantised weight's product on random layers).
     """

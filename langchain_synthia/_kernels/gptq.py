@@ -169,8 +169,7 @@ def dense_matmul(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     """``x @ W`` in fp16 for many rows (a prefill), through cuBLAS on tensor cores.
 
     The weight is dequantised into a scratch buffer, then multiplied in one GEMM. For this
-    compute-bound work it beats Marlin from about 256 rows (1.25x at 512 rows, 1.7x at 2,048 on
-    an H100: docs/benchmarks.md).
+    compute-bound work it beats Marlin from about 256 rows on Hopper (docs/benchmarks.md).
     """
     x = x.half() if layer.perm is None else x.half()[:, layer.perm.long()]
     return torch.matmul(x, _dequantized(layer))
