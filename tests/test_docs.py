@@ -17,7 +17,7 @@ import pytest
 
 import langchain_synthia
 from tests import _doc_blocks as docs
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 SOURCES = [docs.source_name(page) for page in docs.PAGES] + docs.docstring_sources()
 RUNNABLE = [source for source in SOURCES if docs.python_blocks(source)]

@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import tool
 
 from langchain_synthia import ChatSynthia, render_messages
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 pytest.importorskip("langchain.agents")
 

@@ -14,7 +14,7 @@ from langchain_synthia import (
 )
 from langchain_synthia._loading import ModelSettings, get_engine
 from langchain_synthia._transformers_engine import TransformersEngine
-from tests.conftest import DEVICE, LoopTicker, TokenCounter
+from tests.helpers import DEVICE, LoopTicker, TokenCounter
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from langchain_synthia import ChatSynthia
 from langchain_synthia.cli import _MODEL_OPTIONS, _SAMPLING_OPTIONS, main
 from langchain_synthia.prompts import TREE_OF_THOUGHT_SYSTEM_MESSAGE
 from tests._completions_server import CompletionsServer, Reply, event_stream, json_reply
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 COMMANDS = ("chat", "generate", "variants", "download", "info")
 

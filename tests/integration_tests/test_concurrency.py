@@ -8,7 +8,6 @@ or runs out of time must free its cache row within two decode steps, counted at 
 """
 
 import asyncio
-import contextlib
 import gc
 import json
 import signal
@@ -17,7 +16,6 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +25,20 @@ import torch
 from langchain_synthia import ChatSynthia, GenerationTimeoutError
 from langchain_synthia._decoding_row import DecodingRow
 from langchain_synthia._token_stream import TokenStream
-from tests.conftest import DEVICE
-from tests.integration_tests.test_fast_engine import fast_chat
+from tests.helpers import (
+    DEVICE,
+    LONG,
+    NO_STOP,
+    StepLog,
+    busy_rows,
+    engine_of_chat,
+    fast_chat,
+    is_idle,
+    step_log,
+    wait_until,
+)
+
+pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
 
 TOKENS = 10
 """Answer length of the concurrent calls (short: 64 of them run in a few seconds)."""
@@ -38,10 +48,6 @@ ROWS = 8
 
 DEADLINE = 60.0
 """Seconds the 64 concurrent calls may take in all before the run counts as deadlocked."""
-
-NO_STOP = {"stop_at_user_turn": False}
-LONG = {"max_tokens": 4000, **NO_STOP}
-"""An answer that runs ~4,000 steps unless its consumer stops it."""
 
 _TOPICS = """rockets oceans volcanoes bees glaciers comets tigers deserts lighthouses violins
 bridges tulips submarines owls canyons robots pianos coral lanterns penguins castles chess
@@ -72,12 +78,6 @@ def chat(tiny_model: str) -> ChatSynthia:
     )
 
 
-def engine_of_chat(chat: ChatSynthia) -> Any:
-    engine = chat._engine_for(chat.model, chat.revision)
-    assert engine.kind == "fast"
-    return engine
-
-
 HEAP_KEPT = 256 * 1024
 """Bytes the Python heap may keep after a second round of the 64 calls: 4 KiB a call. Measured
 on a CPU: 8 to 54 KiB, in blocks of tens of bytes (torch's and threading's bookkeeping, sets
@@ -87,54 +87,6 @@ that grew), none a call's answer or request."""
 def allocated_gpu_bytes() -> int:
     """Bytes the CUDA allocator has handed out (0 on the CPU)."""
     return torch.cuda.memory_allocated() if DEVICE.startswith("cuda") else 0
-
-
-def is_idle(engine: Any) -> bool:
-    return (
-        all(row is None for row in engine._slots) and not engine.num_waiting and not engine._pending
-    )
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-class StepLog(list):
-    """What the engine did inside `step_log`: one record per decode step, and the rows it got."""
-
-    submitted: list
-
-
-@contextlib.contextmanager
-def step_log(engine: Any, record: Callable[[Any], Any]) -> Iterator[StepLog]:
-    """``record(engine)`` taken at the start of each decode step the scheduler runs, in order;
-    ``.submitted``: every request row handed to the engine."""
-    steps = StepLog()
-    steps.submitted = []
-    step, start = engine._step, engine.start
-
-    def spy() -> None:
-        steps.append(record(engine))
-        step()
-
-    def spy_start(rows: list) -> None:
-        steps.submitted.extend(rows)
-        start(rows)
-
-    engine._step, engine.start = spy, spy_start
-    try:
-        yield steps
-    finally:
-        del engine._step, engine.start
-
-
-def busy_rows(engine: Any) -> tuple:
-    return tuple(row for row in engine._slots if row is not None)
 
 
 def live(kind: type) -> int:

@@ -21,9 +21,7 @@ from typing_extensions import TypedDict
 
 from langchain_synthia import ChatSynthia
 from langchain_synthia.tools import TOOL_CALL_CLOSE, render_tool_call
-from tests.conftest import DEVICE, TokenCounter
-
-pytestmark = pytest.mark.integration
+from tests.helpers import DEVICE, TokenCounter
 
 
 class Release(BaseModel):

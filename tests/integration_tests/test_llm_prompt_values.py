@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
 
 from langchain_synthia import SynthiaLLM, render_messages
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 MESSAGES = [SystemMessage("Be brief."), HumanMessage("Name a colour."), AIMessage("Red")]
 TEMPLATE = ChatPromptTemplate.from_messages(

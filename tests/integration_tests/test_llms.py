@@ -4,7 +4,7 @@ import pytest
 
 from langchain_synthia import GenerationTimeoutError, SynthiaLLM, synthia_prompt_template
 from langchain_synthia._loading import ModelSettings, get_engine
-from tests.conftest import DEVICE, LoopTicker, TokenCounter
+from tests.helpers import DEVICE, LoopTicker, TokenCounter
 
 PROMPT = synthia_prompt_template().format(question="How is a rocket launched?")
 

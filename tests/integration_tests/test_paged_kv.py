@@ -14,7 +14,9 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from langchain_synthia import ChatSynthia
 from langchain_synthia.testing import make_tiny_checkpoint
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
+
+pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
 
 WINDOW = 16
 

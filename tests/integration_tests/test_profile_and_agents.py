@@ -13,7 +13,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
 from langchain_synthia import ChatSynthia
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 SEEDS = 6
 """Sampled answers the tools-or-JSON test reads per run."""

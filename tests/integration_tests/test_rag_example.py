@@ -19,7 +19,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
 from langchain_synthia import ChatSynthia, render_messages
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 SCRIPT = EXAMPLES / "07_rag_local_documents.py"

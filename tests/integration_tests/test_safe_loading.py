@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from langchain_synthia import VARIANTS, ChatSynthia, SynthiaLLM
 from langchain_synthia._loading import ModelSettings, resolve_checkpoint
 from langchain_synthia.variants import DEFAULT_REPO
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 ENGINES = ["fast", "transformers"]
 """The two local engines (``engine=``; ``"auto"`` picks one of them)."""

@@ -6,7 +6,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 
 from langchain_synthia import ChatSynthia, SynthiaLLM
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 
 class Started(BaseCallbackHandler):

@@ -5,7 +5,7 @@ A query at position p attends to the keys at ``p - sliding_window < j <= p`` (tr
 are several windows long, so every way the fast engine attends (prefill in one pass or in
 several, the decode-shaped prefill of a prompt's rest after a reused prefix, decode steps of one
 row or of several at different lengths) must apply the window to agree with the transformers
-engine. On the CPU the fast engine runs the plain-torch references (``test_kernels.py`` checks
+engine. On the CPU the fast engine runs the plain-torch references (tests/kernel_tests/ checks
 the Triton kernels against them, with windows, through Triton's interpreter).
 """
 
@@ -24,7 +24,9 @@ from langchain_synthia._checkpoint import MISTRAL_SLIDING_WINDOW, read_model_con
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._loading import ModelSettings, get_engine
 from langchain_synthia.testing import make_tiny_checkpoint
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
+
+pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
 
 WINDOW = 16
 NEW_TOKENS = 32

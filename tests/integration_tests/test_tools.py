@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from langchain_synthia import ChatSynthia, GrammarError
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 SEEDS = range(8)
 

@@ -14,7 +14,7 @@ from langchain_core.load import dumpd, dumps, load, loads
 
 from langchain_synthia import ChatSynthia, SynthiaLLM
 from langchain_synthia._loading import loaded_engines
-from tests.conftest import AnswerPerKey
+from tests.helpers import AnswerPerKey
 
 URL = "http://127.0.0.1:9/v1"
 """The discard port: nothing is sent to it (a cached call never reaches the server)."""
