@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from langchain_synthia._gptq import PackedLinear
-from langchain_synthia._kernels._triton import pdl, tl, triton
+from langchain_synthia._kernels._triton import pdl, short_bench, tl, triton
 
 if triton is not None:
     from langchain_synthia._kernels._triton import after_previous
@@ -140,8 +140,7 @@ if triton is not None:
         key=["N", "K", "GROUP"],
         prune_configs_by={"early_config_prune": _valid_gemv_configs},
         reset_to_zero=["out_ptr"],
-        warmup=5,
-        rep=20,
+        do_bench=short_bench,
         cache_results=True,
     )
     @triton.jit

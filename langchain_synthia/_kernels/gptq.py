@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from langchain_synthia._gptq import PackedLinear
-from langchain_synthia._kernels._triton import tl, triton
+from langchain_synthia._kernels._triton import short_bench, tl, triton
 from langchain_synthia._kernels.activation import gated_product
 
 
@@ -52,8 +52,7 @@ if triton is not None:
         key=["N", "K", "BITS", "GROUP", "BLOCK_M", "BLOCK_K"],  # not M: one tuning per M bucket
         prune_configs_by={"early_config_prune": _valid_configs},
         reset_to_zero=["out_ptr"],
-        warmup=5,
-        rep=20,
+        do_bench=short_bench,
         cache_results=True,
     )
     @triton.jit(do_not_specialize=["SPLIT"])
