@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from langchain_synthia import VARIANTS, ChatSynthia
 from langchain_synthia._gptq import pack_rows
 from langchain_synthia._loading import get_engine
+from langchain_synthia.engine import EngineObserver
 
 TTFT_SAMPLES = 9
 """First-token times measured per figure (the median is reported, every sample kept)."""
@@ -376,53 +377,18 @@ def profile(engine, prompt_ids: list[int], kernel: str, folder: Path) -> dict:
 
 
 def call_sections(engine, call) -> dict:
-    """Where one call's first-token time goes, in ms: each engine stage timed with the device
-    synchronised before and after (so GPU time lands in the stage that launched it)."""
-    spent: dict[str, float] = {}
-    targets = {
-        "schedule": (engine.scheduler, "schedule"),
-        "prefill": (engine.model, "prefill_many"),
-        "prefill_suffix": (engine, "_prefill_suffix"),
-        "sampler_assign": (engine._sampler, "assign"),
-        "sampler_first_token": (engine._sampler, "sample"),
-    }
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                torch.cuda.synchronize()
-                spent[name] = spent.get(name, 0.0) + (time.perf_counter() - start) * 1000
-
-        return wrapper
-
-    submitted = {}
-    start_rows = engine.start
-
-    def start(rows):
-        submitted.setdefault("at", time.perf_counter())
-        start_rows(rows)
-
-    for name, (owner, attr) in targets.items():
-        setattr(owner, attr, timed(name, getattr(owner, attr)))
-    engine.start = start
+    """Where one call's first-token time goes, in ms: before the engine sees the request
+    (LangChain, rendering, tokenizing), the scheduler thread's prefill work, and the rest
+    (scheduling, sampling, handing out; GPU work still running when the prefill returns)."""
+    times = SchedulerTimes()
     started = time.perf_counter()
-    try:
+    with engine.observe(times):
         call()
-    finally:
-        first = time.perf_counter()
-        for owner, attr in targets.values():
-            delattr(owner, attr)
-        del engine.start
-    result = {name: round(ms, 2) for name, ms in spent.items()}
-    result["total_ms"] = round((first - started) * 1000, 2)
-    result["before_engine_ms"] = round((submitted.get("at", first) - started) * 1000, 2)
-    result["unaccounted_ms"] = round(result["total_ms"] - result["before_engine_ms"]
-                                     - sum(spent.values()), 2)  # fmt: skip
-    return result
+    total = (time.perf_counter() - started) * 1000
+    before = (times.marks.get("first_request", started) - started) * 1000
+    prefill = times.spent["prefill_s"] * 1000
+    return {"total_ms": round(total, 2), "before_engine_ms": round(before, 2),
+            "prefill_ms": round(prefill, 2), "rest_ms": round(total - before - prefill, 2)}  # fmt: skip
 
 
 def kernel_breakdown(step, repeats: int = 5) -> dict:
@@ -456,57 +422,44 @@ def _kernel_breakdown(step, profiler, activity, repeats: int) -> dict:
             round(sum(totals.values()), 1), "top_us": {k: round(v, 1) for k, v in top.items()}}  # fmt: skip
 
 
-class _TimedEvent:
-    """A CUDA event whose waits are timed (how long the scheduler waits for the device)."""
+class SchedulerTimes(EngineObserver):
+    """Where the scheduler thread's time goes: prefills, waits for the device, decode steps
+    launched, and when it first saw a request, finished a prefill, launched its last step."""
 
-    def __init__(self, event, spent: dict) -> None:
-        self.event, self.spent = event, spent
+    def __init__(self) -> None:
+        self.spent = {"prefill_s": 0.0, "device_wait_s": 0.0, "steps": 0}
+        self.marks: dict[str, float] = {}
 
-    def record(self) -> None:
-        self.event.record()
+    def requests_arrived(self, *, count: int) -> None:
+        self.marks.setdefault("first_request", time.perf_counter())
 
-    def synchronize(self) -> None:
-        start = time.perf_counter()
-        self.event.synchronize()
-        self.spent["device_wait_s"] += time.perf_counter() - start
+    def prefilled(self, *, seconds: float, chunks: int, tokens: int) -> None:
+        self.spent["prefill_s"] += seconds
+        self.marks.setdefault("first_prefill_done", time.perf_counter())
+
+    def step_launched(self, *, rows: int) -> None:
+        self.spent["steps"] += 1
+        self.marks["last_step_launched"] = time.perf_counter()
+
+    def waited_for_device(self, *, seconds: float) -> None:
+        self.spent["device_wait_s"] += seconds
 
 
 def scheduler_split(engine, run) -> tuple:
     """`run()`'s result, and where the scheduler thread's time went meanwhile: prefills, waits
     for the device, and everything else (host work: sampling launches, detokenizing, handing
     out)."""
-    spent = {"prefill_s": 0.0, "device_wait_s": 0.0, "steps": 0}
-    marks: dict[str, float] = {}  # when, from the start, the engine saw the first request etc.
-    prefill, step, host, start_rows = engine._prefill, engine._step, engine._host, engine.start
-
-    def timed_prefill(chunks):
-        begun = time.perf_counter()
-        computed = prefill(chunks)
-        spent["prefill_s"] += time.perf_counter() - begun
-        marks.setdefault("first_prefill_done", time.perf_counter())
-        return computed
-
-    def counted_step() -> None:
-        spent["steps"] += 1
-        step()
-        marks["last_step_launched"] = time.perf_counter()
-
-    def noted_start(rows) -> None:
-        marks.setdefault("first_request", time.perf_counter())
-        start_rows(rows)
-
-    engine._prefill, engine._step, engine.start = timed_prefill, counted_step, noted_start
-    engine._host = [(b, e and _TimedEvent(e, spent)) for b, e in host]  # no events on a CPU
+    times = SchedulerTimes()
     start = time.perf_counter()
-    try:
-        value = run()
-    finally:
-        spent["wall_s"] = time.perf_counter() - start
-        del engine._prefill, engine._step, engine.start
-        engine._host = host
-    spent["other_s"] = spent["wall_s"] - spent["prefill_s"] - spent["device_wait_s"]
+    with engine.observe(times):
+        try:
+            value = run()
+        finally:
+            wall = time.perf_counter() - start
+    spent = {**times.spent, "wall_s": wall}
+    spent["other_s"] = wall - spent["prefill_s"] - spent["device_wait_s"]
     # the timeline: before the engine saw a request, and after the last step was launched
-    spent.update({f"at_{name}_s": mark - start for name, mark in marks.items()})
+    spent.update({f"at_{name}_s": mark - start for name, mark in times.marks.items()})
     return value, {k: round(v, 3) if isinstance(v, float) else v for k, v in spent.items()}
 
 
@@ -648,59 +601,42 @@ def kv_tokens(engine) -> int:
     return engine.blocks.num_blocks * engine.blocks.block_size
 
 
-class EngineWatch:
-    """While entered, samples the engine at every step (its prefills and decodes): the most
-    requests decoding at once, waiting, and KV blocks in use; and records every request as it
-    finishes (its prompt, its tokens, the blocks it held at the end)."""
+class EngineWatch(EngineObserver):
+    """While entered, samples the engine at every step it plans: the most requests decoding at
+    once, waiting, and KV blocks in use; and records every request as it ends (its prompt, its
+    tokens, the blocks it held at the end) in `ended`."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.peak_decoding = self.peak_waiting = self.peak_blocks_in_use = self.steps = 0
-        self.finished: list[dict] = []
+        self.ended: list[dict] = []
 
-    def _sample(self) -> None:
-        engine = self.engine
+    def scheduled(
+        self, *, decoding: int, waiting: int, blocks_in_use: int, prefill_tokens: int
+    ) -> None:
         self.steps += 1
-        self.peak_decoding = max(self.peak_decoding, sum(engine._decoding))
-        self.peak_waiting = max(self.peak_waiting, engine.num_waiting)
-        blocks = engine.blocks
-        self.peak_blocks_in_use = max(
-            self.peak_blocks_in_use, blocks.num_blocks - blocks.num_free_blocks
+        self.peak_decoding = max(self.peak_decoding, decoding)
+        self.peak_waiting = max(self.peak_waiting, waiting)
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, blocks_in_use)
+
+    def finished(self, *, prompt_ids: list[int], generated: list[int], held_blocks: int) -> None:
+        self.ended.append(
+            {"prompt_ids": prompt_ids, "generated": generated, "held_blocks": held_blocks}
         )
 
     def __enter__(self) -> "EngineWatch":
-        engine = self.engine
-        step, prefill, finish = engine._step, engine._prefill, engine.scheduler.finish
-
-        def watched_step() -> None:
-            self._sample()
-            step()
-
-        def watched_prefill(chunks):
-            self._sample()
-            return prefill(chunks)
-
-        def watched_finish(sequence, **options) -> None:
-            prompt = sequence.num_prompt_tokens
-            self.finished.append({
-                "prompt_ids": list(sequence.token_ids[:prompt]),
-                "generated": list(sequence.token_ids[prompt:]),
-                "held_blocks": sequence.num_held_blocks,
-            })  # fmt: skip
-            finish(sequence, **options)
-
-        engine._step, engine._prefill = watched_step, watched_prefill
-        engine.scheduler.finish = watched_finish
+        self._watching = self.engine.observe(self)
+        self._watching.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.engine._step, self.engine._prefill, self.engine.scheduler.finish
+        self._watching.__exit__(*exc)
 
-    def wait_finished(self, count: int, timeout: float = 10.0) -> None:
+    def wait_ended(self, count: int, timeout: float = 10.0) -> None:
         """Wait until `count` requests were recorded (the scheduler frees them after the
         caller has its last chunk)."""
         deadline = time.monotonic() + timeout
-        while len(self.finished) < count and time.monotonic() < deadline:
+        while len(self.ended) < count and time.monotonic() < deadline:
             time.sleep(0.01)
 
 
@@ -897,9 +833,9 @@ def scenario_long16k(folder: Path, opts: Options) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with EngineWatch(engine) as watch:
         timed = time_stream(chat, prompt, steps)
-        watch.wait_finished(1)
+        watch.wait_ended(1)
     peak = peak_gib(opts)
-    done = watch.finished[-1]
+    done = watch.ended[-1]
     window = engine.model.sliding_window
     block = engine.blocks.block_size
     details: dict = {

@@ -15,6 +15,8 @@ import contextlib
 import logging
 import math
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,7 +28,13 @@ from langchain_synthia._local_engine import LocalEngine
 from langchain_synthia._model_runner import ModelRunner
 from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import GREEDY, BatchSampler
-from langchain_synthia.engine import BlockManager, PrefillChunk, Scheduler, Sequence
+from langchain_synthia.engine import (
+    BlockManager,
+    EngineObserver,
+    PrefillChunk,
+    Scheduler,
+    Sequence,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +220,23 @@ class FastEngine(LocalEngine):
         self.runner = ModelRunner(
             model, sizes=graph_sizes(model.max_batch), rest_sizes=rests, graphs=graphs
         )
+        self._observers: list[EngineObserver] = []
         self._closing = False
         self._thread = threading.Thread(target=self._serve, name="synthia-scheduler", daemon=True)
         self._thread.start()
         _running.append(self)
+
+    @contextlib.contextmanager
+    def observe(self, observer: EngineObserver) -> Iterator[EngineObserver]:
+        """Report this engine's events to `observer` while the block runs.
+
+        See `langchain_synthia.engine.observer` for the events and where they run.
+        """
+        self._observers = [*self._observers, observer]  # swapped whole: read without a lock
+        try:
+            yield observer
+        finally:
+            self._observers = [o for o in self._observers if o is not observer]
 
     def close(self) -> None:
         """Stop the scheduler after its current step; requests still open are cancelled."""
@@ -252,6 +273,8 @@ class FastEngine(LocalEngine):
         with self._wake:
             self._waiting.extend(rows)
             self._wake.notify()
+        for observer in self._observers:
+            observer.requests_arrived(count=len(rows))
 
     # -- the scheduler thread -----------------------------------------------------------------
 
@@ -272,7 +295,18 @@ class FastEngine(LocalEngine):
                     self._submit(arriving)
                     self._release_finished()
                     step = self.scheduler.schedule()
+                    observers = self._observers
+                    if observers:
+                        self._report_schedule(observers, step.prefills)
+                    begun = time.perf_counter()
                     computed = self._prefill(step.prefills) if step.prefills else []
+                    if observers and step.prefills:
+                        seconds = time.perf_counter() - begun
+                        tokens = sum(len(chunk.token_ids) for chunk in step.prefills)
+                        for observer in observers:
+                            observer.prefilled(
+                                seconds=seconds, chunks=len(step.prefills), tokens=tokens
+                            )
                     doing = "decoding"
                     if step.decodes:
                         self._note_new_blocks(step.decodes)
@@ -286,6 +320,28 @@ class FastEngine(LocalEngine):
                 if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
                     error = self._out_of_memory(error, doing)
                 self._fail_all(error)
+
+    def _report_schedule(
+        self, observers: list[EngineObserver], prefills: list[PrefillChunk]
+    ) -> None:
+        blocks = self.blocks
+        for observer in observers:
+            observer.scheduled(
+                decoding=sum(self._decoding), waiting=self.num_waiting,
+                blocks_in_use=blocks.num_blocks - blocks.num_free_blocks,
+                prefill_tokens=sum(len(chunk.token_ids) for chunk in prefills),
+            )  # fmt: skip
+
+    def _finish(self, sequence: Sequence, *, cache: bool = True) -> None:
+        """Give `sequence`'s blocks back to the scheduler (`cache`: see `Scheduler.finish`)."""
+        for observer in self._observers:
+            prompt = sequence.num_prompt_tokens
+            observer.finished(
+                prompt_ids=list(sequence.token_ids[:prompt]),
+                generated=list(sequence.token_ids[prompt:]),
+                held_blocks=sequence.num_held_blocks,
+            )
+        self.scheduler.finish(sequence, cache=cache)
 
     def _submit(self, rows: list[DecodingRow]) -> None:
         """Hand `rows` to the scheduler; one that can never fit fails alone."""
@@ -479,6 +535,8 @@ class FastEngine(LocalEngine):
             allowed = grammar_mask(rows, self.model.vocab_size, self.device)
         chosen = self._sampler.sample(logits, allowed=allowed)
         self.runner.advance(size, chosen)
+        for observer in self._observers:
+            observer.step_launched(rows=size)
         buffer, ready = self._host[self._flip]
         self._flip ^= 1
         host = buffer[:size]
@@ -495,7 +553,11 @@ class FastEngine(LocalEngine):
         ready, host, rows = self._pending
         self._pending = None
         if ready is not None:
+            observers = self._observers
+            begun = time.perf_counter() if observers else 0.0
             ready.synchronize()
+            for observer in observers:
+                observer.waited_for_device(seconds=time.perf_counter() - begun)
         for slot, (row, token) in enumerate(zip(rows, host.tolist(), strict=True)):
             if row is not None and not row.done and not row.stream.cancelled.is_set():
                 sequence = self._sequences[slot]
@@ -508,7 +570,7 @@ class FastEngine(LocalEngine):
         for sequence, row in list(self._queued.items()):
             if row.stream.cancelled.is_set():
                 del self._queued[sequence]
-                self.scheduler.finish(sequence)
+                self._finish(sequence)
                 row.stream.put(None)
         for slot, row in enumerate(self._slots):
             if row is not None and (row.done or row.stream.cancelled.is_set()):
@@ -520,7 +582,7 @@ class FastEngine(LocalEngine):
         """Give decode row `slot` and its request's blocks back (`cache`: see `finish`)."""
         sequence = self._sequences[slot]
         if sequence is not None:
-            self.scheduler.finish(sequence, cache=cache)
+            self._finish(sequence, cache=cache)
         self._slots[slot] = None
         self._sequences[slot] = None
         self._decoding[slot] = False
@@ -533,7 +595,7 @@ class FastEngine(LocalEngine):
             rows = [*self._waiting, *self._queued.values()]
             self._waiting.clear()
         for sequence in list(self._queued):
-            self.scheduler.finish(sequence)
+            self._finish(sequence)
         self._queued.clear()
         self._pending = None
         self._table_writes.clear()

@@ -8,12 +8,14 @@ The bookkeeping is plain Python and imports no torch, so that it is unit-tested 
   and the admission ledger that lets a running request never run out of blocks.
 - `scheduler`: waiting and running requests; each step, which requests prefill (a chunk of
   their prompt, within a token budget per pass) and which decode (within `max_batch_size`).
+- `observer`: `EngineObserver`, the events a serving engine reports (for profiling).
 
 The fast engine (`langchain_synthia._fast_engine.FastEngine`) runs on them; they are also
 tested on their own (tests/unit_tests/test_blocks.py, test_scheduler.py).
 """
 
 from langchain_synthia.engine.blocks import Block, BlockManager, block_hash
+from langchain_synthia.engine.observer import EngineObserver
 from langchain_synthia.engine.scheduler import (
     DecodeToken,
     PrefillChunk,
@@ -27,6 +29,7 @@ __all__ = [
     "Block",
     "BlockManager",
     "DecodeToken",
+    "EngineObserver",
     "PrefillChunk",
     "ScheduledStep",
     "Scheduler",

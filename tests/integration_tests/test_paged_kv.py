@@ -172,3 +172,58 @@ def test_a_prefill_that_runs_out_of_memory_goes_on_in_smaller_passes(tiny_model:
     assert max(sum(p) for p in passes) > 20  # the first passes were too large ...
     assert any(len(p) == 1 and p[0] <= 20 for p in passes)  # ... and parts of prompts ran
     assert blocks_given_back(engine)
+
+
+def test_an_observer_sees_each_request_arrive_prefill_decode_and_end(tiny_model: str) -> None:
+    """`FastEngine.observe`: the public profiling hook reports each event while watched, and
+    nothing after the block ends."""
+    from langchain_synthia.engine import EngineObserver
+
+    chat = chat_of(tiny_model, max_tokens=6, prefix_caching=False)
+    engine = engine_of(chat)
+
+    class Recorder(EngineObserver):
+        def __init__(self) -> None:
+            self.arrived = self.steps = 0
+            self.prefilled_tokens = 0
+            self.prefills: list[tuple[float, int]] = []
+            self.planned: list[tuple[int, int, int]] = []
+            self.ended: list[tuple[list[int], list[int], int]] = []
+
+        def requests_arrived(self, *, count: int) -> None:
+            self.arrived += count
+
+        def scheduled(self, *, decoding, waiting, blocks_in_use, prefill_tokens) -> None:
+            self.planned.append((decoding, waiting, blocks_in_use))
+
+        def prefilled(self, *, seconds: float, chunks: int, tokens: int) -> None:
+            self.prefills.append((seconds, chunks))
+            self.prefilled_tokens += tokens
+
+        def step_launched(self, *, rows: int) -> None:
+            self.steps += 1
+
+        def finished(self, *, prompt_ids, generated, held_blocks) -> None:
+            self.ended.append((prompt_ids, generated, held_blocks))
+
+    with engine.observe(Recorder()) as seen:
+        answers = chat.batch(QUESTIONS[:2])
+        deadline = time.monotonic() + 5
+        while len(seen.ended) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert seen.arrived == 2
+    assert len(seen.ended) == 2
+    prompts = sorted(len(p) for p, _, _ in seen.ended)
+    assert seen.prefilled_tokens == sum(prompts)  # every prompt token computed once, no cache
+    assert all(seconds >= 0 for seconds, _ in seen.prefills)
+    assert all(chunks >= 1 for _, chunks in seen.prefills)
+    for answer in answers:
+        generated = answer.usage_metadata["output_tokens"]
+        assert any(len(g) == generated for _, g, _ in seen.ended)
+    assert all(held >= 1 for _, _, held in seen.ended)
+    assert seen.steps >= 5  # six tokens each: the first from the prefill, then decode steps
+    assert max(decoding for decoding, _, _ in seen.planned) == 2
+    assert max(blocks for _, _, blocks in seen.planned) >= 2
+    steps = seen.steps
+    chat.invoke("Hi")
+    assert seen.steps == steps  # no longer watched
