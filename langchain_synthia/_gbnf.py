@@ -3,9 +3,10 @@ r"""Our grammars in llama.cpp's GBNF, for remote mode against llama.cpp's server
 The faces build grammars in llguidance's Lark dialect (`langchain_synthia._grammar`,
 `langchain_synthia.tools.tool_grammar`): a few rules of string literals, rule names, ``|``,
 ``( )``, ``?``, ``*``, one free-text terminal, and JSON schemas embedded with ``%json``. This
-module translates exactly that subset. JSON schemas become compact JSON (no whitespace between
-tokens, as locally), with: objects (declared properties in order, the required ones mandatory;
-closed unless ``additionalProperties`` allows more), strings (``minLength``/``maxLength``),
+module translates exactly that subset. JSON schemas become JSON with at most one space between
+two tokens and no other whitespace (``json-space``, as locally), with: objects (declared
+properties in order, the required ones mandatory; closed unless ``additionalProperties``
+allows more), strings (``minLength``/``maxLength``),
 ``enum``/``const``, integers, numbers, booleans, null, arrays (``minItems``/``maxItems``),
 ``anyOf``/``oneOf``, single-element ``allOf``, local ``$ref``\\s and type lists. Integers lie
 within ``±INTEGER_BOUND`` (10**18), as locally for an integer whose schema gives no bound;
@@ -18,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from langchain_synthia._grammar import INTEGER_BOUND, GrammarError
+from langchain_synthia._grammar import INTEGER_BOUND, JSON_SPACE, GrammarError
 
 _TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|%json\s+.*$|/(?:[^/\\]|\\.)+/|[A-Za-z_]\w*|[|()?*+])')
 
@@ -36,8 +37,12 @@ _BASICS = {
     "json-null": r'"null"',
     "json-value": r"json-object | json-array | json-string | json-number | json-boolean | "
     r"json-null",
-    "json-object": r'"{" (json-string ":" json-value ("," json-string ":" json-value)*)? "}"',
-    "json-array": r'"[" (json-value ("," json-value)*)? "]"',
+    "json-object": r'"{" json-space (json-pair (json-space "," json-space json-pair)* '
+    r'json-space)? "}"',
+    "json-pair": r'json-string json-space ":" json-space json-value',
+    "json-array": r'"[" json-space (json-value (json-space "," json-space json-value)* '
+    r'json-space)? "]"',
+    "json-space": f"{json.dumps(JSON_SPACE)}?",
 }
 
 
@@ -58,7 +63,7 @@ def lark_to_gbnf(lark: str) -> str:
 
 
 def json_schema_to_gbnf(schema: dict[str, Any]) -> str:
-    """A GBNF grammar whose root is one compact JSON value valid under `schema`."""
+    """A GBNF grammar whose root is one JSON value valid under `schema`."""
     out = _Builder()
     out.rules["root"] = out.schema(schema, "value", schema)
     return out.text()
@@ -120,7 +125,7 @@ class _Builder:
         return name
 
     def schema(self, schema: Any, prefix: str, root: dict[str, Any]) -> str:
-        """A rule (or basic rule name) matching one compact JSON value under `schema`."""
+        """A rule (or basic rule name) matching one JSON value under `schema`."""
         if schema is True or schema == {}:
             return self.basic("json-value")
         if not isinstance(schema, dict):
@@ -176,12 +181,15 @@ class _Builder:
     def _array(self, schema: dict[str, Any], prefix: str, root: dict[str, Any]) -> str:
         item = self.schema(schema.get("items", {}), prefix, root)
         low, high = int(schema.get("minItems", 0)), schema.get("maxItems")
+        space = self.basic("json-space")
         if high is not None and int(high) == 0:
-            return self.add(prefix, '"[" "]"')
+            return self.add(prefix, f'"[" {space} "]"')
         more_low = max(low - 1, 0)
         more_high = "" if high is None else int(high) - 1
-        items = f'{item} ("," {item}){{{more_low},{more_high}}}'
-        return self.add(prefix, f'"[" {items} "]"' if low else f'"[" ({items})? "]"')
+        items = f'{item} ({space} "," {space} {item}){{{more_low},{more_high}}}'
+        if low:
+            return self.add(prefix, f'"[" {space} {items} {space} "]"')
+        return self.add(prefix, f'"[" {space} ({items} {space})? "]"')
 
     def _object(self, schema: dict[str, Any], prefix: str, root: dict[str, Any]) -> str:
         properties = schema.get("properties") or {}
@@ -190,22 +198,25 @@ class _Builder:
             return self.basic("json-object")
         required = [k for k in properties if k in set(schema.get("required", ()))]
         optional = [k for k in properties if k not in required]
+        space = self.basic("json-space")
+        comma = f'{space} "," {space}'
         pairs = {
-            key: f'{_literal(key)} ":" {self.schema(value, prefix, root)}'
+            key: f'{_literal(key)} {space} ":" {space} {self.schema(value, prefix, root)}'
             for key, value in properties.items()
         }
-        head = ' "," '.join(pairs[k] for k in required)
-        tail = " ".join(f'("," {pairs[k]})?' for k in optional)
+        head = f" {comma} ".join(pairs[k] for k in required)
+        tail = " ".join(f"({comma} {pairs[k]})?" for k in optional)
         if required:
-            return self.add(prefix, f'"{{" {head} {tail} "}}"'.replace("  ", " "))
+            body = f'"{{" {space} {head} {tail} {space} "}}"'.replace("  ", " ")
+            return self.add(prefix, body)
         if not optional:
-            return self.add(prefix, '"{" "}"')
+            return self.add(prefix, f'"{{" {space} "}}"')
         firsts = []  # no required key: the first key present has no comma before it
         for index, key in enumerate(optional):
-            rest = " ".join(f'("," {pairs[k]})?' for k in optional[index + 1 :])
+            rest = " ".join(f"({comma} {pairs[k]})?" for k in optional[index + 1 :])
             firsts.append(f"{pairs[key]} {rest}".strip())
         choice = self.add(prefix, " | ".join(f"({first})" for first in firsts))
-        return self.add(prefix, f'"{{" {choice}? "}}"')
+        return self.add(prefix, f'"{{" {space} ({choice} {space})? "}}"')
 
 
 def _resolve(ref: str, root: dict[str, Any]) -> Any:

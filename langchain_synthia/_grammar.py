@@ -38,7 +38,7 @@ def _llguidance() -> Any:
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """An answer that is one JSON value valid under `schema` (compact, after an optional space).
+    """An answer that is one JSON value valid under `schema` (after an optional space).
 
     Raises:
         GrammarError: If `schema` is not a JSON schema llguidance can enforce (with its reason).
@@ -47,18 +47,27 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
 
 
 def json_rule(schema: dict[str, Any]) -> str:
-    """A Lark rule body matching one compact JSON value under `schema` (for `lark_grammar`).
+    """A Lark rule body matching one JSON value under `schema` (for `lark_grammar`).
 
     Objects that do not say otherwise are closed (``additionalProperties: false``): the model
     may not invent keys. Integers that do not say otherwise lie within ``±INTEGER_BOUND``
-    (`_bounded`), so a model cannot write digits without end. No whitespace is allowed between
-    tokens, so a model cannot stall in endless spaces.
+    (`_bounded`), so a model cannot write digits without end. Between two JSON tokens there
+    may be one space (`JSON_SPACE`) and no other whitespace: a model writes JSON the way it
+    mostly read it (``{"city": "Paris"}``, as `json.dumps` writes it) or compact, and cannot
+    stall in endless spaces or newlines.
     """
     if not isinstance(schema, dict):
         msg = f"A JSON schema must be a dict, got {type(schema).__name__}: {schema!r}."
         raise GrammarError(msg)
-    closed = {**_closed(schema), "x-guidance": {"whitespace_flexible": False}}
+    spacing = {"whitespace_flexible": True, "whitespace_pattern": f"{JSON_SPACE}?"}
+    closed = {**_closed(schema), "x-guidance": spacing}
     return f"%json {json.dumps(closed, ensure_ascii=False)}"
+
+
+JSON_SPACE = " "
+"""The whitespace a grammar allows between two JSON tokens, at most once: one space. A small
+model copies a value from the prompt into JSON it writes with spaces far more surely than into
+compact JSON (docs/agents.md has the figures)."""
 
 
 INTEGER_BOUND = 10**18

@@ -75,8 +75,8 @@ def plan_answer(
             )
             raise ValueError(msg)
         instruction = _json_plan(response_format).prompt
-        key = json.dumps(tools, sort_keys=True)
-        answer = json.dumps(_answer_schema(response_format), sort_keys=True)
+        key = json.dumps(tools)
+        answer = json.dumps(_answer_schema(response_format))
         return AnswerPlan(
             prompt=f"{tools_prompt(tools, 'auto')}\nTo answer the user instead: {instruction}",
             grammar=_tool_grammar(key, "auto", bool(parallel_tool_calls), answer),
@@ -87,7 +87,7 @@ def plan_answer(
         choice = tool_choice or "auto"
         if choice == "none":
             return AnswerPlan() if response_format is None else _json_plan(response_format)
-        key = json.dumps(tools, sort_keys=True)
+        key = json.dumps(tools)
         return AnswerPlan(
             prompt=tools_prompt(tools, choice),
             grammar=_tool_grammar(key, choice, bool(parallel_tool_calls)),
@@ -112,7 +112,7 @@ def _json_plan(response_format: Any) -> AnswerPlan:
             grammar=_json_grammar('{"type": "object"}'),
             structured=True,
         )
-    text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    text = json.dumps(schema, ensure_ascii=False)
     return AnswerPlan(
         prompt=f"Answer with a single JSON value that follows this JSON schema, and nothing "
         f"else:\n{json.dumps(schema, ensure_ascii=False)}",

@@ -354,6 +354,10 @@ class ChatSynthia(SynthiaParams, BaseChatModel):
         if plan.structured:  # the grammar decides where the answer ends: no stop may cut it
             options["stop_at_user_turn"] = False
             options["stop"] = []
+            if not {"repetition_penalty"} & (kwargs.keys() | self.model_fields_set):
+                # the default penalty counts the prompt's tokens as repeats, and a
+                # constrained answer copies its values from the prompt
+                options["repetition_penalty"] = 1.0
         prompt = render_messages(messages, self.system_message, tools_section=plan.prompt)
         return options, prompt, plan
 

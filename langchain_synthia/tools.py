@@ -5,7 +5,7 @@ Synthia has no tool-calling format of its own, so langchain-synthia defines one 
 
 - the tools are listed at the end of the ``SYSTEM:`` turn, one JSON object per tool;
 - the assistant calls a tool by answering with one line per call,
-  ``<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>``;
+  ``<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>``;
 - each result comes back in the next ``USER:`` turn as
   ``<tool_result name="get_weather" id="call_...">...</tool_result>``.
 
@@ -135,7 +135,7 @@ def tools_prompt(tools: Sequence[dict[str, Any]], choice: ToolChoice) -> str:
         return ""
     lines = [
         "You can use tools. To call a tool, answer with this line and nothing else:",
-        f'{TOOL_CALL_OPEN}{{"name":"<tool name>","arguments":{{<arguments>}}}}{TOOL_CALL_CLOSE}',
+        f'{TOOL_CALL_OPEN}{{"name": "<tool name>", "arguments": {{<arguments>}}}}{TOOL_CALL_CLOSE}',
         "Each result comes back to you in a <tool_result> block; then answer the user.",
     ]
     if choice == "any":
@@ -145,7 +145,7 @@ def tools_prompt(tools: Sequence[dict[str, Any]], choice: ToolChoice) -> str:
     lines.append("Tools:")
     for tool in tools:
         function = tool["function"]
-        lines.append(_compact(function))
+        lines.append(_json_text(function))
     return "\n".join(lines)
 
 
@@ -198,10 +198,13 @@ def tool_grammar(
 
 
 def render_tool_call(name: str, arguments: Any) -> str:
-    """One call as the model writes it: ``<tool_call>{"name":...,"arguments":...}</tool_call>``."""
+    """One call as the model writes it: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``.
+
+    The JSON is written as `json.dumps` writes it, as the tools' format in the prompt shows it.
+    """
     body = (
-        f'{{"name":{json.dumps(name, ensure_ascii=False)},"arguments":'
-        f"{arguments if isinstance(arguments, str) else _compact(arguments)}}}"
+        f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+        f"{arguments if isinstance(arguments, str) else _json_text(arguments)}}}"
     )
     return f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
 
@@ -288,7 +291,8 @@ class ToolCallReader:
         written = rest.strip()
         if self._mode == "text" or not (written or (self._forced and self._index == 0)):
             return (rest if written else ""), []
-        body = written[len(TOOL_CALL_OPEN) :] if written.startswith(TOOL_CALL_OPEN) else ""
+        opened = written.startswith(TOOL_CALL_OPEN)
+        body = written[len(TOOL_CALL_OPEN) :].lstrip(" ") if opened else ""
         name, arguments = _partial_call(body)
         call_id = f"call_{uuid.uuid4().hex[:24]}"
         what = f"The call of {name}" if name else "The tool call"
@@ -312,8 +316,10 @@ class ToolCallReader:
             start = self._buffer.find(TOOL_CALL_OPEN)
             if start < 0 or TOOL_CALL_CLOSE not in self._buffer[start:]:
                 return chunks
-            try:
-                call, end = _JSON.raw_decode(self._buffer, start + len(TOOL_CALL_OPEN))
+            at = start + len(TOOL_CALL_OPEN)
+            at += len(self._buffer[at:]) - len(self._buffer[at:].lstrip(" "))
+            try:  # the grammar may put a space before the call's JSON
+                call, end = _JSON.raw_decode(self._buffer, at)
             except json.JSONDecodeError:  # not complete yet (a </tool_call> inside a string)
                 return chunks
             if not self._buffer.startswith(TOOL_CALL_CLOSE, end):
@@ -322,7 +328,7 @@ class ToolCallReader:
             chunks.append(
                 tool_call_chunk(
                     name=call["name"],
-                    args=_compact(call.get("arguments", {})),
+                    args=_json_text(call.get("arguments", {})),
                     id=f"call_{uuid.uuid4().hex[:24]}",
                     index=self._index,
                 )
@@ -331,8 +337,9 @@ class ToolCallReader:
 
 
 _JSON = json.JSONDecoder()
-_NAME = re.compile(r'\{"name":("(?:[^"\\]|\\.)*")(,"arguments":)?')
-"""The start of a call's JSON as the grammar writes it: its name, then its arguments."""
+_NAME = re.compile(r'\{ ?"name" ?: ?("(?:[^"\\]|\\.)*")( ?, ?"arguments" ?: ?)?')
+"""The start of a call's JSON as the grammar writes it: its name, then its arguments (one
+space at most between JSON tokens, `langchain_synthia._grammar.JSON_SPACE`)."""
 
 
 def _partial_call(body: str) -> tuple[str | None, str]:
@@ -349,5 +356,6 @@ def _partial_call(body: str) -> tuple[str | None, str]:
     return name, arguments[:end]
 
 
-def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _json_text(value: Any) -> str:
+    """`value` as JSON the way the prompt shows it and the model mostly writes it."""
+    return json.dumps(value, ensure_ascii=False)

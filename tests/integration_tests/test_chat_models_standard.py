@@ -1,28 +1,34 @@
-"""LangChain's standard integration suite for ChatSynthia, on the tiny checkpoint on CPU.
+"""LangChain's standard integration suite for ChatSynthia: the tiny checkpoint and a real model.
 
 The tiny checkpoint has random weights. Under the grammar every tool call and structured
-answer it writes is valid; what it cannot do is *mean* anything. The tests marked xfail below
-assert content that needs a trained model, each for the reason given; tests/integration_tests/
-test_tools.py checks the same machinery with schemas a random model can satisfy.
+answer it writes is valid; what it cannot do is *mean* anything. The standard tests that need
+meaning and pass on a real model run in `TestChatSynthiaRealModel` (SmolLM2-135M-Instruct as
+GPTQ, marked ``real_model``) and are skipped on the tiny one; the tests marked xfail below need
+more than that 135M model gives, each for the reason given (what it answered, at temperature
+0 on the CPU); tests/integration_tests/test_tools.py checks the same machinery with schemas a
+random model can satisfy.
 """
 
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_synthia import ChatSynthia
-from tests.conftest import DEVICE, tiny_model_path
+from tests.conftest import DEVICE, real_model_path, tiny_model_path
+from tests.integration_tests.test_real_model import needs_real_model
 
-_NEEDS_MEANING = (
-    "asserts that the call copies a value from the question (magic_function(3) -> "
-    "{'input': 3}); the tiny checkpoint's call is schema-valid but its value is random"
+_ON_THE_REAL_MODEL = (
+    "copies a value from the question (magic_function(3) -> {'input': 3}), which random weights "
+    "cannot; TestChatSynthiaRealModel runs it on the real model"
 )
+_RANDOM = "random weights: a call is schema-valid, its values are random"
 _OPEN_STRINGS = (
-    "the schema has unbounded strings; only the few tokens holding a quote can close one, so "
-    "with random weights the JSON rarely closes within max_tokens (the parser then says so)"
+    "the joke's strings are unbounded: random weights rarely close one within max_tokens, and "
+    "SmolLM2-135M rambles on in them ('The cat was a cat. The cat was a cat. ...') past "
+    "max_tokens=100 (at 512 some close)"
 )
 _AUTO = (
     "tool_choice is 'auto': whether to call a tool or answer in text is the model's choice, "
-    "and a random-weight model answers in text"
+    "and both a random-weight model and SmolLM2-135M answer in text"
 )
 
 
@@ -46,20 +52,23 @@ class TestChatSynthiaIntegration(ChatModelIntegrationTests):
         return tiny_model_path(seed=1)
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    @pytest.mark.xfail(reason=_NEEDS_MEANING)
     def test_tool_calling(self, model) -> None:
-        super().test_tool_calling(model)
+        pytest.skip(_ON_THE_REAL_MODEL)
 
-    @pytest.mark.xfail(reason=_NEEDS_MEANING)
     async def test_tool_calling_async(self, model) -> None:
-        await super().test_tool_calling_async(model)
+        pytest.skip(_ON_THE_REAL_MODEL)
 
-    @pytest.mark.xfail(reason=_NEEDS_MEANING.replace("magic_function(3) -> {'input': 3}",
-                                                     "'你好啊集团' -> customer_name"))  # fmt: skip
+    @pytest.mark.xfail(
+        reason=f"{_RANDOM}; SmolLM2-135M does not write the Japanese name either (its answer "
+        "begins 'Hi, a Japanese company called ' and holds no Japanese character)"
+    )
     def test_unicode_tool_call_integration(self, model) -> None:
         super().test_unicode_tool_call_integration(model)
 
-    @pytest.mark.xfail(reason=_OPEN_STRINGS)
+    @pytest.mark.xfail(
+        reason="the forced call's argument is an unbounded string: random weights rarely close "
+        "it, and SmolLM2-135M's runs on to max_tokens (512 tokens, an invalid call)"
+    )
     def test_bind_runnables_as_tools(self, model) -> None:
         super().test_bind_runnables_as_tools(model)
 
@@ -81,7 +90,10 @@ class TestChatSynthiaIntegration(ChatModelIntegrationTests):
     def test_structured_output_optional_param(self, model) -> None:
         super().test_structured_output_optional_param(model)
 
-    @pytest.mark.xfail(reason=_OPEN_STRINGS + "; the keys are asked for only in the prompt")
+    @pytest.mark.xfail(
+        reason="the keys are asked for only in the prompt: random weights write other keys, and "
+        'SmolLM2-135M writes {"setup":{"setup.setup.setup... to max_tokens'
+    )
     def test_json_mode(self, model) -> None:
         super().test_json_mode(model)
 
@@ -89,3 +101,43 @@ class TestChatSynthiaIntegration(ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=_AUTO)
     def test_agent_loop(self, model) -> None:
         super().test_agent_loop(model)
+
+
+class _RealModelSuite(ChatModelIntegrationTests):
+    """The standard suite's settings for SmolLM2-135M-Instruct (GPTQ); not collected itself."""
+
+    @property
+    def chat_model_class(self) -> type[ChatSynthia]:
+        return ChatSynthia
+
+    @property
+    def chat_model_params(self) -> dict:
+        # 100 tokens: a whole answer of these tests, and a bound on one that loops
+        return {"model": real_model_path(), "device": DEVICE, "max_tokens": 100}
+
+
+_REAL = _RealModelSuite()
+
+
+@pytest.fixture
+def real_chat(request: pytest.FixtureRequest) -> ChatSynthia:
+    """The real model as the standard suite's `model` fixture builds it (``param``: extras)."""
+    extra = getattr(request, "param", None) or {}
+    return ChatSynthia(**{**_REAL.standard_chat_model_params, **_REAL.chat_model_params, **extra})
+
+
+@needs_real_model
+@pytest.mark.real_model
+class TestChatSynthiaRealModel:
+    """The standard tests that need meaning, run as LangChain wrote them on the real model.
+
+    Every other standard test runs on the tiny checkpoint above; those that the real model
+    fails too stay xfailed there with what it answered.
+    """
+
+    @pytest.mark.parametrize("real_chat", [{}, {"output_version": "v1"}], indirect=True)
+    def test_tool_calling(self, real_chat: ChatSynthia) -> None:
+        _REAL.test_tool_calling(real_chat)
+
+    async def test_tool_calling_async(self, real_chat: ChatSynthia) -> None:
+        await _REAL.test_tool_calling_async(real_chat)

@@ -96,3 +96,30 @@ def test_a_bound_the_schema_gives_is_the_one_enforced_locally(accepts: Any, requ
     assert not accepts(schema, '{"a":1000000000000000001}')
     if "local" in request.node.callspec.id:  # the GBNF enforces no schema bound (docs/agents.md)
         assert not accepts(schema, '{"a":-1}')
+
+
+SPACED = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "array", "items": {"type": "string"}},
+                   "c": {"type": "object", "properties": {}, "additionalProperties": True}},
+    "required": ["a", "b"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "accepted"),
+    [
+        ('{"a":1,"b":["x","y"]}', True),
+        ('{"a": 1, "b": ["x", "y"]}', True),  # as json.dumps writes it
+        ('{ "a" : 1 , "b" : [ "x" , "y" ] , "c" : { } }', True),
+        ('{"a": 1, "b": [], "c": {"k": [1, {"z": null}]}}', True),
+        ('{"a":  1,"b":[]}', False),  # two spaces
+        ('{"a":\n1,"b":[]}', False),
+        ('{"a":\t1,"b":[]}', False),
+        ('{"a":1,"b":[ ]}', True),
+        ('{"a":1,"b":[  ]}', False),
+    ],
+)
+def test_one_space_at_most_between_json_tokens(accepts: Any, text: str, accepted: bool) -> None:
+    """JSON as a model mostly read it, or compact; never a run of whitespace to stall in."""
+    assert accepts(SPACED, text) is accepted

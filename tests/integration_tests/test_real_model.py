@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from langchain_core.messages import HumanMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel
 
 from langchain_synthia import ChatSynthia, render_messages
 from langchain_synthia._checkpoint import CheckpointError, read_model_config
@@ -162,6 +164,46 @@ def test_both_engines_give_the_same_32_greedy_tokens(real_model: str) -> None:
     pairs = zip(got_logits, expected_logits, strict=True)
     errors = [float((g - e).norm() / e.norm()) for g, e in pairs]
     assert max(errors) < REAL_LOGITS_REL, errors
+
+
+@tool
+def magic_function(input: int) -> int:
+    """Applies a magic function to an input."""
+    return input + 2
+
+
+class Person(BaseModel):
+    """A person."""
+
+    name: str
+    age: int
+
+
+@needs_real_model
+@pytest.mark.real_model
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_forced_tool_call_takes_its_argument_from_the_question(
+    real_model: str, engine: str
+) -> None:
+    """Under Synthia's default system message, as a user binds a tool."""
+    model = chat(real_model, engine, max_tokens=64).bind_tools([magic_function], tool_choice="any")
+    message = model.invoke("What is the value of magic_function(3)?")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+        ("magic_function", {"input": 3})
+    ]
+
+
+@needs_real_model
+@pytest.mark.real_model
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_structured_output_fills_both_fields_from_the_sentence(
+    real_model: str, engine: str, method: str
+) -> None:
+    model = chat(real_model, engine, max_tokens=64)  # a call's tags and JSON: about 30 tokens
+    structured = model.with_structured_output(Person, method=method)
+    assert structured.invoke("Anna is 31 years old.") == Person(name="Anna", age=31)
+    assert structured.invoke("Bob is 47 years old.") == Person(name="Bob", age=47)
 
 
 # -- what the engines refuse -------------------------------------------------------------------

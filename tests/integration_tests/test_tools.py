@@ -258,3 +258,43 @@ def test_structured_output_is_cut_by_no_stop(chat: ChatSynthia) -> None:
         assert plan.structured
         assert request_options["stop_at_user_turn"] is False
         assert json.loads(json.dumps(request_options["stop"])) == []
+
+
+def test_a_constrained_answer_has_no_repetition_penalty_unless_one_is_set(
+    chat: ChatSynthia,
+) -> None:
+    """The default penalty counts the prompt's tokens as repeats; a constrained answer copies
+    its values from the prompt, so it is decoded without one. A penalty set by the caller
+    (on the model or for the call) is kept; free text keeps the default."""
+
+    def penalty(model: ChatSynthia, kwargs: dict) -> float:
+        return model._prepare([HumanMessage("x")], None, kwargs)[0]["repetition_penalty"]
+
+    formats = {"response_format": {"type": "json_object"}}
+    forced = {"tools": chat.bind_tools([Weather]).kwargs["tools"], "tool_choice": "Weather"}
+    for kwargs in (formats, forced):
+        assert penalty(chat, kwargs) == 1.0
+        assert penalty(chat, {**kwargs, "repetition_penalty": 1.3}) == 1.3
+        assert penalty(chat.model_copy(update={"repetition_penalty": 1.2}), kwargs) == 1.2
+    assert penalty(chat, {}) == 1.1
+
+
+class Reversed(BaseModel):
+    """Keys out of alphabetical order."""
+
+    zone: Literal["north", "south"]
+    age: int = Field(ge=0, le=99)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_a_structured_answer_writes_the_keys_in_the_schema_s_order(
+    chat: ChatSynthia, method: str
+) -> None:
+    """The order a schema gives is the order the model writes (a field the model should fill
+    first comes first): ``zone`` before ``age``, never sorted."""
+    structured = chat.with_structured_output(Reversed, method=method, include_raw=True)
+    for seed in SEEDS[:3]:
+        raw = structured.invoke("Where and how old?", seed=seed, temperature=1.0)["raw"]
+        written = raw.content if method == "json_schema" else raw.tool_calls[0]["args"]
+        keys = list(json.loads(written) if isinstance(written, str) else written)
+        assert keys == ["zone", "age"]

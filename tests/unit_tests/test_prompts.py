@@ -209,7 +209,8 @@ def test_tool_calls_and_results_render_in_synthia_turns() -> None:
     assert render_messages(messages, "s", tools_section="TOOLS") == (
         "SYSTEM: s\n\nTOOLS\n"
         "USER: What is 1 + 2?\n"
-        'ASSISTANT: Let me add.\n<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>\n'
+        'ASSISTANT: Let me add.\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}'
+        "</tool_call>\n"
         'USER: <tool_result name="add" id="c1">\n3\n</tool_result>\n'
         '<tool_result id="c2" status="error">\noops\n</tool_result>\n'
         "ASSISTANT:"

@@ -152,11 +152,15 @@ def test_a_tool_grammar_translates_rule_for_rule() -> None:
     assert gbnf.startswith('root ::= " "? (calls | TEXT)?\n')
     assert 'call ::= "<tool_call>" (call0) "</tool_call>"' in gbnf
     assert "TEXT ::= ([^<\\x20\\t\\r\\n] [^\\x00]*)" in gbnf
-    assert '"{" "\\"city\\"" ":" ' in gbnf  # required key first, optional days after
-    assert '("," "\\"days\\"" ":" json-integer)?' in gbnf
+    # required key first, optional days after; one space at most between JSON tokens
+    assert '"{" json-space "\\"city\\"" json-space ":" json-space ' in gbnf
+    assert (
+        '(json-space "," json-space "\\"days\\"" json-space ":" json-space json-integer)?' in gbnf
+    )
+    assert 'json-space ::= " "?' in gbnf
 
 
-def test_schemas_translate_to_compact_json_rules() -> None:
+def test_schemas_translate_to_json_rules() -> None:
     schema = {
         "type": "object",
         "properties": {

@@ -3,6 +3,7 @@
 import itertools
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,10 +86,36 @@ def test_a_call_cut_anywhere_is_an_invalid_call_never_a_call(
     call = unfinished[0]
     assert "cut off at max_tokens" in call["error"]
     assert call["name"] in (None, "get_weather")
-    written = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+    written = json.dumps(arguments, ensure_ascii=False)  # as render_tool_call writes them
     assert written.startswith(call["args"])  # the arguments as far as they were written
     assert [c["id"] for c in streamed] == [call["id"]]
     assert streamed[0]["args"].startswith(TOOL_CALL_OPEN)  # merged chunks: an invalid call
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        '<tool_call>{"name":"get_weather","arguments":{"city":"Pa',
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa',
+        '<tool_call>{ "name" : "get_weather" , "arguments" : { "city" : "Pa',
+        '<tool_call> {"name": "get_weather", "arguments": {"city": "Pa',
+    ],
+)
+def test_a_cut_call_is_read_with_the_spacing_the_grammar_allows(written: str) -> None:
+    """One space or none between JSON tokens: the cut call's name and arguments are read."""
+    *_, unfinished = read([written], "length")
+    assert [(c["name"], c["args"].replace(" ", "")) for c in unfinished] == [
+        ("get_weather", '{"city":"Pa')
+    ]
+
+
+@pytest.mark.parametrize("space", ["", " "])
+def test_a_call_is_read_with_the_spacing_the_grammar_allows(space: str) -> None:
+    """Between ``<tool_call>`` and the JSON the grammar may put one space."""
+    text = f'<tool_call>{space}{{"name": "a", "arguments": {{"x": 1}}}}</tool_call>'
+    content, chunks, _, unfinished = read(split(text, [12, 13, 20]))
+    assert (content, unfinished) == ("", [])
+    assert [(c["name"], json.loads(c["args"])) for c in chunks] == [("a", {"x": 1})]
 
 
 def test_a_forced_call_that_never_started_is_an_invalid_call() -> None:
