@@ -3,7 +3,7 @@
 The tiny checkpoint has random weights. Under the grammar every tool call and structured
 answer it writes is valid; what it cannot do is *mean* anything. The standard tests that need
 meaning and pass on a real model run in `TestChatSynthiaRealModel` (SmolLM2-135M-Instruct as
-GPTQ, marked ``real_model``) and are skipped on the tiny one; the tests marked xfail below need
+GPTQ, marked ``real_model``) and are xfailed on the tiny one; the tests marked xfail below need
 more than that 135M model gives, each for the reason given (what it answered, at temperature
 0 on the CPU); tests/integration_tests/test_tools.py checks the same machinery with schemas a
 random model can satisfy.
@@ -21,6 +21,11 @@ _ON_THE_REAL_MODEL = (
     "cannot; TestChatSynthiaRealModel runs it on the real model"
 )
 _RANDOM = "random weights: a call is schema-valid, its values are random"
+_PICKS_A_STRING = (
+    "random weights: with tool_choice='any' the tiny model picks get_weather, and random "
+    "weights rarely close its string argument within max_tokens; TestChatSynthiaRealModel "
+    "runs it on the real model"
+)
 _OPEN_STRINGS = (
     "the joke's strings are unbounded: random weights rarely close one within max_tokens, and "
     "SmolLM2-135M rambles on in them ('The cat was a cat. The cat was a cat. ...') past "
@@ -52,11 +57,17 @@ class TestChatSynthiaIntegration(ChatModelIntegrationTests):
         return tiny_model_path(seed=1)
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    @pytest.mark.xfail(reason=_ON_THE_REAL_MODEL)
     def test_tool_calling(self, model) -> None:
-        pytest.skip(_ON_THE_REAL_MODEL)
+        super().test_tool_calling(model)
 
+    @pytest.mark.xfail(reason=_ON_THE_REAL_MODEL)
     async def test_tool_calling_async(self, model) -> None:
-        pytest.skip(_ON_THE_REAL_MODEL)
+        await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(reason=_PICKS_A_STRING)
+    def test_tool_choice(self, model) -> None:
+        super().test_tool_choice(model)
 
     @pytest.mark.xfail(
         reason=f"{_RANDOM}; SmolLM2-135M does not write the Japanese name either (its answer "
@@ -141,3 +152,6 @@ class TestChatSynthiaRealModel:
 
     async def test_tool_calling_async(self, real_chat: ChatSynthia) -> None:
         await _REAL.test_tool_calling_async(real_chat)
+
+    def test_tool_choice(self, real_chat: ChatSynthia) -> None:
+        _REAL.test_tool_choice(real_chat)
