@@ -19,6 +19,13 @@ from langchain_synthia._local_engine import LocalEngine
 from langchain_synthia._requests import GenerationRequest, TokenEvent, deadline_of
 from langchain_synthia._token_stream import EngineStoppedError, GenerationTimeoutError, TokenStream
 
+GATHER_WINDOW = 0.2
+"""Seconds a `BatchGroup` waits for the next request before it starts the ones it has.
+
+Long enough for LangChain's worker threads to reach the engine on a loaded 2-core machine
+(at 0.05 s one of three inputs of a ``.batch()`` sometimes started alone there); it is what
+the rest of a batch waits when one input fails before it reaches the engine."""
+
 
 class BatchGroup:
     """Gathers the requests of one ``.batch()`` call into one padded engine batch.
@@ -29,7 +36,7 @@ class BatchGroup:
     reaching the engine), then submits them together, one batch per engine.
     """
 
-    def __init__(self, expected: int, window: float = 0.05) -> None:
+    def __init__(self, expected: int, window: float = GATHER_WINDOW) -> None:
         """Expect `expected` requests at once (a batch's size, or its ``max_concurrency``)."""
         self._expected = expected
         self._window = window
