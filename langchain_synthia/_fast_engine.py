@@ -296,13 +296,13 @@ class FastEngine(LocalEngine):
                     self._release_finished()
                     step = self.scheduler.schedule()
                     observers = self._observers
+                    tokens = sum(len(c.token_ids) for c in step.prefills) if observers else 0
                     if observers:
-                        self._report_schedule(observers, step.prefills)
+                        self._report_schedule(observers, tokens)
                     begun = time.perf_counter()
                     computed = self._prefill(step.prefills) if step.prefills else []
                     if observers and step.prefills:
                         seconds = time.perf_counter() - begun
-                        tokens = sum(len(chunk.token_ids) for chunk in step.prefills)
                         for observer in observers:
                             observer.prefilled(
                                 seconds=seconds, chunks=len(step.prefills), tokens=tokens
@@ -321,26 +321,26 @@ class FastEngine(LocalEngine):
                     error = self._out_of_memory(error, doing)
                 self._fail_all(error)
 
-    def _report_schedule(
-        self, observers: list[EngineObserver], prefills: list[PrefillChunk]
-    ) -> None:
+    def _report_schedule(self, observers: list[EngineObserver], prefill_tokens: int) -> None:
         blocks = self.blocks
         for observer in observers:
             observer.scheduled(
                 decoding=sum(self._decoding), waiting=self.num_waiting,
                 blocks_in_use=blocks.num_blocks - blocks.num_free_blocks,
-                prefill_tokens=sum(len(chunk.token_ids) for chunk in prefills),
+                prefill_tokens=prefill_tokens,
             )  # fmt: skip
 
     def _finish(self, sequence: Sequence, *, cache: bool = True) -> None:
         """Give `sequence`'s blocks back to the scheduler (`cache`: see `Scheduler.finish`)."""
-        for observer in self._observers:
+        if self._observers:
             prompt = sequence.num_prompt_tokens
-            observer.finished(
-                prompt_ids=list(sequence.token_ids[:prompt]),
-                generated=list(sequence.token_ids[prompt:]),
-                held_blocks=sequence.num_held_blocks,
-            )
+            ended = {
+                "prompt_ids": list(sequence.token_ids[:prompt]),
+                "generated": list(sequence.token_ids[prompt:]),
+                "held_blocks": sequence.num_held_blocks,
+            }
+            for observer in self._observers:
+                observer.finished(**ended)
         self.scheduler.finish(sequence, cache=cache)
 
     def _submit(self, rows: list[DecodingRow]) -> None:
