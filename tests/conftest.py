@@ -21,8 +21,8 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 if os.environ.get("SYNTHIA_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# after the environment above; test_real_model.py and test_chat_models_standard.py import these
-from tests.helpers import DEVICE, real_model_path, tiny_model_path  # noqa: F401
+# after the environment above
+from tests.helpers import DEVICE, tiny_model_path
 
 TIERS = {
     "unit_tests": "unit",

@@ -7,6 +7,7 @@ Test modules import from here (and from the fake servers beside it), never from 
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import os
 import tempfile
 import time
@@ -49,6 +50,16 @@ def real_model_path() -> str:
     from langchain_synthia.testing import make_real_checkpoint
 
     return str(make_real_checkpoint(_checkpoints_root() / "real-smollm2-4bit"))
+
+
+def hide_package(monkeypatch: Any, name: str) -> None:
+    """Make `importlib.util.find_spec` find no package `name` for the rest of the test."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda spec, *args: None if spec == name else find_spec(spec, *args),
+    )
 
 
 # -- callbacks and caches ------------------------------------------------------------------------

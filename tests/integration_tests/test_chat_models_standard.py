@@ -13,7 +13,7 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_synthia import ChatSynthia
-from tests.conftest import DEVICE, real_model_path, tiny_model_path
+from tests.helpers import DEVICE, real_model_path, tiny_model_path
 from tests.integration_tests.test_real_model import needs_real_model
 
 _ON_THE_REAL_MODEL = (

@@ -23,7 +23,7 @@ from langchain_synthia._checkpoint import CheckpointError, read_model_config
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._loading import ModelSettings, get_engine, validate_checkpoint
 from langchain_synthia.testing import make_real_checkpoint
-from tests.conftest import DEVICE, real_model_path
+from tests.helpers import DEVICE, hide_package, real_model_path
 
 pytestmark = pytest.mark.integration
 
@@ -78,12 +78,7 @@ def test_the_checkpoint_is_gptq_in_thebloke_s_layout_and_reused(real_model: str)
 
 
 def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args),
-    )
+    hide_package(monkeypatch, "gguf")
     with pytest.raises(ImportError, match=r"needs gguf .*langchain-synthia\[real-model\]"):
         make_real_checkpoint(tmp_path / "real")
     assert not (tmp_path / "real").exists()

@@ -18,6 +18,7 @@ from langchain_synthia._loading import (
     resolve_device,
     validate_checkpoint,
 )
+from tests.helpers import hide_package
 
 MISTRAL_7B = {
     "model_type": "mistral",
@@ -282,13 +283,6 @@ def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch) -> None:
 
 
 def test_missing_gptqmodel_names_the_install_command(monkeypatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "gptqmodel" else real(name, *a),
-    )
+    hide_package(monkeypatch, "gptqmodel")
     with pytest.raises(ImportError, match=r"needs gptqmodel, which is not installed.*pip install"):
         require_gptq_stack()
