@@ -28,6 +28,7 @@ from langchain_synthia._local_engine import LocalEngine
 from langchain_synthia._model_runner import ModelRunner
 from langchain_synthia._requests import GenerationRequest
 from langchain_synthia._sampling import GREEDY, BatchSampler
+from langchain_synthia._token_stream import engine_closed_error
 from langchain_synthia.engine import (
     BlockManager,
     EngineObserver,
@@ -67,10 +68,6 @@ unless ``kv_cache_tokens`` says otherwise."""
 GRAPH_RESERVE = 256 << 20
 """GPU memory kept out of the KV cache for the decode graphs' own allocations and the
 sampler's work."""
-
-
-class GenerationClosedError(RuntimeError):
-    """The engine shut down (at interpreter exit, or `FastEngine.close`)."""
 
 
 class EngineOutOfMemoryError(torch.OutOfMemoryError, MemoryError):
@@ -152,9 +149,10 @@ def kv_cache_blocks(
             f"gpu_memory_utilization={gpu_memory_utilization} (card: {total / 2**30:.1f} GiB, "
             f"free: {free / 2**30:.1f} GiB), fewer than one context window of "
             f"{model.max_len} tokens ({model.max_len * model.kv_bytes_per_token / 2**30:.2f} "
-            "GiB). Raise gpu_memory_utilization, close what else uses the GPU, lower "
-            "max_batch_size or context_window, or load a smaller branch (revision='main'); "
-            "see 'Out of GPU memory' in docs/troubleshooting.md."
+            "GiB). Raise gpu_memory_utilization, unload another model this process loaded "
+            "(its .unload()), close what else uses the GPU, lower max_batch_size or "
+            "context_window, or load a smaller branch (revision='main'); see 'Out of GPU "
+            "memory' in docs/troubleshooting.md."
         )
         raise EngineOutOfMemoryError(msg)
     return blocks
@@ -239,12 +237,13 @@ class FastEngine(LocalEngine):
             self._observers = [o for o in self._observers if o is not observer]
 
     def close(self) -> None:
-        """Stop the scheduler after its current step; requests still open are cancelled."""
+        """Stop the scheduler after its current step (waits for it, up to 30 s).
+
+        Requests still open, and any submitted after, end with `EngineStoppedError`
+        (`engine_closed_error`): none is cut short and returned as if it had finished.
+        """
         with self._wake:
             self._closing = True
-            for row in [*self._waiting, *self._queued.values(), *self._slots]:
-                if row is not None:
-                    row.stream.cancel()
             self._wake.notify()
         self._thread.join(timeout=30)
         if self in _running:
@@ -271,6 +270,10 @@ class FastEngine(LocalEngine):
         for row in rows:
             row.stream.producer = self._thread
         with self._wake:
+            if self._closing:
+                for row in rows:
+                    fail_row(row, engine_closed_error())
+                return
             self._waiting.extend(rows)
             self._wake.notify()
         for observer in self._observers:
@@ -286,7 +289,7 @@ class FastEngine(LocalEngine):
                 ):
                     self._wake.wait()
                 if self._closing:
-                    self._fail_all(GenerationClosedError("The engine was closed."), locked=True)
+                    self._fail_all(engine_closed_error(), locked=True)
                     return
                 arriving, self._waiting = self._waiting, []
             doing = "prefilling"

@@ -7,6 +7,7 @@ The GPTQ kernel is chosen explicitly per device: gptqmodel's ``auto`` choice dow
 on Hopper cards, and nothing may download at load time. Safetensors only; remote code never.
 """
 
+import gc
 import importlib.util
 import logging
 import os
@@ -95,6 +96,25 @@ def loaded_engines() -> list[ModelSettings]:
     """The settings of every model loaded in this process."""
     with _registry_lock:
         return list(_engines)
+
+
+def unload(settings: ModelSettings) -> bool:
+    """Close the engine loaded for `settings` and free its memory; whether one was loaded.
+
+    Requests still open on it end with `EngineStoppedError`; the next `get_engine` for these
+    settings loads the model again. A model still loading is not affected.
+    """
+    with _registry_lock:
+        engine = _engines.pop(settings, None)
+    if engine is None:
+        return False
+    engine.close()
+    del engine
+    gc.collect()  # the engine's threads and graphs hold references in cycles
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # hand the freed blocks back to the driver (nvidia-smi)
+    return True
 
 
 def resolve_device(device: str) -> str:

@@ -80,6 +80,10 @@ class LocalEngine:
     def check(self) -> None:
         """Nothing to check: the model is loaded when the engine exists."""
 
+    def close(self) -> None:
+        """Stop decoding: requests still open end with `EngineStoppedError`."""
+        raise NotImplementedError
+
     def start(self, rows: list[DecodingRow]) -> None:
         """Decode `rows` (built by `row_for`); each streams into its own `TokenStream`.
 

@@ -33,7 +33,7 @@ from pydantic import (
 from typing_extensions import Self
 
 from langchain_synthia._engine_interface import Engine
-from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
+from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines, unload
 from langchain_synthia._remote import RemoteSettings, Server, remote_engine
 from langchain_synthia._requests import GenerationRequest, TokenEvent
 from langchain_synthia._sampling import SEED_RANGE, SamplingParams
@@ -328,6 +328,20 @@ class SynthiaParams(BaseModel):
         """
         self._engine_for(self.model, self.revision).check()
         return self
+
+    def unload(self) -> bool:
+        """Free the local model these settings loaded, and its GPU memory.
+
+        Every instance with the same loading settings shares that model
+        (docs/loading.md#one-model-per-process), so it is unloaded for all of them. Calls
+        still running on it end with `EngineStoppedError`; the next call loads it again.
+
+        Returns:
+            Whether a model was loaded (in remote mode there is none: False).
+        """
+        if self.base_url:
+            return False
+        return unload(self._settings(self.model, self.revision))
 
     def get_token_ids(self, text: str) -> list[int]:
         """Synthia's token ids of `text` (no BOS); loads the model if needed."""

@@ -90,7 +90,18 @@ class GenerationTimeoutError(TimeoutError):
 
 
 class EngineStoppedError(RuntimeError):
-    """The thread that decoded a request stopped without finishing it."""
+    """The engine stopped without finishing a request.
+
+    Its decoding thread ended, or its model was unloaded (`engine_closed_error`).
+    """
+
+
+def engine_closed_error() -> EngineStoppedError:
+    """The error of a request still open when its engine closes (``unload()``, or exit)."""
+    return EngineStoppedError(
+        "The model was unloaded (unload()) before this request finished. Send the request "
+        "again: the next call loads the model again."
+    )
 
 
 PRODUCER_CHECK = 1.0

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_synthia._decoding_row import DecodingRow, advance_or_fail, fail_row, grammar_mask
 from langchain_synthia._local_engine import LocalEngine
 from langchain_synthia._sampling import GREEDY, BatchSampler
+from langchain_synthia._token_stream import engine_closed_error
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,7 @@ class TransformersEngine(LocalEngine):
         super().__init__(tokenizer, name=name, device=model.device, max_len=max_len)
         self.model = model
         self._forward_lock = threading.Lock()
+        self._closed = False
         # transformers renamed `past_key_values` to `cache` during 5.x; speak whichever it knows
         forward = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -42,8 +44,27 @@ class TransformersEngine(LocalEngine):
         for row in rows:
             row.stream.producer = worker
         with _workers_lock:
-            _workers[worker] = rows
+            if self._closed:
+                for row in rows:
+                    fail_row(row, engine_closed_error())
+                return
+            _workers[worker] = (self, rows)
         worker.start()
+
+    def close(self) -> None:
+        """Stop decoding after the forward in progress (waits for it, up to 30 s).
+
+        Requests still open, and any submitted after, end with `EngineStoppedError`
+        (`engine_closed_error`): none is cut short and returned as if it had finished.
+        """
+        with _workers_lock:
+            self._closed = True
+            mine = [(worker, rows) for worker, (engine, rows) in _workers.items() if engine is self]
+        for _, rows in mine:
+            for row in rows:
+                row.stream.cancel()
+        for worker, _ in mine:
+            worker.join(timeout=30)
 
     def _run(self, rows: list[DecodingRow]) -> None:
         try:
@@ -53,8 +74,11 @@ class TransformersEngine(LocalEngine):
                 fail_row(row, error)
         finally:
             for row in rows:
-                if not row.done:  # cancelled
-                    row.stream.put(None)
+                if not row.done:  # cancelled: by its reader, or by `close`
+                    if self._closed:
+                        fail_row(row, engine_closed_error())
+                    else:
+                        row.stream.put(None)
             with _workers_lock:
                 _workers.pop(threading.current_thread(), None)
 
@@ -108,7 +132,8 @@ class TransformersEngine(LocalEngine):
         return ids.to(self.device), mask.to(self.device)
 
 
-_workers: dict[threading.Thread, list[DecodingRow]] = {}
+_workers: dict[threading.Thread, tuple[TransformersEngine, list[DecodingRow]]] = {}
+"""Each running worker thread: its engine and its rows."""
 _workers_lock = threading.Lock()
 
 
@@ -117,7 +142,7 @@ def _stop_workers() -> None:
     """At exit, cancel what is still decoding and let it finish its step (no torch op is cut)."""
     with _workers_lock:
         running = list(_workers.items())
-    for _, rows in running:
+    for _, (_, rows) in running:
         for row in rows:
             row.stream.cancel()
     for worker, _ in running:
