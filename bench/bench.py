@@ -1184,7 +1184,8 @@ def classic(args, opts: Options, folder: Path, branch: str, kernel: str, bandwid
     row(f"synthia[{kernel}] {streams_n} concurrent astream", branch, streams_n,
         {"decode_tok_s": rate, "total_tok_s": rate, "new_tokens": new_tokens,
          "prompt_tokens": prompt_len}, limit and limit * streams_n)  # fmt: skip
-    _release(engine, chat)  # the engine's KV cache takes most of the card: free it first
+    del engine  # the engine's KV cache takes most of the card: free it first
+    chat.unload()
     if args.batch_only:
         return
     if not args.no_baseline and last:
@@ -1222,13 +1223,9 @@ def _human(text: str):
 
 
 def _release(engine, chat) -> None:
-    from langchain_synthia import _loading
-
-    _loading._engines.clear()
-    engine.close()
-    del engine, chat
-    gc.collect()
-    torch.cuda.empty_cache()
+    """Unload `chat`'s model; its memory is freed once the caller drops `engine` too."""
+    del engine
+    chat.unload()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from langchain_synthia import ChatSynthia, _loading
+from langchain_synthia import ChatSynthia
 from langchain_synthia._fast_engine import EngineOutOfMemoryError
-from langchain_synthia._loading import loaded_engines
+from langchain_synthia._loading import loaded_engines, unload
 from tests.helpers import DEVICE, fast_chat
 
 pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
@@ -230,11 +230,9 @@ def folder(tiny_model: str, tmp_path: Path) -> Iterator[Path]:
     """A copy of the tiny checkpoint to break; what loads from it is closed and forgotten after."""
     copy = Path(shutil.copytree(tiny_model, tmp_path / "checkpoint"))
     yield copy
-    with _loading._registry_lock:
-        for settings in [s for s in _loading._engines if s.model.startswith(str(tmp_path))]:
-            engine = _loading._engines.pop(settings)
-            if hasattr(engine, "close"):
-                engine.close()
+    for settings in loaded_engines():
+        if settings.model.startswith(str(tmp_path)):
+            unload(settings)
 
 
 def loaded_from(folder: Path) -> list:
@@ -436,6 +434,6 @@ def test_a_download_cut_short_is_refused_from_the_cache(
     try:
         assert chat.invoke(QUESTION).content == intact_answer(tiny_model, "fast")
     finally:
-        with _loading._registry_lock:
-            for settings in [s for s in _loading._engines if s.model == REPO]:
-                _loading._engines.pop(settings).close()
+        for settings in loaded_engines():
+            if settings.model == REPO:
+                unload(settings)
