@@ -520,7 +520,8 @@ def memory_and_reload(
     long = prompt_of(350 if smoke else 3500, engine.tokenizer)
     usage = chat.invoke(long, max_tokens=50 if smoke else 500).usage_metadata
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
-    _release(engine, chat)
+    del engine
+    chat.unload()
     return {"reload_to_first_token_s": round(load_s, 2), "tokens_in_context": usage["total_tokens"],
             "peak_gpu_mem_gib_4k": peak and round(peak, 2)}  # fmt: skip
 
@@ -847,11 +848,8 @@ def scenario_long16k(folder: Path, opts: Options) -> dict:
         "engine_tokens": done["generated"],
     }  # fmt: skip
     kernel = engine.model.kernel
-    _release(engine, chat)
-    del engine, chat, watch  # the scenario's own references too: the cache goes with them
-    gc.collect()
-    if opts.cuda:
-        torch.cuda.empty_cache()
+    del engine, watch  # the scenario's own references: the cache goes with the unload
+    chat.unload()
     try:  # the transformers engine on the same checkpoint and the same prompt tokens
         reference = transformers_model(folder, opts.transformers_kernel(folder), opts.device)
         own = own_model(folder, kernel, opts.device, context)
@@ -1146,7 +1144,8 @@ def classic(args, opts: Options, folder: Path, branch: str, kernel: str, bandwid
         notes[f"{branch}_{kernel}_grammar"] = grammar_overhead(chat, prompt, new_tokens)
         print("grammar:", notes[f"{branch}_{kernel}_grammar"], flush=True)
     if args.quick:
-        _release(engine, chat)
+        del engine
+        chat.unload()
         return
     prompts = [prompt_of(prompt_len - 7 * i, engine.tokenizer) for i in range(batch_n)]
     rates, splits = [], []
@@ -1220,12 +1219,6 @@ def _human(text: str):
     from langchain_core.messages import HumanMessage
 
     return HumanMessage(text)
-
-
-def _release(engine, chat) -> None:
-    """Unload `chat`'s model; its memory is freed once the caller drops `engine` too."""
-    del engine
-    chat.unload()
 
 
 if __name__ == "__main__":
