@@ -23,7 +23,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, Generation
 
 from langchain_synthia import ChatSynthia
-from langchain_synthia._loading import ModelSettings, get_engine
+from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
 
 # -- where the tests run, on which checkpoints -------------------------------------------------
 
@@ -136,6 +136,11 @@ class AnswerPerKey(BaseCache):
 
 
 # -- the fast engine and its scheduler -----------------------------------------------------------
+
+
+def loaded_from(model: str | Path) -> list[ModelSettings]:
+    """The settings of every engine loaded from the checkpoint folder `model`."""
+    return [settings for settings in loaded_engines() if settings.model == str(model)]
 
 
 def engine_of(tiny_model: str, engine: str = "fast", **settings):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from langchain_synthia import ChatSynthia
 from langchain_synthia._fast_engine import EngineOutOfMemoryError
 from langchain_synthia._loading import loaded_engines, unload
-from tests.helpers import DEVICE, fast_chat
+from tests.helpers import DEVICE, fast_chat, loaded_from
 
 pytestmark = pytest.mark.gpu  # the GPU tier: SYNTHIA_TEST_DEVICE=cuda pytest -m gpu
 
@@ -233,10 +233,6 @@ def folder(tiny_model: str, tmp_path: Path) -> Iterator[Path]:
     for settings in loaded_engines():
         if settings.model.startswith(str(tmp_path)):
             unload(settings)
-
-
-def loaded_from(folder: Path) -> list:
-    return [settings for settings in loaded_engines() if settings.model == str(folder)]
 
 
 def split_in_two(folder: Path) -> dict[str, torch.Tensor]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from langchain_synthia import ChatSynthia, EngineStoppedError
-from langchain_synthia._loading import ModelSettings, get_engine, loaded_engines
+from langchain_synthia._loading import get_engine
 from langchain_synthia._requests import GenerationRequest
-from langchain_synthia._sampling import SamplingParams
-from tests.helpers import DEVICE, LONG, TokenCounter, wait_until
+from langchain_synthia._sampling import GREEDY
+from tests.helpers import DEVICE, LONG, TokenCounter, loaded_from, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +34,6 @@ def own_model(tiny_model: str, tmp_path: Path) -> str:
 def chat_on(model: str, engine: str, **options) -> ChatSynthia:
     settings = {"max_tokens": 8, "temperature": 0, "timeout": 60, "context_window": 4096}
     return ChatSynthia(model=model, device=DEVICE, engine=engine, **{**settings, **options})
-
-
-def loaded_from(model: str) -> list[ModelSettings]:
-    return [settings for settings in loaded_engines() if settings.model == model]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -86,8 +82,7 @@ def test_a_request_sent_to_an_unloaded_engine_fails_at_once(own_model: str, engi
     (settings,) = loaded_from(own_model)
     kept = get_engine(settings)  # a reference taken before the unload
     assert chat.unload() is True
-    greedy = SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
-    stream = kept.open(GenerationRequest("USER: hi\nASSISTANT:", 4, greedy, ()))
+    stream = kept.open(GenerationRequest("USER: hi\nASSISTANT:", 4, GREEDY, ()))
     with pytest.raises(EngineStoppedError, match="unloaded"):
         list(stream)
 
